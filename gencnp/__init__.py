@@ -1,0 +1,20 @@
+"""gencnp: GEN-CNP neural-pathway explanations (Lin et al., arXiv 2309.09887) on PyTorch Lightning."""
+
+from gencnp.data import (
+    CIFAR10DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    SyntheticDataModule,
+)
+from gencnp.generator import PathwayGenerator, daq
+from gencnp.registry import Registry
+from gencnp.systems import GenCNP, TargetClassifier
+from gencnp.targets import FrozenTarget, create_target, list_targets, load_target, register_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10DataModule", "FashionMNISTDataModule", "ImageFolderDataModule", "SyntheticDataModule",
+    "PathwayGenerator", "daq", "Registry", "GenCNP", "TargetClassifier", "FrozenTarget", "create_target",
+    "list_targets", "load_target", "register_target", "__version__",
+]  # fmt: skip

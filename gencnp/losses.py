@@ -1,0 +1,128 @@
+"""GEN-CNP losses as pure functions (DESIGN section 5). Shapes: ``B`` batch, ``K`` classes, ``D`` channels.
+
+All terms are computed in float32 (float64 inputs stay float64), whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["kd", "sparsity", "faithful_gate", "swap", "cls", "con", "update_prototypes", "total_loss", "partners"]
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def kd(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Faithfulness: ``T^2 KL(softmax(H(x)/T) || softmax(H(x;m)/T)) + CE(H(x;m), y_hat)``, batch mean.
+
+    Args:
+        logits: ``[B, K]`` unmasked logits (no gradient needed).
+        masked_logits: ``[B, K]`` logits of the masked forward.
+        y_hat: ``[B]`` class the pathway must keep.
+    """
+    t = temperature
+    logp = F.log_softmax(_f(logits) / t, dim=1)
+    logq = F.log_softmax(_f(masked_logits) / t, dim=1)
+    kl = (logp.exp() * (logp - logq)).sum(dim=1).mean()
+    return t * t * kl + F.cross_entropy(_f(masked_logits), y_hat)
+
+
+def faithful_gate(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, kappa: float = 0.9) -> torch.Tensor:
+    """``[B]`` float: 1 where the pathway stays faithful with a margin, ``p^m_y >= kappa p_y`` (float64 logs)."""
+    lp = F.log_softmax(logits.detach().double(), dim=1).gather(1, y_hat[:, None])[:, 0]
+    lq = F.log_softmax(masked_logits.detach().double(), dim=1).gather(1, y_hat[:, None])[:, 0]
+    return (lq >= lp + torch.log(torch.tensor(kappa, dtype=torch.float64))).to(torch.float32)
+
+
+def sparsity(scores: Sequence[torch.Tensor], gate: torch.Tensor | None = None,
+             tap_weights: Sequence[float] | None = None) -> torch.Tensor:  # fmt: skip
+    """Instance-specific sparsity: ``mean_l w_l mean_c a_l,c`` per sample, times ``gate``, batch mean.
+
+    Args:
+        scores: per-tap scores ``[B, C_l]`` in (0, 1).
+        gate: ``[B]`` in {0, 1}; samples that are not faithful with a margin get no sparsity pressure.
+        tap_weights: optional weight per tap (default 1 each).
+    """
+    w = tap_weights or [1.0] * len(scores)
+    per_sample = sum(wi * _f(s).mean(dim=1) for wi, s in zip(w, scores)) / len(scores)
+    if gate is not None:
+        per_sample = per_sample * gate
+    return per_sample.mean()
+
+
+def _log_not(logits: torch.Tensor, cls_idx: torch.Tensor) -> torch.Tensor:
+    """``log(1 - softmax(logits)[cls])`` computed stably as ``logsumexp(others) - logsumexp(all)``."""
+    z = _f(logits)
+    others = z.scatter(1, cls_idx[:, None], float("-inf"))
+    return torch.logsumexp(others, dim=1) - torch.logsumexp(z, dim=1)
+
+
+def swap(swapped_logits: torch.Tensor, y_hat: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Input dependence: ``-log(1 - p^{m_i}(x_j)_{y_i})`` for pairs with ``y_i != y_j``, mean over valid pairs.
+
+    Args:
+        swapped_logits: ``[B, K]`` logits of image ``j`` through image ``i``'s pathway.
+        y_hat: ``[B]`` class of image ``i`` (the class the pathway must not force).
+        valid: ``[B]`` bool, pairs whose classes differ (all when ``None``).
+    """
+    nll = -_log_not(swapped_logits, y_hat)
+    if valid is None:
+        return nll.mean()
+    v = valid.to(nll.dtype)
+    return (nll * v).sum() / v.sum().clamp_min(1.0)
+
+
+def cls(logits: torch.Tensor, class_logits: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """PDN distillation: ``KL(p || softmax(g(z))) + CE(g(z), y_hat)``, batch mean."""
+    logp = F.log_softmax(_f(logits), dim=1)
+    logg = F.log_softmax(_f(class_logits), dim=1)
+    return (logp.exp() * (logp - logg)).sum(dim=1).mean() + F.cross_entropy(_f(class_logits), y_hat)
+
+
+def con(scores: torch.Tensor, prototypes: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """Class relevance: ``mean_c |a_i,c - proto_{y_i},c|``, batch mean. ``scores [B, D]``, ``prototypes [K, D]``."""
+    return (_f(scores) - prototypes[y_hat].to(_f(scores).dtype)).abs().mean()
+
+
+@torch.no_grad()
+def update_prototypes(prototypes: torch.Tensor, seen: torch.Tensor, scores: torch.Tensor, y_hat: torch.Tensor,
+                      momentum: float = 0.9, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
+    """EMA of per-class mean scores, in place. Sums and counts are all-reduced before the update so every
+    process holds the same prototypes. A class seen for the first time takes its batch mean.
+
+    Args:
+        prototypes: ``[K, D]`` buffer; ``seen``: ``[K]`` bool buffer.
+        scores: ``[B, D]``; ``y_hat``: ``[B]``.
+        all_reduce: sums a tensor across processes (identity when ``None``).
+    """
+    k = prototypes.shape[0]
+    onehot = F.one_hot(y_hat, k).to(torch.float32)
+    packed = torch.cat([onehot.T @ scores.detach().float(), onehot.sum(0)[:, None]], dim=1)
+    if all_reduce is not None:
+        packed = all_reduce(packed)
+    sums, counts = packed[:, :-1], packed[:, -1]
+    present = counts > 0
+    means = sums[present] / counts[present, None]
+    old = prototypes[present]
+    fresh = seen[present]
+    new = torch.where(fresh[:, None], momentum * old + (1 - momentum) * means, means)
+    prototypes[present] = new.to(prototypes.dtype)
+    seen[present] = True
+
+
+def partners(y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch swap pairs for training: ``j = i + 1`` (cyclic); returns ``(index [B], valid [B])``."""
+    idx = torch.roll(torch.arange(len(y_hat), device=y_hat.device), -1)
+    return idx, y_hat[idx] != y_hat
+
+
+def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """``L = sum_name weights[name] * terms[name]`` (missing weight = 1). Returns the terms plus ``'loss'``."""
+    out = dict(terms)
+    out["loss"] = sum(weights.get(name, 1.0) * value for name, value in terms.items())
+    return out

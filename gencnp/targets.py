@@ -1,0 +1,385 @@
+"""Target zoo, checkpoint loading and ``FrozenTarget``.
+
+Names resolve in this order: gencnp's registry (``fmnist_cnn``, ``tiny_cnn``, ``small_cnn``, ``channel_toy``,
+your own via ``register_target``), ``timm:<name>`` or a timm model name, ``torchvision:<name>`` or a
+torchvision classifier name. Pretrained weights are fetched only when ``pretrained=True``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gencnp.registry import Registry
+from gencnp.taps import TapHooks, resolve_taps, split_shallow_deep
+
+__all__ = [
+    "register_target", "create_target", "list_targets", "load_weights", "load_target", "FrozenTarget", "tensor_hash",
+    "ConvBlockNet",
+]  # fmt: skip
+
+TARGETS = Registry("target")
+
+
+def register_target(name: str | None = None):
+    """Decorator registering a factory ``fn(num_classes, in_chans, pretrained, **kw) -> nn.Module``."""
+    return TARGETS.register(name)
+
+
+def list_targets() -> list[str]:
+    """gencnp's registered targets (timm and torchvision names are accepted too)."""
+    return TARGETS.names()
+
+
+class ConvBlockNet(nn.Module):
+    """Blocks of ``conv3x3 (no bias) - BatchNorm - ReLU``, optional 2x2 max-pools, GAP, linear head.
+
+    Taps (``default_taps``) are the block outputs ``blocks.0`` ... ``blocks.{n-1}``.
+    """
+
+    def __init__(self, channels: Sequence[int] = (32, 64, 64, 128), pool_after: Sequence[int] = (0, 2),
+                 num_classes: int = 10, in_chans: int = 1):  # fmt: skip
+        super().__init__()
+        layers, c_in = [], in_chans
+        for i, c in enumerate(channels):
+            block = [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            if i in pool_after:
+                block.append(nn.MaxPool2d(2))
+            layers.append(nn.Sequential(*block))
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c_in, num_classes)
+        self.num_classes = num_classes
+        self.default_taps = [f"blocks.{i}" for i in range(len(channels))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.blocks(x)).flatten(1))
+
+
+@register_target("fmnist_cnn")
+def fmnist_cnn(num_classes: int = 10, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """Default target (DESIGN section 4): 32-64-64-128 channels, pools after blocks 1 and 3; D = 288."""
+    _no_pretrained("fmnist_cnn", pretrained)
+    return ConvBlockNet((32, 64, 64, 128), (0, 2), num_classes, in_chans)
+
+
+@register_target("small_cnn")
+def small_cnn(num_classes: int = 10, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """A lighter 16-32-32-64 variant of ``fmnist_cnn``."""
+    _no_pretrained("small_cnn", pretrained)
+    return ConvBlockNet((16, 32, 32, 64), (0, 2), num_classes, in_chans)
+
+
+@register_target("tiny_cnn")
+def tiny_cnn(num_classes: int = 4, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
+    """Three 8-16-16 blocks: for tests and the synthetic configs."""
+    _no_pretrained("tiny_cnn", pretrained)
+    return ConvBlockNet((8, 16, 16), (0,), num_classes, in_chans)
+
+
+class ChannelToy(nn.Module):
+    """Toy with a known answer: class k is decided only by channel k of tap ``route``.
+
+    ``stem`` (1x1 conv, identity) copies input channel k to channel k; ``route`` is a ReLU; the head sums
+    channel k into logit k. Feed inputs whose channel k is positive for class k and zero elsewhere (see
+    ``channel_toy_batch``): at ``route`` all channels but k are exactly zero, so the pathway must keep k.
+    """
+
+    def __init__(self, num_classes: int = 4, in_chans: int | None = None):
+        super().__init__()
+        k = num_classes
+        self.stem = nn.Conv2d(in_chans or k, k, 1, bias=False)
+        self.route = nn.ReLU()
+        self.mix = nn.Conv2d(k, k, 1, bias=False)
+        self.post = nn.ReLU()
+        self.head = nn.Linear(k, k)
+        with torch.no_grad():
+            self.stem.weight.copy_(torch.eye(k, in_chans or k).reshape(k, in_chans or k, 1, 1))
+            self.mix.weight.copy_(torch.eye(k).reshape(k, k, 1, 1))
+            self.head.weight.copy_(4 * torch.eye(k))
+            self.head.bias.fill_(-1.0)
+        self.default_taps = ["stem", "route", "mix", "post"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.post(self.mix(self.route(self.stem(x)))).mean(dim=(2, 3)))
+
+
+@register_target("channel_toy")
+def channel_toy(num_classes: int = 4, in_chans: int | None = None, pretrained: bool = False) -> nn.Module:
+    _no_pretrained("channel_toy", pretrained)
+    return ChannelToy(num_classes, in_chans)
+
+
+def channel_toy_batch(n: int, num_classes: int = 4, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs for ``channel_toy``: channel ``y`` holds positive values, every other channel is zero."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x = torch.zeros(n, num_classes, size, size)
+    x[torch.arange(n), y] = 0.5 + torch.rand(n, size, size, generator=g)
+    return x, y
+
+
+def _no_pretrained(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise ValueError(f"'{name}' has no pretrained weights; train it with configs/*/target.yaml or pass a checkpoint.")
+
+
+class TimmTarget(nn.Module):
+    """A timm model with explicit arguments (``timm.create_model`` itself cannot be a config class_path)."""
+
+    def __init__(self, name: str, num_classes: int = 10, in_chans: int = 3, pretrained: bool = False, **kwargs):
+        super().__init__()
+        import timm
+
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        info = getattr(self.model, "feature_info", None) or []
+        # Drop the stem entry (reduction 2 activation, usually an in-place ReLU shared across calls).
+        mods = [e["module"] for e in info if e.get("module")]
+        if len(mods) > 2:
+            mods = mods[1:]
+        self.default_taps = [f"model.{m}" for m in mods]
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class TorchvisionTarget(nn.Module):
+    """A torchvision classifier by name; ResNets tap ``layer1..4`` (block outputs), others name taps."""
+
+    def __init__(self, name: str, num_classes: int = 10, in_chans: int = 3, pretrained: bool = False, **kwargs):
+        super().__init__()
+        import torchvision
+
+        weights = "DEFAULT" if pretrained else None
+        self.model = torchvision.models.get_model(name, weights=weights, **({} if pretrained else {"num_classes": num_classes}), **kwargs)
+        if pretrained and num_classes != 1000:
+            raise ValueError(f"pretrained torchvision '{name}' has 1000 classes; fine-tune it or set num_classes: 1000.")
+        if in_chans != 3:
+            raise ValueError(f"torchvision '{name}' expects 3 input channels, got in_chans={in_chans}.")
+        self.default_taps = [f"model.layer{i}" for i in range(1, 5)] if hasattr(self.model, "layer4") else []
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def create_target(name: str, num_classes: int = 10, in_chans: int = 1, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build a target by name (registry, then ``timm:``/timm names, then ``torchvision:``/torchvision names)."""
+    if name in TARGETS:
+        return TARGETS.create(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
+    import timm
+
+    if name.startswith("timm:") or (":" not in name and timm.is_model(name)):
+        return TimmTarget(name.removeprefix("timm:"), num_classes, in_chans, pretrained, **kwargs)
+    tv = _torchvision_names()
+    if name.startswith("torchvision:") or name in tv:
+        return TorchvisionTarget(name.removeprefix("torchvision:"), num_classes, in_chans, pretrained, **kwargs)
+    known = list_targets()
+    close = difflib.get_close_matches(name, known + tv + timm.list_models(), n=4, cutoff=0.6)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise KeyError(
+        f"unknown target architecture '{name}'.{hint} gencnp targets: {', '.join(known)}; any timm model "
+        "(timm.list_models()) or torchvision classifier (torchvision.models.list_models()) also works, or "
+        "register your own with @register_target('name')."
+    )
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a checkpoint: safetensors, Lightning ``.ckpt`` or a plain ``torch.save`` dict.
+
+    Every ``torch.load`` uses ``weights_only=True``: a crafted pickle is refused, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; train one (python train.py fit --config ...) or fix the path.")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:
+            raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({err}); re-export it.") from err
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint '{path}' could not be loaded safely (weights_only=True): {str(err).splitlines()[0]}. "
+            "It is truncated, altered, or holds arbitrary Python objects; gencnp never unpickles code. "
+            "Re-save it with torch.save(model.state_dict(), path) or as safetensors."
+        ) from err
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        meta = {k: v for k, v in obj.items() if k != "state_dict" and k not in ("optimizer_states", "lr_schedulers")}
+        return obj["state_dict"], meta
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise ValueError(f"checkpoint '{path}' holds {type(obj).__name__}, not a state dict of tensors.")
+
+
+def load_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> dict:
+    """Load a checkpoint into ``model``, stripping a Lightning prefix (``model.``, ``target.model.``, ...).
+
+    Raises:
+        ValueError: listing missing keys, unexpected keys and shape mismatches (e.g. a class-count mismatch).
+    """
+    state, meta = read_state_dict(path)
+    own = model.state_dict()
+    best, best_hits = state, -1
+    prefixes = {""} | {k[: k.index(".") + 1] for k in state if "." in k}
+    prefixes |= {"target.model.", "model.model.", "module."}
+    for prefix in prefixes:
+        cand = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        hits = len(own.keys() & cand.keys())
+        if hits > best_hits:
+            best, best_hits = cand, hits
+    missing = sorted(own.keys() - best.keys())
+    unexpected = sorted(best.keys() - own.keys())
+    shapes = [f"{k}: checkpoint {tuple(best[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(own.keys() & best.keys()) if best[k].shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        ck_arch = (meta.get("hyper_parameters") or {}).get("arch")
+        parts = [f"checkpoint '{path}' does not fit target '{arch or type(model).__name__}'"]
+        if ck_arch and arch and ck_arch != arch:
+            parts.append(f"(it was trained for arch '{ck_arch}')")
+        detail = []
+        if missing:
+            detail.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            detail.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            detail.append("shape mismatches: " + "; ".join(shapes[:6]))
+            if any(k.endswith(("head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight")) for k in best.keys() & own.keys()):
+                detail.append("a head mismatch usually means num_classes differs between the checkpoint and the config")
+        raise ValueError(" ".join(parts) + ": " + "; ".join(detail) + ". Use the matching arch/num_classes or another checkpoint.")
+    model.load_state_dict(best)
+    return meta
+
+
+def load_target(arch: str, checkpoint: str | None = None, num_classes: int = 10, in_chans: int = 1,
+                pretrained: bool = False, **kwargs) -> nn.Module:  # fmt: skip
+    """``create_target`` plus ``load_weights`` when a checkpoint is given."""
+    model = create_target(arch, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint, arch)
+    return model
+
+
+def tensor_hash(module: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer (sorted by name)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class FrozenTarget(nn.Module):
+    """A classifier frozen for explanation: eval mode forever, no gradients to its weights, taps resolved.
+
+    Args:
+        model: the classifier ``x [B, C, H, W] -> logits [B, K]``.
+        taps: dotted module paths, or ``'auto'``.
+        input_shape: ``(C, H, W)`` the target expects; used to measure tap channels and check inputs.
+        shallow_taps: names or count of the shallow taps (default: first ``ceil(L/2)``).
+    """
+
+    def __init__(self, model: nn.Module, taps: str | Sequence[str] = "auto", input_shape: Sequence[int] = (1, 28, 28),
+                 shallow_taps: Sequence[str] | int | None = None, arch: str | None = None):  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.arch = arch or type(model).__name__
+        self.input_shape = tuple(int(s) for s in input_shape)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.tap_names = resolve_taps(model, taps)
+        self.shallow_names, self.deep_names = split_shallow_deep(self.tap_names, shallow_taps) if len(self.tap_names) > 1 else (self.tap_names, [])
+        self.hooks = TapHooks(self.model, self.tap_names)
+        with torch.no_grad():
+            probe = torch.zeros(2, *self.input_shape)
+            try:
+                logits, feats = self.forward(probe, record=True, check=False)
+            except RuntimeError as err:
+                raise ValueError(f"target '{self.arch}' cannot run on inputs of shape {self.input_shape}: {err}") from err
+        self.num_classes = int(logits.shape[1])
+        self.tap_channels = [int(f.shape[-1] if f.dim() == 3 else f.shape[1]) for f in feats]
+        self.tap_shapes = [tuple(f.shape[1:]) for f in feats]
+        self._hash: str | None = None
+
+    @property
+    def num_channels(self) -> int:
+        """``D``: total channels over taps."""
+        return sum(self.tap_channels)
+
+    def train(self, mode: bool = True) -> FrozenTarget:
+        # A parent's .train() must not flip BatchNorm back to batch statistics.
+        super().train(False)
+        return self
+
+    def tensor_hash(self) -> str:
+        if self._hash is None:
+            self._hash = tensor_hash(self.model)
+        return self._hash
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"target '{self.arch}' expects images of shape [B, {', '.join(map(str, self.input_shape))}], got "
+                f"{list(x.shape)}; resize the data or set the target's input shape (in_chans/image_size) to match."
+            )
+
+    def forward(self, x: torch.Tensor, masks=None, fill=None, record: bool = False, check: bool = True):
+        """Logits ``[B, K]``; with ``record=True`` also the tap outputs (list, tap order).
+
+        Args:
+            masks: per-tap ``[B, C_l]`` masks (or ``None``): the masked forward ``H(x; m)``.
+            fill: per-tap ``[C_l]`` values of removed channels (mean ablation), or ``None`` for zeros.
+        """
+        if check:
+            self.check_input(x)
+        self.hooks.start(record=record, masks=masks, fill=fill)
+        try:
+            logits = self.model(x)
+            feats = list(self.hooks.features) if record else None
+        finally:
+            self.hooks.clear()
+        return (logits, feats) if record else logits
+
+    def candidate_taps(self) -> list[tuple[str, int, int]]:
+        """``(name, channels, reduction)`` for every module returning a feature map, in execution order."""
+        seen: dict[str, tuple[int, int]] = {}
+        handles = []
+        h_in = self.input_shape[-1]
+        for name, mod in self.model.named_modules():
+            if not name:
+                continue
+
+            def hook(m, a, out, name=name):
+                if isinstance(out, torch.Tensor) and out.dim() in (3, 4) and name not in seen:
+                    c = out.shape[-1] if out.dim() == 3 else out.shape[1]
+                    red = max(1, h_in // out.shape[-1]) if out.dim() == 4 else 0
+                    seen[name] = (int(c), int(red))
+
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, *self.input_shape))
+        finally:
+            for h in handles:
+                h.remove()
+        return [(n, c, r) for n, (c, r) in seen.items()]
