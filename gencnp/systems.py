@@ -124,7 +124,7 @@ class GenCNP(L.LightningModule):
             zero_forcing - w_kept kept_mean``.
     """
 
-    def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str = "runs/fashion_mnist/target/best.ckpt",
+    def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
                  num_classes: int = 10, in_chans: int = 1, image_size: int = 28, taps: str | list[str] = "auto",
                  shallow_taps: int | list[str] | None = None, d: int = 64, groups: int = 8, init_score: float = 0.9,
                  binarizer: str = "daq", ablation: str = "zero", ablation_batches: int = 20, class_source: str = "pred",
@@ -253,8 +253,8 @@ class GenCNP(L.LightningModule):
             _, feats = self.target(batch[0].to(self.device), record=True)
             total += torch.cat([channel_means(f).sum(0) for f in feats]).to(total.dtype)
             n += batch[0].shape[0]
-        if self.trainer is not None and self.trainer.world_size > 1:
-            packed = self.trainer.strategy.reduce(torch.cat([total, torch.tensor([float(n)], device=total.device)]), reduce_op="sum")
+        if self._trainer is not None and self._trainer.world_size > 1:
+            packed = self._trainer.strategy.reduce(torch.cat([total, torch.tensor([float(n)], device=total.device)]), reduce_op="sum")
             total, n = packed[:-1], float(packed[-1])
         self.fill.copy_(total / max(n, 1))
         self.fill_ready.fill_(True)
@@ -299,13 +299,15 @@ class GenCNP(L.LightningModule):
 
     # ----- training -----
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            return self.trainer.strategy.reduce(t, reduce_op="sum")
+        if self._trainer is not None and self._trainer.world_size > 1:
+            return self._trainer.strategy.reduce(t, reduce_op="sum")
         return t
 
     def lambda_sp_now(self) -> float:
-        ramp = self.hparams.sparsity_ramp_epochs * max(1, self.trainer.num_training_batches if self.trainer else 1)
-        return self.hparams.lambda_sp * min(1.0, self.global_step / max(ramp, 1.0))
+        ramp = self.hparams.sparsity_ramp_epochs * max(1, self._trainer.num_training_batches if self._trainer else 1)
+        if ramp <= 0:
+            return self.hparams.lambda_sp
+        return self.hparams.lambda_sp * min(1.0, self.global_step / ramp)
 
     def training_step(self, batch, batch_idx):
         x, labels = batch[0], batch[1]
@@ -398,8 +400,10 @@ class GenCNP(L.LightningModule):
         h = self.hparams
         vals["score"] = vals["agreement"] - h.w_swap * vals["swap_forcing"] - h.w_zero * vals["zero_forcing"] - h.w_kept * vals["kept_mean"]
         vals.pop("n", None)
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in vals.items()}, prog_bar=False)
-        self.log(f"{stage}/agreement", float(vals["agreement"]), prog_bar=True)
+        vals = {k: v for k, v in vals.items() if v == v}  # drop controls that were not run (NaN)
+        bar = {"agreement", "kept_mean", "swap_forcing"}
+        for k, v in vals.items():
+            self.log(f"{stage}/{k}", float(v), prog_bar=k in bar)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val", self.val_metrics)

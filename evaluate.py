@@ -1,0 +1,15 @@
+"""Evaluate pathways: ``python evaluate.py report|inspect|diffusion --config CONFIG``.
+
+- ``report``: GEN-CNP, transferred class pathways and the baselines on the test split (``gencnp.report``).
+- ``inspect``: a bank's metadata, per-class summary and heatmap, without model or data (``gencnp.banks``).
+- ``diffusion``: pixel diffusion pathways (``gencnp.diffusion``).
+"""
+
+from jsonargparse import CLI
+
+from gencnp.banks import inspect_bank
+from gencnp.diffusion import diffusion
+from gencnp.report import report
+
+if __name__ == "__main__":
+    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion}, as_positional=False)

@@ -1,0 +1,288 @@
+"""``PathwayBankWriter``: export a pathway bank from ``trainer.predict`` of a ``GenCNP`` model (DESIGN section 6).
+
+The callback only observes: it feeds each predicted batch to a ``gencnp.banks.PathwayBank``, sums the counts
+across processes, measures transferred class pathways on the **validation** split for a grid of ``tau`` values
+(never the test split, which stays for reporting transfer), lets ``gencnp.banks.choose_tau`` pick one, and asks
+the bank to save itself on rank 0. Run it through the predict loop (Lightning's unrepeated sampler), so no
+sample is counted twice::
+
+    python train.py predict --config configs/fashion_mnist/bank.yaml --ckpt_path runs/fashion_mnist/gencnp/best.ckpt
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from gencnp.banks import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, check_writable, choose_tau
+from gencnp.metrics import per_sample
+from gencnp.targets import FrozenTarget
+
+__all__ = ["PathwayBankWriter"]
+
+# Per-tau sums over validation samples (NaN-aware: a control not run has its own count).
+_SUMS = ("n", "agree", "masked_correct", "n_labelled", "swap_forced", "n_swap", "zero_forced", "kept")
+
+
+class PathwayBankWriter(L.Callback):
+    """Accumulate a ``PathwayBank`` during ``trainer.predict``, choose ``tau`` on validation, save it on rank 0.
+
+    Tau rule (``gencnp.banks.choose_tau``): for each candidate ``tau``, every validation image ``x`` of class
+    ``c`` (the model's class source) goes through its class pathway ``H(x; M_c)``, with the swap and zero-image
+    forcing controls of ``GenCNP.controls``. Among the taus with transfer agreement ``>= min_agreement``, the
+    highest ``agreement - w_swap swap_forcing - w_zero zero_forcing - w_kept kept`` wins; if none qualifies, the
+    highest score overall. The table of every tau is stored in the bank's ``info['tau_search']``.
+
+    Args:
+        path: where rank 0 writes the bank (one ``.safetensors`` file, atomically).
+        taus: candidate thresholds in ``(0, 1]`` (default ``0.05, 0.10, ..., 0.95``).
+        min_agreement: transfer agreement a tau must reach on validation to be preferred.
+        w_swap, w_zero, w_kept: weights of the selection score (GenCNP's ``val/score`` defaults).
+        val_batches: validation batches used for the search (all when ``None``).
+        progress: show a progress bar for the search (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        path: str = DEFAULT_BANK,
+        taus: list[float] | None = None,
+        min_agreement: float = 0.95,
+        w_swap: float = 1.0,
+        w_zero: float = 0.5,
+        w_kept: float = 0.25,
+        val_batches: int | None = None,
+        progress: bool = True,
+    ):
+        super().__init__()
+        taus = list(DEFAULT_TAUS if taus is None else taus)
+        if not taus:
+            raise ValueError("taus is empty; give candidate thresholds in (0, 1], e.g. [0.25, 0.5, 0.75].")
+        bad = [t for t in taus if not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0]
+        if bad:
+            raise ValueError(
+                f"taus must lie in (0, 1], got {bad}; M_c = f_c >= tau keeps every channel at tau <= 0 "
+                "and none above 1."
+            )
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must lie in [0, 1], got {min_agreement}.")
+        if val_batches is not None and val_batches < 1:
+            raise ValueError(f"val_batches must be >= 1 or None (all), got {val_batches}.")
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"bank path '{path}' must end with '.safetensors' (the bank is one safetensors file).")
+        self.path = str(path)
+        self.taus = sorted({float(t) for t in taus})
+        self.min_agreement = float(min_agreement)
+        self.w_swap, self.w_zero, self.w_kept = float(w_swap), float(w_zero), float(w_kept)
+        self.val_batches = val_batches
+        self.progress = progress
+        self.bank: PathwayBank | None = None
+
+    # ----- accumulation -----
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        target = getattr(pl_module, "target", None)
+        if not isinstance(target, FrozenTarget) or not hasattr(pl_module, "controls"):
+            raise TypeError(
+                f"PathwayBankWriter needs a GenCNP model (with .target and .controls), got {type(pl_module).__name__}."
+            )
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "val_dataloader"):
+            raise ValueError(
+                "PathwayBankWriter chooses tau on the validation split: run trainer.predict with a "
+                "datamodule that has val_dataloader() (e.g. configs/*/bank.yaml)."
+            )
+        split = str(getattr(dm, "predict_split", "unknown"))
+        if split == "test":
+            raise ValueError(
+                "PathwayBankWriter refuses to build a bank on the test split (test stays for reporting "
+                "transfer); set data.init_args.predict_split: train."
+            )
+        if split == "val":
+            rank_zero_warn(
+                "PathwayBankWriter: the bank is built on the validation split, where tau is chosen too; "
+                "prefer predict_split: train."
+            )
+        class_names = getattr(dm, "class_names", None)
+        class_source = getattr(pl_module, "hparams", {}).get("class_source", "pred")
+        self.bank = PathwayBank.for_target(target, class_names, class_source, split)
+        if trainer.is_global_zero:
+            check_writable(self.path)  # before the pass over the data, not after
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or "pathway" not in outputs or "y_hat" not in outputs:
+            raise TypeError(
+                "PathwayBankWriter expects predict_step to return a dict with 'pathway' [B, D] and 'y_hat' [B] "
+                f"(GenCNP.predict_step), got {type(outputs).__name__}."
+            )
+        self.bank.update(outputs["pathway"], outputs["y_hat"])
+
+    # ----- reduction, tau, save -----
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bank = self.bank
+        bank.counts = _sum_over_ranks(trainer, pl_module, bank.counts).long()
+        bank.n = _sum_over_ranks(trainer, pl_module, bank.n).long()
+        if int(bank.n.sum()) == 0:
+            raise ValueError(
+                f"PathwayBankWriter saw no samples on the '{bank.split}' split; "
+                "check the data and limit_predict_batches."
+            )
+        table = self.tau_search(trainer, pl_module)
+        tau, rule, scores = choose_tau(
+            self.taus,
+            table["agreement"],
+            table["swap_forcing"],
+            table["zero_forcing"],
+            table["kept"],
+            self.min_agreement,
+            self.w_swap,
+            self.w_zero,
+            self.w_kept,
+        )
+        table["score"] = scores
+        bank.tau = tau
+        hp = getattr(pl_module, "hparams", {})
+        bank.info = {
+            "tau_rule": rule,
+            "tau_search": _json_safe(table),
+            "min_agreement": self.min_agreement,
+            "weights": {"w_swap": self.w_swap, "w_zero": self.w_zero, "w_kept": self.w_kept},
+            "ablation": hp.get("ablation", "zero"),
+            "generator_checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "target_checkpoint": str(hp.get("target_checkpoint")) if hp.get("target_checkpoint") else None,
+            "world_size": trainer.world_size,
+        }
+        if trainer.is_global_zero:
+            bank.save(self.path)
+            rank_zero_info(self.report(table, rule))
+        trainer.strategy.barrier("PathwayBankWriter.save")
+
+    @torch.no_grad()
+    def tau_search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list]:
+        """Transfer metrics of ``M_c = f_c >= tau`` on the validation split, per candidate tau (summed over ranks)."""
+        from tqdm.auto import tqdm
+
+        bank, device, target = self.bank, pl_module.device, pl_module.target
+        loader = trainer.datamodule.val_dataloader()
+        total = len(loader) if self.val_batches is None else min(len(loader), self.val_batches)
+        fills = pl_module.fills() if hasattr(pl_module, "fills") else None
+        class_of = getattr(pl_module, "class_of", lambda logits, labels: logits.argmax(1))
+        # Taus giving identical class pathways give identical results: evaluate each distinct M once.
+        distinct: dict[bytes, int] = {}
+        group = []
+        for tau in self.taus:
+            key = bank.class_pathways(tau).numpy().tobytes()
+            group.append(distinct.setdefault(key, len(distinct)))
+        first = {g: self.taus[group.index(g)] for g in set(group)}
+        pathways = {g: bank.class_pathways(tau).to(device) for g, tau in first.items()}
+        sums = torch.zeros(len(first), len(_SUMS), dtype=torch.float64)
+        bar = tqdm(
+            total=total * len(first),
+            desc=f"tau search on validation ({len(self.taus)} taus, {len(first)} distinct)",
+            unit="batch",
+            disable=not (self.progress and trainer.is_global_zero),
+            leave=False,
+        )
+        try:
+            for i, batch in enumerate(loader):
+                if i >= total:
+                    break
+                x = batch[0].to(device)
+                labels = batch[1].to(device) if len(batch) > 1 else None
+                logits = target(x)
+                y_hat = class_of(logits, labels)
+                for j, tau in first.items():
+                    p = pathways[j][y_hat]
+                    masked = bank.apply(target, x, y_hat, fill=fills, tau=tau)
+                    ctrl = pl_module.controls(x, {"pathway": p, "y_hat": y_hat})
+                    v = per_sample(logits, masked, y_hat, p, labels, **ctrl)
+                    sums[j] += torch.tensor(
+                        [
+                            len(x),
+                            _nansum(v["agree"]),
+                            _nansum(v["masked_correct"]),
+                            _count(v["masked_correct"]),
+                            _nansum(v["swap_forced"]),
+                            _count(v["swap_forced"]),
+                            _nansum(v["zero_forced"]),
+                            _nansum(v["kept"]),
+                        ],
+                        dtype=torch.float64,
+                    )
+                    bar.update(1)
+        finally:
+            bar.close()
+        sums = _sum_over_ranks(trainer, pl_module, sums)[group]  # back to one row per tau
+        s = dict(zip(_SUMS, sums.T))
+        if float(s["n"][0]) == 0:
+            raise ValueError(
+                "the validation split is empty: PathwayBankWriter needs validation images to choose tau; "
+                "set data val_size > 0."
+            )
+
+        def ratio(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+            return [float(x / y) if y > 0 else math.nan for x, y in zip(a, b)]
+
+        return {
+            "split": "val",
+            "n": int(s["n"][0]),
+            "taus": list(self.taus),
+            "class_source": bank.class_source,
+            "agreement": ratio(s["agree"], s["n"]),
+            "masked_accuracy": ratio(s["masked_correct"], s["n_labelled"]),
+            "swap_forcing": ratio(s["swap_forced"], s["n_swap"]),
+            "zero_forcing": ratio(s["zero_forced"], s["n"]),
+            "kept": ratio(s["kept"], s["n"]),
+        }
+
+    def report(self, table: dict[str, Any], rule: str) -> str:
+        """A readable tau table (chosen row marked) and where the bank went."""
+        bank = self.bank
+        lines = [
+            f"PathwayBankWriter: {int(bank.n.sum())} '{bank.split}' samples, "
+            f"tau search on {table['n']} validation images",
+            f"{'tau':>6} {'agree':>7} {'swap':>7} {'zero':>7} {'kept':>7} {'score':>7}",
+        ]
+        for i, tau in enumerate(table["taus"]):
+            mark = "  <- chosen" if tau == bank.tau else ""
+            vals = [table[k][i] for k in ("agreement", "swap_forcing", "zero_forcing", "kept", "score")]
+            lines.append(f"{tau:>6.2f} " + " ".join(f"{v:>7.3f}" for v in vals) + mark)
+        lines += [f"tau = {bank.tau:g}: {rule}", f"bank written to {self.path}"]
+        return "\n".join(lines)
+
+
+def _sum_over_ranks(trainer: L.Trainer, pl_module: L.LightningModule, t: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over processes (``strategy.reduce``); a single process returns it unchanged."""
+    if trainer.world_size <= 1:
+        return t
+    return trainer.strategy.reduce(t.to(pl_module.device).clone(), reduce_op="sum").cpu()
+
+
+def _nansum(v: torch.Tensor) -> float:
+    return float(torch.nansum(v))
+
+
+def _count(v: torch.Tensor) -> float:
+    return float((~torch.isnan(v)).sum())
+
+
+def _json_safe(table: dict[str, Any]) -> dict[str, Any]:
+    def fix(v):
+        if isinstance(v, float) and v != v:
+            return None
+        if isinstance(v, Sequence) and not isinstance(v, str):
+            return [fix(x) for x in v]
+        return v
+
+    return {k: fix(v) for k, v in table.items()}

@@ -1,0 +1,1029 @@
+"""Evaluation report: GEN-CNP, transferred class pathways and the baselines on the test split.
+
+``python evaluate.py report --config configs/fashion_mnist/evaluate.yaml`` writes to ``out_dir``:
+
+- ``report.json``: ``provenance``, ``methods`` (every method at GEN-CNP's per-sample and per-tap kept counts),
+  ``methods_native`` (each baseline at its own setting), ``transfer`` (class pathways ``M_c`` of the bank) and
+  ``subset`` (every method again on one seeded common subset). Every entry holds ``n``, ``images``,
+  ``seconds_per_image`` and all keys of DESIGN section 8 (unprefixed, ``kept/<tap>`` included); comparisons
+  carry paired bootstrap 95% intervals of the difference to GEN-CNP on the same images (``vs_gencnp``).
+- ``report.md``: tables, provenance, intervals and one sentence per comparison saying who wins.
+- figures: ``agreement_vs_kept.png``, ``kept_hist.png``, ``bank_heatmap.png``, ``attribution_grid.png``.
+
+Costs: ``gencnp``, ``random``, ``neuron_mct`` and ``transfer`` cover the whole split; ``neuron_intgrad`` (44
+forward-backward passes per image on 4 taps) and ``dgr`` (30 optimisation steps) cover the subset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from gencnp.baselines import METHODS, global_percentile, split_pathway, tap_counts, topk_per_tap
+from gencnp.data import ImageDataModule
+from gencnp.metrics import per_sample, summarize
+
+__all__ = ["report", "paired_bootstrap", "CI_KEYS", "BASELINES"]
+
+BASELINES = ("random", "neuron_mct", "neuron_intgrad", "dgr")
+# Key comparisons: report key -> per-sample value of gencnp.metrics.per_sample, and which direction is better.
+CI_KEYS = {"agreement": "agree", "kept_mean": "kept", "swap_forcing": "swap_forced", "zero_forcing": "zero_forced",
+           "necessity": "necessity", "mDC": "dc"}  # fmt: skip
+BETTER = {"agreement": "higher", "kept_mean": "lower", "swap_forcing": "lower", "zero_forcing": "lower",
+          "necessity": "lower", "mDC": "lower"}  # fmt: skip
+TABLE_KEYS = ["agreement", "masked_accuracy", "mDC", "mIC", "kept_mean", "kept_std", "kept_class_std", "acIOU",
+              "between_class_iou", "necessity", "swap_forcing", "zero_forcing"]  # fmt: skip
+
+
+# ----- per-sample results of one method at one setting -----
+class _Results:
+    """Per-sample values (``gencnp.metrics.per_sample``), pathways and classes at positions of the split."""
+
+    def __init__(self, name: str, setting: str, images: str):
+        self.name, self.setting, self.images = name, setting, images
+        self._vals: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._paths: list[torch.Tensor] = []
+        self._cls: list[torch.Tensor] = []
+        self._pos: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.vals: dict[str, torch.Tensor] = {}
+
+    def add(self, pos: torch.Tensor, vals: dict[str, torch.Tensor], pathway: torch.Tensor, classes: torch.Tensor,
+            seconds: float) -> None:  # fmt: skip
+        for k, v in vals.items():
+            self._vals[k].append(v.cpu())
+        self._paths.append(pathway.bool().cpu())
+        self._cls.append(classes.cpu())
+        self._pos.append(pos.cpu())
+        self.seconds += seconds
+
+    def finish(self) -> _Results:
+        self.vals = {k: torch.cat(v) for k, v in self._vals.items()}
+        self.pathways, self.classes, self.pos = torch.cat(self._paths), torch.cat(self._cls), torch.cat(self._pos)
+        self.n = len(self.pos)
+        return self
+
+    def at(self, positions: torch.Tensor, images: str) -> _Results:
+        """The same results restricted to ``positions`` of the split (each must be covered)."""
+        lookup = torch.full((int(max(self.pos.max(), positions.max())) + 1,), -1, dtype=torch.long)
+        lookup[self.pos] = torch.arange(self.n)
+        rows = lookup[positions]
+        if bool((rows < 0).any()):
+            raise ValueError(f"{self.name} ({self.setting}) does not cover every requested image.")
+        out = _Results(self.name, self.setting, images)
+        out.vals = {k: v[rows] for k, v in self.vals.items()}
+        out.pathways, out.classes, out.pos, out.n = (
+            self.pathways[rows],
+            self.classes[rows],
+            positions.clone(),
+            len(rows),
+        )
+        out.seconds = self.seconds * len(rows) / max(self.n, 1)
+        return out
+
+    def summary(self, tap_names: Sequence[str], tap_channels: Sequence[int]) -> dict[str, Any]:
+        s = summarize(self.vals, self.pathways, self.classes, tap_names, tap_channels)
+        return {
+            "n": self.n,
+            "images": self.images,
+            "setting": self.setting,
+            "seconds_per_image": self.seconds / max(self.n, 1),
+            **s,
+        }
+
+
+# ----- paired bootstrap -----
+def paired_bootstrap(diffs: torch.Tensor, n_boot: int = 1000, seed: int = 0, chunk: int = 100,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Percentile 95% intervals of mean paired differences, vectorised over resamples and comparisons.
+
+    Each resample draws ``N`` images with replacement (the same draw for every column, so columns stay paired);
+    a column's statistic is the mean of its non-NaN entries among the drawn images. Draws are counts
+    ``W [R, N]`` and statistics matrix products ``W @ values``.
+
+    Args:
+        diffs: ``[N, M]`` per-image differences (method minus GEN-CNP), NaN where a value is undefined.
+        n_boot: resamples ``R``.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(mean [M], lo [M], hi [M])``: the observed mean difference and its 2.5% / 97.5% bootstrap quantiles.
+    """
+    from tqdm.auto import tqdm
+
+    if diffs.dim() != 2 or diffs.shape[0] == 0:
+        raise ValueError(f"diffs must be [N, M] with N >= 1, got {list(diffs.shape)}.")
+    n = diffs.shape[0]
+    valid = (~torch.isnan(diffs)).double()
+    vals = torch.nan_to_num(diffs.double(), nan=0.0)
+    mean = (vals.sum(0) / valid.sum(0)).where(valid.sum(0) > 0, torch.tensor(float("nan"), dtype=torch.float64))
+    g = torch.Generator().manual_seed(seed)
+    stats = []
+    for start in tqdm(range(0, n_boot, chunk), desc="bootstrap", disable=not progress, leave=False):
+        r = min(chunk, n_boot - start)
+        w = torch.zeros(r, n, dtype=torch.float64)
+        w.scatter_add_(1, torch.randint(0, n, (r, n), generator=g), torch.ones(r, n, dtype=torch.float64))
+        stats.append((w @ vals) / (w @ valid))
+    s = torch.cat(stats)
+    lo = torch.nanquantile(s, 0.025, dim=0)
+    hi = torch.nanquantile(s, 0.975, dim=0)
+    return mean, lo, hi
+
+
+def _winner(diff: float, lo: float, hi: float, better: str) -> str:
+    if any(v != v for v in (diff, lo, hi)) or lo <= 0.0 <= hi:
+        return "tie"
+    method_better = (diff > 0) == (better == "higher")
+    return "method" if method_better else "gencnp"
+
+
+def _compare(entries: dict[str, tuple[_Results, _Results]], n_boot: int, seed: int, progress: bool) -> dict[str, dict]:
+    """``vs_gencnp`` blocks for several results, each paired with GEN-CNP on the same positions (one group)."""
+    cols, where = [], []
+    for label, (res, ref) in entries.items():
+        if not torch.equal(res.pos, ref.pos):
+            raise ValueError(f"{label}: compared results must cover the same images in the same order.")
+        for key, v in CI_KEYS.items():
+            cols.append(res.vals[v] - ref.vals[v])
+            where.append((label, key))
+    if not cols:
+        return {}
+    mean, lo, hi = paired_bootstrap(torch.stack(cols, dim=1), n_boot, seed, progress=progress)
+    out: dict[str, dict] = defaultdict(dict)
+    for (label, key), m, a, b in zip(where, mean.tolist(), lo.tolist(), hi.tolist()):
+        out[label][key] = {"diff": m, "ci95": [a, b], "better": BETTER[key], "winner": _winner(m, a, b, BETTER[key])}
+    return dict(out)
+
+
+# ----- helpers -----
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
+    if isinstance(obj, torch.Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temporary file in the same directory, then ``os.replace``: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()  # fmt: skip
+        return {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import torchmetrics
+
+    from gencnp import __version__
+
+    return {"gencnp": __version__, "torch": torch.__version__, "lightning": lightning.__version__,
+            "torchmetrics": torchmetrics.__version__, "numpy": np.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> _Timer:
+        _sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+# ----- the report -----
+def report(
+    generator: str = "runs/fashion_mnist/gencnp/best.ckpt",
+    bank: str | None = "runs/fashion_mnist/bank.safetensors",
+    data: ImageDataModule | None = None,
+    out_dir: str = "runs/fashion_mnist/eval",
+    target_checkpoint: str | None = None,
+    split: str = "test",
+    subset_n: int = 1000,
+    subset_seed: int = 0,
+    batch_size: int = 500,
+    grad_batch_size: int = 100,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    device: str = "cpu",
+    intgrad_steps: int = 11,
+    dgr_steps: int = 30,
+    dgr_lr: float = 0.1,
+    dgr_momentum: float = 0.9,
+    dgr_l1: float = 0.05,
+    curve_thresholds: list[float] | None = None,
+    curve_kept: list[float] | None = None,
+    samples_per_class: int = 2,
+    limit: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
+
+    Every method is measured at GEN-CNP's per-sample **and** per-tap kept counts (``methods``) and at its own
+    setting (``methods_native``: NeuronMCT/IntGrad at one global percentile equal to GEN-CNP's mean kept
+    fraction, DGR with gates > 0, random channels drawn globally at that fraction). Each entry carries the
+    input-dependence controls (swap and zero forcing, necessity) beside faithfulness, and the key comparisons
+    carry paired bootstrap 95% intervals of the difference to GEN-CNP on the same images.
+
+    Args:
+        generator: GEN-CNP checkpoint; its hyper-parameters rebuild the frozen target from ``target_checkpoint``.
+        bank: pathway bank (``.safetensors``) for transfer; ``None`` skips transfer and the bank heatmap.
+        data: the data module (``class_path``/``init_args`` in YAML); Fashion-MNIST when unset.
+        out_dir: output folder (created).
+        target_checkpoint: override the target weights named in the generator's hyper-parameters.
+        split: split to evaluate (``'test'``; never used for selection or tuning).
+        subset_n: size of the seeded common subset for ``neuron_intgrad``, ``dgr`` and the curves (all images when
+            the split is smaller).
+        subset_seed: seed of the subset draw.
+        batch_size: images per batch for forward-only methods.
+        grad_batch_size: images per batch for ``neuron_intgrad`` and ``dgr`` (``intgrad_steps`` times as many
+            activations are held at once).
+        bootstrap_samples: paired bootstrap resamples.
+        seed: seed of the random baseline and the bootstrap.
+        device: ``'cpu'``, ``'cuda'``, ...
+        intgrad_steps: points on each integrated-gradients path (both ends included).
+        dgr_steps: DGR optimisation steps (Wang et al. 2018: 30).
+        dgr_lr: DGR SGD learning rate.
+        dgr_momentum: DGR SGD momentum.
+        dgr_l1: weight of DGR's L1 penalty on the gates.
+        curve_thresholds: thresholds on GEN-CNP's generator scores for the agreement-vs-kept curve
+            (default ``0.3, 0.4, 0.5, 0.6, 0.7``).
+        curve_kept: global kept fractions of the baselines' curves (default ``0.05, 0.1, 0.2, 0.4, 0.55, 0.7, 0.85``).
+        samples_per_class: rows per class in the attribution grid.
+        limit: evaluate only the first ``limit`` images of the split (quick runs; the report states ``n``).
+        threads: CPU threads for torch during the report (``torch.set_num_threads``; restored afterwards); unset
+            keeps torch's default. On a CPU shared with other jobs, 1 avoids stalls of spinning OpenMP workers.
+        progress: show progress bars.
+
+    Returns:
+        The content of ``report.json`` as a dict.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or null (torch's default), got {threads}.")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        kwargs = {k: v for k, v in locals().items() if k not in ("threads", "previous")}
+        return _report(**kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _report(
+    generator: str = "runs/fashion_mnist/gencnp/best.ckpt",
+    bank: str | None = "runs/fashion_mnist/bank.safetensors",
+    data: ImageDataModule | None = None,
+    out_dir: str = "runs/fashion_mnist/eval",
+    target_checkpoint: str | None = None,
+    split: str = "test",
+    subset_n: int = 1000,
+    subset_seed: int = 0,
+    batch_size: int = 500,
+    grad_batch_size: int = 100,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    device: str = "cpu",
+    intgrad_steps: int = 11,
+    dgr_steps: int = 30,
+    dgr_lr: float = 0.1,
+    dgr_momentum: float = 0.9,
+    dgr_l1: float = 0.05,
+    curve_thresholds: list[float] | None = None,
+    curve_kept: list[float] | None = None,
+    samples_per_class: int = 2,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The body of ``report`` (arguments as there)."""
+    from tqdm.auto import tqdm
+
+    from gencnp.systems import GenCNP
+
+    t_start = time.perf_counter()
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' (or 'val' for development), got '{split}'.")
+    for name, v, lo in (("subset_n", subset_n, 1), ("batch_size", batch_size, 1), ("grad_batch_size", grad_batch_size, 1),
+                        ("bootstrap_samples", bootstrap_samples, 10), ("intgrad_steps", intgrad_steps, 2),
+                        ("samples_per_class", samples_per_class, 0)):  # fmt: skip
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}.")
+    thresholds = list(curve_thresholds or (0.3, 0.4, 0.5, 0.6, 0.7))
+    kept_grid = list(curve_kept or (0.05, 0.1, 0.2, 0.4, 0.55, 0.7, 0.85))
+    if any(not 0 < t < 1 for t in thresholds) or any(not 0 <= k <= 1 for k in kept_grid):
+        raise ValueError(
+            f"curve_thresholds must lie in (0, 1) and curve_kept in [0, 1]; got {thresholds} and {kept_grid}."
+        )
+    if not Path(generator).is_file():
+        raise FileNotFoundError(f"generator checkpoint '{generator}' does not exist; train one with "
+                                "python train.py fit --config configs/fashion_mnist/gencnp.yaml, or fix the path.")  # fmt: skip
+    if bank is not None and not Path(bank).is_file():
+        raise FileNotFoundError(
+            f"pathway bank '{bank}' does not exist; export it with python train.py predict --config "
+            f"configs/fashion_mnist/bank.yaml --ckpt_path {generator}, or pass bank: null to skip transfer."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+
+    # ----- model, data, bank -----
+    overrides = {"target_checkpoint": target_checkpoint} if target_checkpoint else {}
+    model = GenCNP.load_from_checkpoint(generator, map_location="cpu", **overrides).to(dev).eval()
+    target = model.target
+    taps, chans = target.tap_names, target.tap_channels
+    if data is None:
+        from gencnp.data import FashionMNISTDataModule
+
+        data = FashionMNISTDataModule(eval_batch_size=batch_size)
+    model.check_data(data)
+    dataset = data.split(split)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {limit}.")
+        dataset = Subset(dataset, list(range(min(limit, len(dataset)))))
+    n_all = len(dataset)
+    class_names = list(getattr(data, "class_names", [str(k) for k in range(model.num_classes)]))
+    if int((model.probe_class >= 0).sum()) == 0:  # a checkpoint saved before setup(): pick swap probes now
+        model.build_probes(data.split("train"))
+    fills = model.fills()
+    bank_obj = None
+    if bank is not None:
+        from gencnp.banks import PathwayBank
+
+        bank_obj = PathwayBank.load(bank, target=target, class_names=class_names)
+        if bank_obj.tau is None:
+            raise ValueError(
+                f"pathway bank '{bank}' has no tau; export it with PathwayBankWriter (it chooses tau on validation)."
+            )
+        class_paths = bank_obj.class_pathways().to(dev)
+    g_sub = torch.Generator().manual_seed(subset_seed)
+    subset_pos = torch.sort(torch.randperm(n_all, generator=g_sub)[: min(subset_n, n_all)]).values
+    n_sub = len(subset_pos)
+    all_images = f"all {n_all} {split} images" + (f" (first {n_all}, limit)" if limit is not None else "")
+    sub_images = f"seeded subset of {n_sub} {split} images (seed {subset_seed})"
+    dgr_opts = {"steps": dgr_steps, "lr": dgr_lr, "momentum": dgr_momentum, "l1": dgr_l1}
+
+    def masked_forward(x: torch.Tensor, pathway: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return target(x, masks=split_pathway(pathway.to(x.dtype), chans), fill=fills)
+
+    def measure(res: _Results, pos, x, labels, logits, y_hat, pathway, seconds: float, masked=None) -> None:
+        """Masked prediction (timed into ``seconds`` unless given), controls, per-sample metrics."""
+        if masked is None:
+            with _Timer(dev) as tm:
+                masked = masked_forward(x, pathway)
+            seconds += tm.seconds
+        with torch.no_grad():
+            ctrl = model.controls(x, {"pathway": pathway, "y_hat": y_hat}, necessity=True)
+        vals = per_sample(logits, masked, y_hat, pathway, labels, **ctrl)
+        res.add(pos, vals, pathway, y_hat, seconds)
+
+    def loader(ds, bs: int) -> DataLoader:
+        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=0)
+
+    phases: dict[str, float] = {"setup": time.perf_counter() - t_start}
+    t_phase = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] = now - t_phase
+        t_phase = now
+
+    # ----- pass 1: GEN-CNP on the whole split -----
+    res: dict[tuple[str, str], _Results] = {}
+    res["gencnp", "matched"] = _Results("gencnp", "generator pathway (DAQ mask > 0.5)", all_images)
+    logits_all, yhat_all, labels_all, path_all, scores_all = [], [], [], [], []
+    start = 0
+    for batch in tqdm(loader(dataset, batch_size), desc="GEN-CNP", disable=not progress):
+        x, labels = batch[0].to(dev), batch[1].to(dev)
+        pos = torch.arange(start, start + len(x))
+        start += len(x)
+        with _Timer(dev) as tm:
+            ex = model.explain(x, labels)
+        g_res, masked = res["gencnp", "matched"], ex["masked_logits"]
+        measure(g_res, pos, x, labels, ex["logits"], ex["y_hat"], ex["pathway"], tm.seconds, masked)
+        logits_all.append(ex["logits"].cpu())
+        yhat_all.append(ex["y_hat"].cpu())
+        labels_all.append(labels.cpu())
+        path_all.append(ex["pathway"].cpu())
+        scores_all.append(ex["scores"].float().cpu())
+    gen = res["gencnp", "matched"].finish()
+    logits_all, yhat_all, labels_all = torch.cat(logits_all), torch.cat(yhat_all), torch.cat(labels_all)
+    path_all, scores_all = torch.cat(path_all), torch.cat(scores_all)
+    counts_all = tap_counts(path_all, chans)
+    keep_fraction = float(path_all.double().mean())
+    lap("gencnp")
+
+    # ----- pass 2: random, neuron_mct and transfer on the whole split -----
+    g_rand = torch.Generator(device=dev).manual_seed(seed)
+    full_methods = [m for m in BASELINES if not METHODS[m].expensive]
+    sub_methods = [m for m in BASELINES if METHODS[m].expensive]
+    for m in BASELINES:
+        images = all_images if m in full_methods else sub_images
+        res[m, "matched"] = _Results(m, "GEN-CNP's per-sample and per-tap kept counts", images)
+        res[m, "native"] = _Results(m, METHODS[m].native, images)
+    if bank_obj is not None:
+        res["transfer", "matched"] = _Results("transfer", f"class pathway M_c = f_c >= tau (tau = {bank_obj.tau:g}) of the "
+                                              "predicted class", all_images)  # fmt: skip
+    mct_scores = torch.zeros(n_all, sum(chans))
+    start = 0
+    for batch in tqdm(loader(dataset, batch_size), desc="random, neuron_mct, transfer", disable=not progress):
+        x, labels = batch[0].to(dev), batch[1].to(dev)
+        pos = torch.arange(start, start + len(x))
+        start += len(x)
+        logits, y_hat, counts = logits_all[pos].to(dev), yhat_all[pos].to(dev), counts_all[pos].to(dev)
+        for m in full_methods:
+            scores = _run_baseline(
+                m, res, measure, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, {}, dev
+            )
+            if m == "neuron_mct":
+                mct_scores[pos] = scores.float().cpu()
+        if bank_obj is not None:
+            with _Timer(dev) as tm:
+                p = class_paths[y_hat]
+            measure(res["transfer", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
+
+    lap("random_neuron_mct_transfer")
+
+    # ----- pass 3: neuron_intgrad and dgr on the subset; agreement-vs-kept curves there -----
+    curve: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # agree, kept, n
+    extra_scores = {m: torch.zeros(n_sub, sum(chans)) for m in sub_methods}
+    done = 0
+    for batch in tqdm(loader(Subset(dataset, subset_pos.tolist()), grad_batch_size), desc="neuron_intgrad, dgr, curves",
+                      disable=not progress):  # fmt: skip
+        x, labels = batch[0].to(dev), batch[1].to(dev)
+        rows = torch.arange(done, done + len(x))
+        pos = subset_pos[rows]
+        done += len(x)
+        logits, y_hat, counts = logits_all[pos].to(dev), yhat_all[pos].to(dev), counts_all[pos].to(dev)
+        for m in sub_methods:
+            opts = {"steps": intgrad_steps} if m == "neuron_intgrad" else dgr_opts
+            scores = _run_baseline(
+                m, res, measure, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, opts, dev
+            )
+            extra_scores[m][rows] = scores.float().cpu()
+
+        def point(method: str, param: float, pathway: torch.Tensor, x=x, y_hat=y_hat) -> None:
+            agree = (masked_forward(x, pathway).argmax(1) == y_hat).double().sum()
+            c = curve[method, param]
+            c[0] += float(agree)
+            c[1] += float(pathway.double().mean(1).sum())
+            c[2] += len(x)
+
+        sc = scores_all[pos].to(dev)
+        for t in thresholds:
+            point("gencnp", t, sc > t)
+        ranked = {"random": torch.rand(len(x), sum(chans), generator=g_rand, device=dev), "neuron_mct": mct_scores[pos].to(dev),
+                  **{m: extra_scores[m][rows].to(dev) for m in sub_methods}}  # fmt: skip
+        for m, s in ranked.items():
+            for k in kept_grid:
+                point(m, k, global_percentile(s, k))
+
+    for r in res.values():
+        r.finish()
+    lap("neuron_intgrad_dgr_curves")
+
+    # ----- summaries and paired bootstrap intervals -----
+    settings = _settings(model, bank_obj, keep_fraction, intgrad_steps, dgr_opts, fills is not None)
+    full_pairs = {}
+    sub_pairs = {}
+    gen_sub = gen.at(subset_pos, sub_images)
+    for (m, s), r in res.items():
+        if m == "gencnp":
+            continue
+        label = f"{m}/{s}"
+        if r.n == n_all:
+            full_pairs[label] = (r, gen)
+            sub_pairs[f"subset:{label}"] = (r.at(subset_pos, sub_images), gen_sub)
+        else:
+            sub_pairs[f"subset:{label}"] = (r, gen_sub)
+    cmp_full = _compare(full_pairs, bootstrap_samples, seed, progress)
+    cmp_sub = _compare(sub_pairs, bootstrap_samples, seed + 1, progress)
+
+    def block(m: str, s: str, on_subset: bool) -> dict[str, Any]:
+        r = res[m, s]
+        if m == "gencnp":
+            r = gen_sub if on_subset else gen
+            return {**r.summary(taps, chans), "settings": settings["gencnp"]}
+        if on_subset:
+            r = r if r.n == n_sub and r.n != n_all else r.at(subset_pos, sub_images)
+            vs = cmp_sub.get(f"subset:{m}/{s}", {})
+        else:
+            vs = cmp_full.get(f"{m}/{s}") or cmp_sub.get(f"subset:{m}/{s}", {})
+        return {**r.summary(taps, chans), "settings": settings[m][s], "vs_gencnp": vs}
+
+    names = ["gencnp", *BASELINES]
+    result: dict[str, Any] = {
+        "provenance": _provenance(model, generator, bank, bank_obj, data, split, seed, n_all, limit),
+        "methods": {m: block(m, "matched", on_subset=m in sub_methods) for m in names},
+        "methods_native": {
+            m: block(m, "native" if m != "gencnp" else "matched", on_subset=m in sub_methods) for m in names
+        },
+        "transfer": {**block("transfer", "matched", False), "tau": bank_obj.tau} if bank_obj is not None else None,
+        "subset": {
+            "n": n_sub,
+            "seed": subset_seed,
+            "images": sub_images,
+            "methods": {m: block(m, "matched", True) for m in names},
+            "methods_native": {m: block(m, "native" if m != "gencnp" else "matched", True) for m in names},
+            "transfer": block("transfer", "matched", True) if bank_obj is not None else None,
+        },
+        "curves": {
+            "images": sub_images,
+            "points": [
+                {
+                    "method": m,
+                    "param": p,
+                    "param_kind": "threshold" if m == "gencnp" else "global kept fraction",
+                    "agreement": c[0] / c[2],
+                    "kept_mean": c[1] / c[2],
+                }
+                for (m, p), c in sorted(curve.items())
+            ],
+        },
+        "bootstrap": {
+            "samples": bootstrap_samples,
+            "seed": seed,
+            "interval": "95% percentile, paired by image",
+            "keys": list(CI_KEYS),
+            "difference": "method minus GEN-CNP on the same images",
+        },
+    }
+    lap("summaries_bootstrap")
+    # ----- figures, markdown, JSON -----
+    figures = {}
+    figures["agreement_vs_kept"] = _plot_curves(out / "agreement_vs_kept.png", result)
+    figures["kept_hist"] = _plot_kept_hist(out / "kept_hist.png", res, keep_fraction)
+    if bank_obj is not None:
+        figures["bank_heatmap"] = _plot_bank(out / "bank_heatmap.png", bank_obj)
+    if samples_per_class > 0:
+        figures["attribution_grid"] = _plot_attribution(
+            out / "attribution_grid.png", model, dataset, yhat_all, labels_all, path_all,
+            class_paths if bank_obj is not None else None, class_names, samples_per_class, fills, dev)  # fmt: skip
+    result["figures"] = {k: Path(v).name for k, v in figures.items() if v}
+    lap("figures")
+    result["seconds_total"] = time.perf_counter() - t_start
+    result["seconds_by_phase"] = phases
+    result = _json_safe(result)
+    _write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
+    _write_atomic(out / "report.md", _markdown(result))
+    print(_screen(result, out))
+    return result
+
+
+def _run_baseline(m, res, measure, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, opts,
+                  dev) -> torch.Tensor:  # fmt: skip
+    """One baseline on one batch: scores (timed once), then the matched and native pathways, each measured.
+
+    Returns the method's scores ``[B, D]`` (for the curves)."""
+    spec = METHODS[m]
+    with _Timer(dev) as t_scores:
+        out = spec.run(target, x, y_hat, fill=fills, generator=g_rand, **opts)
+    with _Timer(dev) as t_m:
+        matched = topk_per_tap(out["scores"], counts, target.tap_channels)
+    measure(res[m, "matched"], pos, x, labels, logits, y_hat, matched, t_scores.seconds + t_m.seconds)
+    with _Timer(dev) as t_n:
+        native = out["native"] if "native" in out else global_percentile(out["scores"], keep_fraction)
+    measure(res[m, "native"], pos, x, labels, logits, y_hat, native, t_scores.seconds + t_n.seconds)
+    return out["scores"].detach()
+
+
+def _settings(model, bank_obj, keep_fraction: float, intgrad_steps: int, dgr_opts: dict, mean_ablation: bool) -> dict:
+    ablation = "mean (dataset-mean activation)" if mean_ablation else "zero"
+    matched = "top channels per tap, GEN-CNP's per-sample and per-tap kept counts"
+    native_global = f"one global ranking over all taps, top {100 * keep_fraction:.1f}% (GEN-CNP's mean kept fraction)"
+    return {
+        "gencnp": {"pathway": "generator scores > 0.5 (DAQ)", "ablation": ablation, "class_source": model.hparams.class_source,
+                   "lambda_sp": model.hparams.lambda_sp, "lambda_swap": model.hparams.lambda_swap},
+        "random": {"matched": {"pathway": f"uniformly random channels, {matched}", "ablation": ablation},
+                   "native": {"pathway": f"uniformly random channels, {native_global}", "ablation": ablation}},
+        "neuron_mct": {"matched": {"score": "sum_space |a dS_y/da|", "pathway": matched, "ablation": ablation},
+                       "native": {"score": "sum_space |a dS_y/da|", "pathway": native_global, "ablation": ablation}},
+        "neuron_intgrad": {"matched": {"score": f"sum_space |IG| ({intgrad_steps} points, trapezoid)", "pathway": matched,
+                                       "ablation": ablation},
+                           "native": {"score": f"sum_space |IG| ({intgrad_steps} points, trapezoid)", "pathway": native_global,
+                                      "ablation": ablation}},
+        "dgr": {"matched": {**dgr_opts, "clamp": [0.0, 5.0], "pathway": f"gates ranked, {matched}", "ablation": ablation},
+                "native": {**dgr_opts, "clamp": [0.0, 5.0], "pathway": "gates > 0 of the lowest-loss faithful iterate",
+                           "ablation": ablation}},
+        "transfer": {"matched": {"pathway": "class pathway M_c = f_c >= tau of the predicted class",
+                                 "tau": bank_obj.tau if bank_obj is not None else None, "ablation": ablation}},
+    }  # fmt: skip
+
+
+def _provenance(model, generator: str, bank: str | None, bank_obj, data, split: str, seed: int, n: int, limit) -> dict:
+    hp = model.hparams
+    return {
+        "target": {"arch": hp.target, "checkpoint": str(hp.target_checkpoint)},
+        "target_hash": model.target.tensor_hash(),
+        "generator": str(generator),
+        "bank": str(bank) if bank is not None else None,
+        "bank_samples": int(bank_obj.n.sum()) if bank_obj is not None else None,
+        "bank_split": bank_obj.split if bank_obj is not None else None,
+        "dataset": f"{type(data).__module__}.{type(data).__name__}",
+        "split": split,
+        "n": n,
+        "limit": limit,
+        "class_source": hp.class_source,
+        "ablation": hp.ablation,
+        "taps": dict(zip(model.target.tap_names, model.target.tap_channels)),
+        "tau": bank_obj.tau if bank_obj is not None else None,
+        "seed": seed,
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ----- markdown -----
+def _rows(entries: dict[str, dict | None], label: str) -> list[str]:
+    head = ["method", "n", *TABLE_KEYS, "s/image"]
+    lines = [f"| {' | '.join(head)} |", f"|{'---|' * len(head)}"]
+    for name, e in entries.items():
+        if e is None:
+            continue
+        cells = [f"**{name}**" if name == "gencnp" else name, str(e["n"])] + [_fmt(e.get(k)) for k in TABLE_KEYS]
+        cells.append(_fmt(e.get("seconds_per_image"), 5))
+        lines.append(f"| {' | '.join(cells)} |")
+    return lines
+
+
+def _sentence(name: str, setting: str, e: dict) -> tuple[str, list[str]]:
+    vs = e.get("vs_gencnp") or {}
+    wins, losses, ties = [], [], []
+    for key, c in vs.items():
+        txt = f"{key} {_fmt(c['diff'])} [{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}]"
+        {"gencnp": wins, "method": losses, "tie": ties}[c["winner"]].append(txt)
+    parts = [f"**{name}** ({setting}, {e['n']} images) vs GEN-CNP (difference {name} minus GEN-CNP, 95% CI):"]
+    if wins:
+        parts.append(f"GEN-CNP wins on {'; '.join(wins)}.")
+    if losses:
+        parts.append(f"GEN-CNP loses on {'; '.join(losses)}.")
+    if ties:
+        parts.append(f"No significant difference on {'; '.join(ties)}.")
+    return " ".join(parts), [f"{name} ({setting}): {t}" for t in losses]
+
+
+def _markdown(r: dict) -> str:
+    p = r["provenance"]
+    L: list[str] = ["# GEN-CNP evaluation report", ""]
+    L += ["## Provenance", "", "| item | value |", "|---|---|"]
+    commit = p["git_commit"]
+    items = [
+        ("target", f"{p['target']['arch']} from `{p['target']['checkpoint']}`"), ("target hash", f"`{p['target_hash'][:16]}…`"),
+        ("generator", f"`{p['generator']}`"), ("bank", f"`{p['bank']}` ({p['bank_samples']} {p['bank_split']} samples)"),
+        ("dataset / split", f"{p['dataset']} / {p['split']} ({p['n']} images)"), ("class source", p["class_source"]),
+        ("ablation", p["ablation"]), ("taps", ", ".join(f"{k} [{v}]" for k, v in p["taps"].items())),
+        ("tau", _fmt(p["tau"])), ("seed", p["seed"]),
+        ("git commit", f"{commit['commit']}{' (dirty)' if commit['dirty'] else ''}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in p["versions"].items())),
+        ("device / threads", f"{p['device']} / {p['threads']}"),
+        ("total time", f"{r['seconds_total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds_by_phase"].items()) + ")"),
+    ]  # fmt: skip
+    L += [f"| {k} | {v} |" for k, v in items]
+    L += ["", "## Methods and settings", "", "| method | setting | images | details |", "|---|---|---|---|"]
+    for section, title in (("methods", "matched"), ("methods_native", "native")):
+        for name, e in r[section].items():
+            if name == "gencnp" and section == "methods_native":
+                continue
+            details = ", ".join(f"{k}: {v}" for k, v in e["settings"].items())
+            L.append(f"| {name} | {title}: {e['setting']} | {e['images']} | {details} |")
+    if r["transfer"]:
+        e = r["transfer"]
+        L.append(
+            f"| transfer | {e['setting']} | {e['images']} | {', '.join(f'{k}: {v}' for k, v in e['settings'].items())} |"
+        )
+    L += ["", "`seconds_per_image`: wall time to produce the pathway and its masked prediction (controls excluded), "
+          "measured in this run, same process and device for every method.", ""]  # fmt: skip
+    L += ["## Matched sparsity (GEN-CNP's per-sample and per-tap kept counts)", ""]
+    L += _rows(r["methods"], "matched")
+    L += ["", "neuron_intgrad and dgr cover the seeded subset (see below); the others every image.", ""]
+    L += ["## Native settings", ""]
+    L += _rows(r["methods_native"], "native")
+    if r["transfer"]:
+        L += ["", f"## Transfer (class pathways of the bank, tau = {_fmt(r['transfer']['tau'])})", ""]
+        L += _rows({"gencnp": r["methods"]["gencnp"], "transfer": r["transfer"]}, "transfer")
+    L += ["", f"## Comparisons with GEN-CNP (paired bootstrap, {r['bootstrap']['samples']} resamples)", "",
+          "Each cell: mean difference (method minus GEN-CNP, same images) [95% CI] and the winner; `tie` when the "
+          "interval contains 0. Better is higher for agreement, lower for every other key. Forcing and necessity "
+        "compare fairly only at similar agreement: a pathway that often loses the class (e.g. random) trivially forces it less.", ""]  # fmt: skip
+    L += ["| comparison | images | " + " | ".join(CI_KEYS) + " |", "|---|---|" + "---|" * len(CI_KEYS)]
+    sentences, losses = [], []
+    groups = [("matched", r["methods"]), ("native", r["methods_native"])]
+    if r["transfer"]:
+        groups.append(("class pathway", {"transfer": r["transfer"]}))
+    for setting, entries in groups:
+        for name, e in entries.items():
+            if name == "gencnp" or not e.get("vs_gencnp"):
+                continue
+            cells = []
+            for key in CI_KEYS:
+                c = e["vs_gencnp"].get(key)
+                if c is None:
+                    cells.append("-")
+                    continue
+                win = {"gencnp": "GEN-CNP", "method": name, "tie": "tie"}[c["winner"]]
+                cells.append(f"{c['diff']:+.3f} [{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] {win}")
+            L.append(f"| {name} ({setting}) | {e['n']} | " + " | ".join(cells) + " |")
+            s, lost = _sentence(name, setting, e)
+            sentences.append(s)
+            losses += lost
+    L += ["", "### In words", ""] + [f"- {s}" for s in sentences]
+    L += ["", "### Where GEN-CNP loses", ""]
+    L += (
+        [f"- {x}" for x in losses]
+        if losses
+        else ["- Nowhere: no baseline is significantly better on any key comparison."]
+    )
+    sub = r["subset"]
+    L += ["", f"## Common subset ({sub['images']})", "", "Every method on the same images (matched sparsity):", ""]
+    L += _rows({**sub["methods"], **({"transfer": sub["transfer"]} if sub.get("transfer") else {})}, "subset")
+    L += ["", "Native settings on the subset:", ""]
+    L += _rows(sub["methods_native"], "subset native")
+    taps = list(r["provenance"]["taps"])
+    L += [
+        "",
+        "## Kept fraction per tap",
+        "",
+        "| method | setting | " + " | ".join(taps) + " |",
+        "|---|---|" + "---|" * len(taps),
+    ]
+    for setting, entries in (
+        ("matched", r["methods"]),
+        ("native", r["methods_native"]),
+        ("class pathway", {"transfer": r["transfer"]}),
+    ):
+        for name, e in entries.items():
+            if e:
+                L.append(f"| {name} | {setting} | " + " | ".join(_fmt(e.get(f"kept/{t}")) for t in taps) + " |")
+    L += ["", "## Figures", ""]
+    captions = {
+        "agreement_vs_kept": "Agreement vs kept fraction on the subset (GEN-CNP: threshold sweep on generator scores; "
+                             "baselines: global kept percentiles; star: transfer), and swap forcing vs kept for every entry.",
+        "kept_hist": "Kept-fraction histograms per method (native settings; matched methods share GEN-CNP's counts).",
+        "bank_heatmap": "Selection frequencies of the bank, class by channel (tap boundaries marked).",
+        "attribution_grid": "Pathway gradient and Grad-CAM: unmasked target vs GEN-CNP pathway vs class pathway.",
+    }  # fmt: skip
+    for k, f in r["figures"].items():
+        L += [f"### {k}", "", captions.get(k, ""), "", f"![{k}]({f})", ""]
+    L += ["## Metric keys", "", "Keys of DESIGN section 8: agreement (masked argmax = class source), masked_accuracy, mDC "
+          "(100·mean max(0, Y−O)/Y), mIC, kept_mean/std, kept_class_std, acIOU / between_class_iou (pathway Jaccard within / "
+          "between classes), necessity (agreement of the complement), swap_forcing (another class's probe image through the "
+          "pathway gives the pathway's class), zero_forcing (all-zero image through the pathway gives its class).", ""]  # fmt: skip
+    return "\n".join(L)
+
+
+def _screen(r: dict, out: Path) -> str:
+    keys = ["agreement", "kept_mean", "swap_forcing", "zero_forcing", "necessity", "mDC", "acIOU"]
+    lines = [f"GEN-CNP report ({r['provenance']['n']} {r['provenance']['split']} images, "
+             f"{r['seconds_total']:.0f} s) -> {out}/report.md",
+             f"{'method':<16}{'setting':<9}{'n':>6} " + " ".join(f"{k[:9]:>9}" for k in keys) + f" {'s/img':>9}"]  # fmt: skip
+    rows = [(m, "matched", e) for m, e in r["methods"].items()]
+    rows += [(m, "native", e) for m, e in r["methods_native"].items() if m != "gencnp"]
+    if r["transfer"]:
+        rows.append(("transfer", "class", r["transfer"]))
+    for m, s, e in rows:
+        lines.append(f"{m:<16}{s:<9}{e['n']:>6} " + " ".join(f"{_fmt(e.get(k)):>9}" for k in keys)
+                     + f" {_fmt(e['seconds_per_image'], 5):>9}")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----- figures -----
+def _plot_curves(path: Path, r: dict) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    colors = {"gencnp": "C0", "random": "C7", "neuron_mct": "C1", "neuron_intgrad": "C2", "dgr": "C3", "transfer": "C4"}
+    pts = defaultdict(list)
+    for p in r["curves"]["points"]:
+        pts[p["method"]].append(p)
+    for m, ps in pts.items():
+        ps = sorted(ps, key=lambda q: q["kept_mean"])
+        label = "GEN-CNP (threshold sweep)" if m == "gencnp" else f"{m} (global percentile)"
+        ax.plot([q["kept_mean"] for q in ps], [q["agreement"] for q in ps], "o-", color=colors[m], label=label)
+        if m == "gencnp":
+            for q in ps:
+                ax.annotate(f"{q['param']:g}", (q["kept_mean"], q["agreement"]), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=colors[m])  # fmt: skip
+    sub = r["subset"]
+    for m, e in sub["methods_native"].items():
+        if m == "dgr":
+            ax.plot(e["kept_mean"], e["agreement"], "D", color=colors[m], ms=8, label="dgr native (gates > 0)")
+    if sub.get("transfer"):
+        t = sub["transfer"]
+        ax.plot(t["kept_mean"], t["agreement"], "*", color=colors["transfer"], ms=16, label="transfer (class pathways)")
+    ax.set_xlabel("kept fraction of the D tap channels")
+    ax.set_ylabel("agreement (masked argmax = class source)")
+    ax.set_title(f"Agreement vs kept ({sub['images']})", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    markers = {"matched": "o", "native": "s", "class pathway": "*"}
+    groups = [("matched", r["methods"]), ("native", r["methods_native"])] + (
+        [("class pathway", {"transfer": r["transfer"]})] if r["transfer"] else []
+    )
+    for setting, entries in groups:
+        for m, e in entries.items():
+            if e is None or (setting == "native" and m == "gencnp") or e.get("swap_forcing") is None:
+                continue
+            ax2.plot(e["kept_mean"], e["swap_forcing"], markers[setting], color=colors[m], ms=12 if setting == "class pathway" else 8,
+                     label=f"{m} ({setting})")  # fmt: skip
+    ax2.set_xlabel("kept fraction of the D tap channels")
+    ax2.set_ylabel("swap forcing (lower = more input-dependent)")
+    ax2.set_title("Input dependence: another class's image through the pathway", fontsize=10)
+    ax2.set_xlim(0, 1)
+    ax2.set_ylim(0, 1.02)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return str(path)
+
+
+def _plot_kept_hist(path: Path, res: dict, keep_fraction: float) -> str:
+    from matplotlib.figure import Figure
+
+    panels = [("gencnp", "matched", "GEN-CNP")] + [(m, "native", f"{m} (native)") for m in BASELINES]
+    if ("transfer", "matched") in res:
+        panels.append(("transfer", "matched", "transfer (class pathways)"))
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    bins = np.linspace(0, 1, 41)
+    for ax, (m, s, title) in zip(axes, panels):
+        kept = res[m, s].vals["kept"].numpy()
+        ax.hist(kept, bins=bins, color="C0" if m == "gencnp" else "C1")
+        ax.axvline(keep_fraction, color="k", ls="--", lw=1, label=f"GEN-CNP mean {keep_fraction:.3f}")
+        ax.set_title(f"{title}: mean {kept.mean():.3f}, n={len(kept)}", fontsize=9)
+        ax.set_xlabel("kept fraction per image")
+        ax.set_ylabel("images")
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    fig.suptitle("Kept fraction per image (matched baselines use GEN-CNP's counts exactly)", fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return str(path)
+
+
+def _plot_bank(path: Path, bank) -> str:
+    from matplotlib.figure import Figure
+
+    freq = bank.frequencies().numpy()
+    k, d = freq.shape
+    fig = Figure(figsize=(min(20.0, max(8.0, d / 24)), max(3.5, 0.4 * k + 2)), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(freq, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(k), [f"{c} (n={int(n)})" for c, n in zip(bank.class_names, bank.n.tolist())], fontsize=8)
+    bounds = np.cumsum([0, *bank.tap_channels])
+    for b in bounds[1:-1]:
+        ax.axvline(b - 0.5, color="white", lw=1.2)
+    ax.set_xticks(
+        (bounds[:-1] + bounds[1:]) / 2 - 0.5,
+        [f"{t}\n({c} ch)" for t, c in zip(bank.tap_names, bank.tap_channels)],
+        fontsize=8,
+    )
+    ax.set_xlabel(f"channel (D = {d}), grouped by tap")
+    ax.set_ylabel(f"class ({bank.class_source})")
+    ax.set_title(
+        f"Pathway bank: selection frequency f_c, {bank.split} split, {int(bank.n.sum())} samples, tau = {bank.tau:g}",
+        fontsize=10,
+    )
+    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
+    cb.set_label("selection frequency f_c[j]")
+    cb.ax.axhline(bank.tau, color="red", lw=1.5)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return str(path)
+
+
+def _plot_attribution(path: Path, model, dataset, y_hat: torch.Tensor, labels: torch.Tensor, pathways: torch.Tensor,
+                      class_paths: torch.Tensor | None, class_names: list[str], per_class: int, fills, dev) -> str:  # fmt: skip
+    from matplotlib import cm
+    from matplotlib import colors as mcolors
+    from matplotlib.figure import Figure
+
+    from gencnp.attribution import grad_cam, pathway_gradient
+
+    picks = []
+    for c in range(len(class_names)):
+        picks += torch.nonzero(y_hat == c)[:per_class, 0].tolist()
+    if not picks:
+        return ""
+    target = model.target
+    x = torch.stack([dataset[i][0] for i in picks]).to(dev)
+    yh = y_hat[picks].to(dev)
+    variants = [("unmasked", None), ("GEN-CNP pathway", pathways[picks].to(dev))]
+    if class_paths is not None:
+        variants.append(("class pathway", class_paths[yh]))
+    grads, cams = [], []
+    for _, p in variants:
+        grads.append(pathway_gradient(target, x, p, yh, fill=fills if p is not None else None).cpu())
+        cams.append(grad_cam(target, x, p, yh, fill=fills if p is not None else None).cpu())
+    g = torch.stack(grads, 1)  # [N, V, H, W]
+    g = g / g.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None, None]
+    cmap_ = torch.stack(cams, 1)
+    cmap_ = cmap_ / cmap_.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+    nv = len(variants)
+    block = 1 + 2 * nv  # input, gradients, Grad-CAMs of one sample
+    classes = sorted({int(c) for c in yh.tolist()})
+    fig = Figure(figsize=(1.25 * block * per_class + 1.0, 1.35 * len(classes) + 2.2), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(classes), block * per_class))
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    img = x.cpu()
+    slot = dict.fromkeys(classes, 0)
+    for i in range(len(picks)):
+        row, c0 = classes.index(int(yh[i])), block * slot[int(yh[i])]
+        slot[int(yh[i])] += 1
+        im = img[i]
+        show = im[0] if im.shape[0] == 1 else ((im - im.min()) / (im.max() - im.min() + 1e-12)).permute(1, 2, 0)
+        cells = [(show, {"cmap": "gray"} if im.shape[0] == 1 else {})]
+        cells += [(g[i, v], {"cmap": "RdBu_r", "vmin": -1, "vmax": 1}) for v in range(nv)]
+        cells += [(cmap_[i, v], {"cmap": "inferno", "vmin": 0, "vmax": 1}) for v in range(nv)]
+        for j, (data, kw) in enumerate(cells):
+            ax = axes[row, c0 + j]
+            ax.set_frame_on(True)
+            ax.imshow(data.numpy(), **kw)
+        axes[row, c0].set_xlabel(f"label: {class_names[int(labels[picks[i]])]}", fontsize=7, labelpad=2)
+        if c0 == 0:
+            axes[row, 0].set_ylabel(class_names[int(yh[i])], fontsize=8)
+    short = {"unmasked": "unmasked", "GEN-CNP pathway": "GEN-CNP", "class pathway": "class path"}
+    for s in range(per_class):
+        axes[0, s * block].set_title("input", fontsize=8)
+        for v, (name, _) in enumerate(variants):
+            axes[0, s * block + 1 + v].set_title(f"grad\n{short[name]}", fontsize=8)
+            axes[0, s * block + 1 + nv + v].set_title(f"Grad-CAM\n{short[name]}", fontsize=8)
+    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"), ax=axes, location="bottom", shrink=0.4, aspect=40,
+                 label="pathway gradient dS(y)/dx, signed (each sample's maps share one scale)")  # fmt: skip
+    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"), ax=axes, location="bottom", shrink=0.4, aspect=40,
+                 label="Grad-CAM of H(x; m) at the last tap (each sample's maps share one scale)")  # fmt: skip
+    fig.suptitle(
+        f"Attribution through pathways: {per_class} test image(s) per predicted class (row); unmasked target vs "
+        "GEN-CNP pathway vs class pathway",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)
+    return str(path)
