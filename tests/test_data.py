@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FASHION
-from gencnp.data import FashionMNISTDataModule, ImageFolderDataModule, SyntheticDataModule, CIFAR10DataModule
+
+from gencnp.data import CIFAR10DataModule, FashionMNISTDataModule, ImageFolderDataModule, SyntheticDataModule
 
 
 def test_synthetic_items_carry_region_masks():

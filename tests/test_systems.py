@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUIET, ROOT, cli
+
 from gencnp import GenCNP
 from gencnp.targets import channel_toy_batch, load_target, tensor_hash
 
