@@ -22,6 +22,8 @@ def test_lightning_configs_parse(path):
     parser.add_lightning_class_args(__import__("lightning").LightningDataModule, "data", subclass_mode=True)
     parser.add_lightning_class_args(__import__("lightning").Trainer, "trainer")
     parser.add_argument("--seed_everything", type=int | bool, default=True)
+    parser.add_argument("--return_predictions", type=bool | None, default=None)
+    parser.add_argument("--ckpt_path", type=str | None, default=None)
     cfg = parser.parse_path(str(path), defaults=True)
     assert cfg.model.class_path.startswith("gencnp.") and cfg.data.class_path.startswith("gencnp.")
     assert cli is not None
