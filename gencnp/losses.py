@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd", "sparsity", "faithful_gate", "swap", "cls", "con", "update_prototypes", "total_loss", "partners"]
+__all__ = ["kd", "sparsity", "faithful_gate", "dependence_gate", "swap", "cls", "con", "update_prototypes", "total_loss", "partners"]
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -39,17 +39,47 @@ def faithful_gate(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torc
     return (lq >= lp + torch.log(torch.tensor(kappa, dtype=torch.float64))).to(torch.float32)
 
 
+def dependence_gate(swapped_logits: torch.Tensor, y_hat: torch.Tensor, max_prob: float,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``[B]`` float: 1 where a pathway does not force its class on another input, ``p^{m_i}(x_j)_{y_i} <= max_prob``.
+
+    gencnp's extension of the faithfulness gate: a sample's sparsity pressure stops while its pathway
+    already pushes another image (``x_j``: the swap partner or the all-zero image) towards ``y_i``, so the
+    sparsity term cannot buy kept channels with forcing. Pairs that are not ``valid`` (same class) pass.
+
+    Args:
+        swapped_logits: ``[B, K]`` logits of the other input through image ``i``'s pathway.
+        y_hat: ``[B]`` class of image ``i``.
+        max_prob: largest tolerated probability of ``y_i`` (float64 comparison).
+        valid: ``[B]`` bool, pairs the gate applies to (all when ``None``).
+    """
+    p = F.softmax(swapped_logits.detach().double(), dim=1).gather(1, y_hat[:, None])[:, 0]
+    ok = p <= max_prob
+    if valid is not None:
+        ok = ok | ~valid
+    return ok.to(torch.float32)
+
+
 def sparsity(scores: Sequence[torch.Tensor], gate: torch.Tensor | None = None,
-             tap_weights: Sequence[float] | None = None) -> torch.Tensor:  # fmt: skip
-    """Instance-specific sparsity: ``mean_l w_l mean_c a_l,c`` per sample, times ``gate``, batch mean.
+             tap_weights: Sequence[float] | None = None, per: str = "tap") -> torch.Tensor:  # fmt: skip
+    """Instance-specific sparsity per sample, times ``gate``, batch mean.
+
+    ``per='tap'``: ``mean_l w_l mean_c a_l,c`` (every tap counts the same); ``per='channel'``:
+    ``sum_l w_l sum_c a_l,c / D`` (every channel counts the same, i.e. the expected ``kept_mean``).
 
     Args:
         scores: per-tap scores ``[B, C_l]`` in (0, 1).
         gate: ``[B]`` in {0, 1}; samples that are not faithful with a margin get no sparsity pressure.
         tap_weights: optional weight per tap (default 1 each).
+        per: ``'tap'`` or ``'channel'``.
     """
     w = tap_weights or [1.0] * len(scores)
-    per_sample = sum(wi * _f(s).mean(dim=1) for wi, s in zip(w, scores)) / len(scores)
+    if per == "channel":
+        per_sample = sum(wi * _f(s).sum(dim=1) for wi, s in zip(w, scores)) / sum(s.shape[1] for s in scores)
+    elif per == "tap":
+        per_sample = sum(wi * _f(s).mean(dim=1) for wi, s in zip(w, scores)) / len(scores)
+    else:
+        raise ValueError(f"sparsity per must be 'tap' or 'channel', got '{per}'.")
     if gate is not None:
         per_sample = per_sample * gate
     return per_sample.mean()

@@ -120,6 +120,10 @@ class GenCNP(L.LightningModule):
         swap_probes_per_class: reference images per class (seeded, from the train split, correctly classified)
             used by the ``swap_forcing`` control; sample i is paired with a probe of another class chosen by a
             hash of its pixels, so the control does not depend on batching or process count.
+        sparsity_per: ``'tap'`` (every tap's mean score counts the same) or ``'channel'`` (every channel counts the
+            same: the sparsity term is the expected ``kept_mean``).
+        dependence_gate: when set, a sample's sparsity pressure also stops while its pathway gives its class a
+            probability above this value on its swap partner or on the all-zero image (``None``: faithfulness only).
         selection weights: checkpoints select on ``val/score = agreement - w_swap swap_forcing - w_zero
             zero_forcing - w_kept kept_mean``.
     """
@@ -130,13 +134,14 @@ class GenCNP(L.LightningModule):
                  binarizer: str = "daq", ablation: str = "zero", ablation_batches: int = 20, class_source: str = "pred",
                  lambda_sp: float = 1.0, lambda_swap: float = 1.0, lambda_zero: float = 0.0, lambda_cls: float = 1.0,
                  lambda_con: float = 0.1, temperature: float = 4.0, kappa: float = 0.9,
-                 sparsity_ramp_epochs: float = 1.0, tap_weights: list[float] | None = None,
+                 sparsity_ramp_epochs: float = 1.0, tap_weights: list[float] | None = None, sparsity_per: str = "tap",
+                 dependence_gate: float | None = None,
                  proto_momentum: float = 0.9, swap_probes_per_class: int = 4, lr: float = 1e-3,
                  weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = 1.0, w_zero: float = 0.5,
                  w_kept: float = 0.25, target_kwargs: dict | None = None):  # fmt: skip
         super().__init__()
         for name, value, allowed in (("ablation", ablation, ("zero", "mean")), ("class_source", class_source, ("pred", "label")),
-                                     ("schedule", schedule, ("cosine", "constant"))):  # fmt: skip
+                                     ("schedule", schedule, ("cosine", "constant")), ("sparsity_per", sparsity_per, ("tap", "channel"))):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
         self.save_hyperparameters()
@@ -333,11 +338,17 @@ class GenCNP(L.LightningModule):
         masked_logits = chunks.pop(0)
         terms = {"kd": LS.kd(logits, masked_logits, y_hat, h.temperature)}
         gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa)
-        terms["sparsity"] = LS.sparsity(self.generator.split(out["scores"]), gate, h.tap_weights)
         if h.lambda_swap > 0:
-            terms["swap"] = LS.swap(chunks.pop(0), y_hat, valid)
+            swapped = chunks.pop(0)
+            terms["swap"] = LS.swap(swapped, y_hat, valid)
+            if h.dependence_gate is not None:
+                gate = gate * LS.dependence_gate(swapped, y_hat, h.dependence_gate, valid)
         if h.lambda_zero > 0:
-            terms["zero"] = LS.swap(chunks.pop(0), y_hat)
+            zeroed = chunks.pop(0)
+            terms["zero"] = LS.swap(zeroed, y_hat)
+            if h.dependence_gate is not None:
+                gate = gate * LS.dependence_gate(zeroed, y_hat, h.dependence_gate)
+        terms["sparsity"] = LS.sparsity(self.generator.split(out["scores"]), gate, h.tap_weights, h.sparsity_per)
         # cls and con always enter the graph (weight 0 included) so DDP never sees unused parameters.
         terms["cls"] = LS.cls(logits, out["class_logits"], y_hat)
         if not bool(self.proto_seen.all()):

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gencnp import losses as LS
@@ -33,6 +34,24 @@ def test_sparsity_gate_and_tap_mean():
     gate = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.float64)
     ref = sum(gate[i] * 0.5 * (sum(scores[0][i].tolist()) / 3 + 2 * sum(scores[1][i].tolist()) / 5) for i in range(B)) / B
     assert abs(float(LS.sparsity(scores, gate, [1.0, 2.0])) - float(ref)) < 1e-12
+
+
+def test_sparsity_per_channel_is_expected_kept_fraction():
+    scores = [torch.rand(B, 3, dtype=torch.float64), torch.rand(B, 5, dtype=torch.float64)]
+    ref = sum((sum(scores[0][i].tolist()) + 2 * sum(scores[1][i].tolist())) / 8 for i in range(B)) / B
+    assert abs(float(LS.sparsity(scores, None, [1.0, 2.0], per="channel")) - ref) < 1e-12
+    with pytest.raises(ValueError, match="'tap' or 'channel'"):
+        LS.sparsity(scores, per="pixel")
+
+
+def test_dependence_gate_stops_pressure_on_forcing_pathways():
+    # p(class 0) on the other input: 0.88, 0.5, 0.12 -> only the last passes at max_prob 0.3.
+    swapped = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 0])
+    assert LS.dependence_gate(swapped, y, 0.3).tolist() == [0.0, 0.0, 1.0]
+    assert LS.dependence_gate(swapped, y, 0.6).tolist() == [0.0, 1.0, 1.0]
+    # a same-class pair (not valid) never blocks the pressure
+    assert LS.dependence_gate(swapped, y, 0.3, torch.tensor([False, True, True])).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_faithful_gate_margin():
