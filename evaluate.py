@@ -9,7 +9,9 @@ from jsonargparse import CLI
 
 from gencnp.banks import inspect_bank
 from gencnp.diffusion import diffusion
+from gencnp.preflight import ConfigHintArgumentParser
 from gencnp.report import report
 
 if __name__ == "__main__":
-    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion}, as_positional=False)
+    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion}, as_positional=False,
+        parser_class=ConfigHintArgumentParser)  # "did you mean" for config keys that do not exist

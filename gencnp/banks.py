@@ -737,7 +737,11 @@ def _draw_heatmap(bank: PathwayBank, png: Path, title_path: str) -> None:
     cbar.set_label("selection frequency f_c[j]" + (f"  (M_c: f_c >= {bank.tau:g})" if bank.tau is not None else ""))
     if bank.tau is not None:
         cbar.ax.axhline(bank.tau, color="red", linewidth=1.5)
-    fig.savefig(png, dpi=120)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_atomic(png, buf.getvalue())
 
 
 def inspect_bank(bank: str = DEFAULT_BANK, out_dir: str | None = None) -> str:

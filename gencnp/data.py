@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -57,6 +57,59 @@ class TensorImageDataset(Dataset):
         return list(zip(xs.unbind(0), ys.unbind(0)))
 
 
+class EpochSampler(DistributedSampler):
+    """One process's share of a dataset in an order fixed by ``(seed, epoch)`` alone, for one process too.
+
+    Lightning calls ``set_epoch`` before every training epoch, so the data order of an epoch does not depend on the
+    global random state: a run resumed from a checkpoint sees the batches an uninterrupted run would. ``skip`` drops
+    that many leading indices from the next iteration only (mid-epoch resume, see ``ResumableDataLoader``).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` whose position inside an epoch goes into every checkpoint.
+
+    Lightning stores ``state_dict()`` (``{"epoch", "batches"}``: batches handed out so far in that epoch) in each
+    checkpoint and calls ``load_state_dict`` on resume. When the resumed epoch is the saved one, the batches already
+    trained on are skipped without being loaded, so resuming from a mid-epoch ``last.ckpt`` (``val_check_interval``
+    below 1) trains on exactly the remaining batches of an uninterrupted run. Needs an ``EpochSampler``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler):
+            raise TypeError(f"ResumableDataLoader needs an EpochSampler, got {type(self.sampler).__name__}.")
+        self._position: dict[str, int | None] = {"epoch": None, "batches": 0}
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict[str, int | None]:
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self):
+        # A generator: this body runs at the first next(), after Lightning's set_epoch, not at iter().
+        epoch = self.sampler.epoch
+        skip, resume, self._resume = 0, self._resume, None
+        if resume is not None and resume.get("epoch") == epoch and 0 < int(resume.get("batches") or 0) < len(self):
+            skip = int(resume["batches"])
+            self.sampler.skip = skip * self.batch_size  # batches are consecutive runs of the sampler's indices
+        self._position = {"epoch": epoch, "batches": skip}
+        for batch in super().__iter__():
+            self._position["batches"] += 1
+            yield batch
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -83,6 +136,8 @@ class ImageDataModule(L.LightningDataModule):
 
     Under several processes, training uses a ``DistributedSampler`` and evaluation an unrepeated one, so
     no sample is counted twice in validation, test or predict (Lightning's default pads by repeating).
+    Training batches come from an ``EpochSampler`` (order fixed by ``seed_everything``, ``seed`` and the epoch, one
+    process included) through a ``ResumableDataLoader``, so a run resumed from any checkpoint continues exactly.
     """
 
     num_classes: int
@@ -104,6 +159,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.predict_split = predict_split
         self.train_set = self.val_set = self.test_set = None
+        self._train_resume: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -133,17 +189,18 @@ class ImageDataModule(L.LightningDataModule):
 
     def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-        from torch.utils.data import DistributedSampler
 
         world, rank = self._distributed()
-        sampler = None
-        if world > 1:
-            cls = DistributedSampler if shuffle else UnrepeatedDistributedSampler
-            sampler = cls(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
-        return DataLoader(
+        sampler, loader_cls = None, DataLoader
+        if shuffle:
+            # seed_everything's seed (PL_GLOBAL_SEED) and the data seed fix the order, not the global random state.
+            seed = self.seed + int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+            sampler, loader_cls = EpochSampler(dataset, world, rank, shuffle=True, seed=seed), ResumableDataLoader
+        elif world > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return loader_cls(
             dataset,
             batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -151,7 +208,25 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.split("train"), shuffle=True)
+        loader = self.loader(self.split("train"), shuffle=True)
+        if self._train_resume is not None:  # the first training loader after a checkpoint was restored
+            loader.load_state_dict(self._train_resume)
+            self._train_resume = None
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's position in its epoch; Lightning stores it in every checkpoint.
+
+        Lightning restores the data module before ``configure_optimizers`` builds the training loader (to count
+        ``estimated_stepping_batches``), but restores its own copy of loader states only afterwards, too late for
+        that loader; this copy reaches it in time.
+        """
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        return {"train_position": loader.state_dict()} if isinstance(loader, ResumableDataLoader) else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_resume = state_dict.get("train_position")
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.split("val"))

@@ -197,6 +197,17 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig.savefig`` into memory, then an atomic write: an interrupted report never leaves a half-written PNG."""
+    import io
+
+    from gencnp.banks import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    write_atomic(path, buf.getvalue())
+
+
 def _git_commit() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -386,7 +397,10 @@ def _report(
 
     # ----- model, data, bank -----
     overrides = {"target_checkpoint": target_checkpoint} if target_checkpoint else {}
-    model = GenCNP.load_from_checkpoint(generator, map_location="cpu", **overrides).to(dev).eval()
+    from gencnp.checkpointing import read_checkpoint
+
+    read_checkpoint(generator)  # weights_only: refuses truncated, altered or code-carrying files with a clear message
+    model = GenCNP.load_from_checkpoint(generator, map_location="cpu", weights_only=True, **overrides).to(dev).eval()
     target = model.target
     taps, chans = target.tap_names, target.tap_channels
     if data is None:
@@ -897,7 +911,7 @@ def _plot_curves(path: Path, r: dict) -> str:
     ax2.set_ylim(0, 1.02)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2, loc="upper right")
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    _save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -923,7 +937,7 @@ def _plot_kept_hist(path: Path, res: dict, keep_fraction: float) -> str:
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
     fig.suptitle("Kept fraction per image (matched baselines use GEN-CNP's counts exactly)", fontsize=11)
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    _save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -953,7 +967,7 @@ def _plot_bank(path: Path, bank) -> str:
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
     cb.set_label("selection frequency f_c[j]")
     cb.ax.axhline(bank.tau, color="red", lw=1.5)
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    _save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -1025,5 +1039,5 @@ def _plot_attribution(path: Path, model, dataset, y_hat: torch.Tensor, labels: t
         "GEN-CNP pathway vs class pathway",
         fontsize=10,
     )
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)
+    _save_figure(fig, path, dpi=100)
     return str(path)

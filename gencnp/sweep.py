@@ -93,9 +93,12 @@ def main(config: str = "configs/fashion_mnist/gencnp.yaml", points: str = "confi
     results_path = out / "frontier.json"
     done = {r["name"]: r for r in json.loads(results_path.read_text())} if results_path.exists() else {}
     todo = [p for p in spec if only is None or p["name"] in only]
-    for point in tqdm(todo, desc="sweep", unit="point"):
+    bar = tqdm(todo, desc="sweep", unit="point")
+    for point in bar:
         if only is None and point["name"] in done:
             continue
+        # Each point trains for minutes in a subprocess (its own bar is off): say which one and where its log is.
+        bar.set_postfix_str(f"{point['name']} (log: {out / point['name'] / 'train.log'})")
         done[point["name"]] = run_point(config, point, out, extra or [])
         rows = [done[p["name"]] for p in spec if p["name"] in done]
         tmp = results_path.with_suffix(".tmp")

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gencnp import losses as LS
+from gencnp.checkpointing import verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
 from gencnp.taps import channel_means
@@ -162,6 +164,9 @@ class GenCNP(L.LightningModule):
         self.register_buffer("probe_class", torch.full((num_classes * p,), -1, dtype=torch.long))
         self.val_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels)
         self.test_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels)
+        # loss_kd as a sample-weighted float64 mean synced across processes (Lightning's sync_dist averages the
+        # per-process means, which is wrong when the processes hold different numbers of samples).
+        self.val_kd, self.test_kd = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
 
     # ----- checkpoints: the target's weights stay out, its identity goes in -----
     def state_dict(self, *args, **kwargs):
@@ -185,20 +190,37 @@ class GenCNP(L.LightningModule):
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict, source: str = "this checkpoint") -> None:
+        """Raise ``ValueError`` unless ``checkpoint`` is an intact GenCNP checkpoint for this target and taps."""
+        verify_state_hash(checkpoint, source)
         meta = checkpoint.get("gencnp")
-        if meta is None:
-            raise ValueError("this checkpoint has no 'gencnp' section: it is not a GenCNP generator checkpoint.")
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"{source} has no 'gencnp' section: it is not a GenCNP generator checkpoint (a target checkpoint "
+                "goes to target_checkpoint, not --ckpt_path); pass a checkpoint written by fit with a GenCNP config."
+            )
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"generator checkpoint format {meta.get('format_version')} is not supported (expected {FORMAT_VERSION}); retrain or upgrade gencnp.")
+            raise ValueError(
+                f"{source} has generator checkpoint format {meta.get('format_version')!r}, but this gencnp reads "
+                f"format {FORMAT_VERSION} only; retrain the generator, or use the gencnp version that wrote it."
+            )
+        missing = [k for k in ("target_arch", "target_checkpoint", "target_hash", "taps") if k not in meta]
+        if missing:
+            raise ValueError(f"{source} is damaged: its 'gencnp' section lacks {missing}; retrain the generator.")
         if meta["target_hash"] != self.target.tensor_hash():
             raise ValueError(
-                f"generator checkpoint was trained for target '{meta['target_arch']}' from '{meta['target_checkpoint']}' "
+                f"{source}: generator checkpoint was trained for target '{meta['target_arch']}' from '{meta['target_checkpoint']}' "
                 f"(tensor hash {meta['target_hash'][:12]}), but the configured target ('{self.hparams.target}' from "
                 f"'{self.hparams.target_checkpoint}') has hash {self.target.tensor_hash()[:12]}; point target_checkpoint "
                 "at the original target weights, or train a generator for this target."
             )
         if list(meta["taps"]) != self.target.tap_names:
-            raise ValueError(f"generator checkpoint taps {meta['taps']} differ from the configured taps {self.target.tap_names}.")
+            raise ValueError(
+                f"{source}: generator checkpoint taps {meta['taps']} differ from the configured taps "
+                f"{self.target.tap_names}; set model taps: {list(meta['taps'])}, or train a generator for these taps."
+            )
 
     # ----- data-dependent state: probes and mean-ablation fill -----
     def check_data(self, datamodule) -> None:
@@ -402,8 +424,10 @@ class GenCNP(L.LightningModule):
         ex = self.explain(x, labels)
         ctrl = self.controls(x, ex)
         metrics.update(ex["logits"], ex["masked_logits"], ex["y_hat"], ex["pathway"], labels, **ctrl)
-        self.log(f"{stage}/loss_kd", LS.kd(ex["logits"], ex["masked_logits"], ex["y_hat"], self.hparams.temperature),
-                 on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])  # fmt: skip
+        kd = self.val_kd if stage == "val" else self.test_kd
+        kd.update(LS.kd(ex["logits"].double(), ex["masked_logits"].double(), ex["y_hat"], self.hparams.temperature),
+                  weight=x.shape[0])  # fmt: skip
+        self.log(f"{stage}/loss_kd", kd, on_step=False, on_epoch=True, batch_size=x.shape[0])
 
     def _eval_end(self, stage: str, metrics: PathwayMetrics) -> None:
         vals = metrics.compute()

@@ -222,6 +222,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             "Re-save it with torch.save(model.state_dict(), path) or as safetensors."
         ) from err
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        from gencnp.checkpointing import verify_state_hash
+
+        verify_state_hash(obj, f"checkpoint '{path}'")  # altered tensor bytes load silently otherwise
         meta = {k: v for k, v in obj.items() if k != "state_dict" and k not in ("optimizer_states", "lr_schedulers")}
         return obj["state_dict"], meta
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

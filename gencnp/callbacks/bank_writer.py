@@ -25,7 +25,8 @@ from gencnp.targets import FrozenTarget
 
 __all__ = ["PathwayBankWriter"]
 
-# Per-tau sums over validation samples (NaN-aware: a control not run has its own count).
+# Per-tau sums over validation samples (NaN-aware: a control not run has its own count). Every sum is a count of
+# integers, exact in float64 whatever the order, so the tau search is identical under any number of processes.
 _SUMS = ("n", "agree", "masked_correct", "n_labelled", "swap_forced", "n_swap", "zero_forced", "kept")
 
 
@@ -216,7 +217,7 @@ class PathwayBankWriter(L.Callback):
                             _nansum(v["swap_forced"]),
                             _count(v["swap_forced"]),
                             _nansum(v["zero_forced"]),
-                            _nansum(v["kept"]),
+                            float(p.sum()),  # kept channels: an integer, so sums do not depend on sample order
                         ],
                         dtype=torch.float64,
                     )
@@ -243,7 +244,7 @@ class PathwayBankWriter(L.Callback):
             "masked_accuracy": ratio(s["masked_correct"], s["n_labelled"]),
             "swap_forcing": ratio(s["swap_forced"], s["n_swap"]),
             "zero_forcing": ratio(s["zero_forced"], s["n"]),
-            "kept": ratio(s["kept"], s["n"]),
+            "kept": ratio(s["kept"], s["n"] * bank.num_channels),
         }
 
     def report(self, table: dict[str, Any], rule: str) -> str:

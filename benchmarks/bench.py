@@ -1,0 +1,420 @@
+"""Speed benchmarks of gencnp on one target and one batch (issue 6), written to ``benchmarks/results.md``.
+
+Every figure comes from one run: the same frozen target, the same in-memory batch, the same threads. Each
+measurement is repeated ``--repeats`` times, rounds interleaved (every measurement once per round, in a rotating
+order) so that a neighbour's load hits them alike, and the median is reported. Ratios are of medians of this run.
+
+Rows (per image unless stated):
+
+- ``t_fwd``: ``FrozenTarget`` forward without gradients.
+- ``t_floor``: the least a GEN-CNP training step needs besides the generator: one forward without gradients
+  (tap features recorded), one masked forward (the config's ablation) and a backward to an all-ones mask through
+  the frozen target (no weight gradients).
+- GEN-CNP explanation: ``GenCNP.explain`` (features, generator, binarisation, masked forward giving the masked
+  prediction), and its ratio to ``t_fwd``.
+- GEN-CNP training step: ``GenCNP.training_step`` + backward + Adam step of the generator, with the config's
+  hyper-parameters, outside a Trainer (no loop or logger overhead); ratio to ``t_floor``. Three variants: the
+  config's losses (swap and zero-image controls as extra masked forwards, a ``3B`` batch), kd + sparsity only
+  (``lambda_swap = lambda_zero = 0``; ``cls`` and ``con`` stay, they need no target pass), and, where ``GenCNP``
+  has the opt-in ``control_fraction``, the controls on a fraction of the batch.
+- ``neuron_mct``, ``neuron_intgrad``, ``dgr`` through ``gencnp.baselines.run_method`` (class from their own
+  forward), pathway at GEN-CNP's per-sample and per-tap counts, plus the masked forward giving the masked
+  prediction; ratio to the GEN-CNP explanation.
+- Bank export: ``GenCNP.predict_step`` + ``PathwayBank.update`` over in-memory train batches (images/s), and the
+  bank's state (tensor bytes, plus the tracemalloc peak of Python allocations during accumulation) for 1x and 4x
+  the samples.
+- ``acIOU``: ``gencnp.metrics.class_iou`` (acIOU and between-class IoU) of 10,000 pathways, D = 288, 10 classes.
+
+Run ``python benchmarks/bench.py`` (batch 256, Fashion-MNIST default target); ``--tiny`` is the seconds-long
+configuration the tests use (random-init target when no checkpoint, small counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_CONFIG = ROOT / "configs/fashion_mnist/gencnp.yaml"
+DEFAULT_OUT = ROOT / "benchmarks/results.md"
+
+# Must-show figures (issue 6): (row key, comparison, bound, what it says).
+TARGETS = {
+    "explain_ratio": ("<=", 2.5, "GEN-CNP explanation <= 2.5 x t_fwd"),
+    "train_kd_sparsity_ratio": ("<=", 1.5, "training step (kd + sparsity) <= 1.5 x t_floor"),
+    "train_default_ratio": ("<=", 1.5, "training step (config losses, controls on the full batch) <= 1.5 x t_floor"),
+    "train_fraction_ratio": ("<=", 1.5, "training step (config losses, controls on a fraction) <= 1.5 x t_floor"),
+    "neuron_mct_ratio": (">=", 1.0, "explanation no slower than neuron_mct"),
+    "dgr_ratio": (">=", 15.0, "explanation >= 15x faster than dgr"),
+    "bank_state_growth": ("<=", 1.0, "bank state at 4x samples = size at 1x"),
+    "aciou_s": ("<", 2.0, "acIOU of 10k pathways < 2 s"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="GEN-CNP config whose model.init_args are used")
+    p.add_argument("--target_checkpoint", default=None,
+                   help="target weights (default: the config's); 'none' or a missing file gives a random-init target")
+    p.add_argument("--generator_checkpoint", default=None, help="optional trained GenCNP checkpoint (cost does not depend on it)")
+    p.add_argument("--data", choices=("fashion_mnist", "random"), default="fashion_mnist",
+                   help="in-memory images: Fashion-MNIST (test split for the batch, train split for fill/bank) or random")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of every fast measurement (median reported)")
+    p.add_argument("--slow_repeats", type=int, default=3, help="timed rounds of neuron_intgrad and dgr")
+    p.add_argument("--bank_samples", type=int, default=2048, help="samples of the 1x bank export (4x is 4 times that)")
+    p.add_argument("--iou_pathways", type=int, default=10000, help="pathways for the acIOU timing")
+    p.add_argument("--iou_repeats", type=int, default=3)
+    p.add_argument("--control_fraction", type=float, default=0.25,
+                   help="fraction of the batch for the swap/zero controls in the opt-in training variant")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--channels_last", action="store_true", help="target and inputs in channels_last (optional)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the target's module (optional; slow to compile on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="seconds-long run: batch 8, 2 rounds, small counts (tests)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown results file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch_size = min(args.batch_size, 8)
+        args.repeats, args.slow_repeats, args.iou_repeats = min(args.repeats, 2), 1, 1
+        args.bank_samples, args.iou_pathways = min(args.bank_samples, 16), min(args.iou_pathways, 400)
+    for name in ("batch_size", "repeats", "slow_repeats", "bank_samples", "iou_pathways", "iou_repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not 0 < args.control_fraction <= 1:
+        raise SystemExit(f"--control_fraction must lie in (0, 1], got {args.control_fraction}.")
+    return args
+
+
+# ----- setup -----
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """``model.init_args`` of the config, with the target checkpoint resolved (``None``: random init)."""
+    import yaml
+
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f)
+    kw = dict(cfg["model"]["init_args"])
+    ckpt = args.target_checkpoint if args.target_checkpoint is not None else kw.get("target_checkpoint")
+    if ckpt and ckpt != "none":
+        ckpt_path = Path(ckpt) if Path(ckpt).is_absolute() else ROOT / ckpt
+        ckpt = str(ckpt_path) if ckpt_path.is_file() else None
+    else:
+        ckpt = None
+    kw["target_checkpoint"] = ckpt
+    return kw
+
+
+def load_images(args: argparse.Namespace, shape: tuple[int, int, int], num_classes: int, n_train: int):
+    """``(batch [B, C, H, W], train images [N, C, H, W])`` in memory, and where they came from."""
+    b = args.batch_size
+    if args.data == "fashion_mnist":
+        from gencnp import FashionMNISTDataModule
+
+        dm = FashionMNISTDataModule()
+        test, train = dm.split("test"), dm.split("train")
+        xb = torch.stack([it[0] for it in test.__getitems__(list(range(min(b, len(test)))))])
+        idx = [i % len(train) for i in range(n_train)]
+        xt = torch.stack([it[0] for it in train.__getitems__(idx)])
+        if len(xb) < b:
+            xb = xb.repeat(math.ceil(b / len(xb)), 1, 1, 1)[:b]
+        return xb, xt, "Fashion-MNIST (batch: test split; fill and bank: train split)"
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randn(b, *shape, generator=g), torch.randn(n_train, *shape, generator=g), "random normal images"
+
+
+def build(kw: dict, fill_images: torch.Tensor, args: argparse.Namespace, **overrides):
+    """A ``GenCNP`` from the config's arguments (mean-ablation fill from ``fill_images``); unknown overrides -> None."""
+    import inspect
+
+    from gencnp import GenCNP
+
+    allowed = inspect.signature(GenCNP.__init__).parameters
+    if any(k not in allowed for k in overrides):
+        return None
+    torch.manual_seed(args.seed)
+    model = GenCNP(**{**kw, **overrides})
+    if args.generator_checkpoint:
+        state = torch.load(args.generator_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(state, strict=False)
+    if model.hparams.ablation == "mean":
+        bs = args.batch_size
+        model.compute_fill([(fill_images[i : i + bs], None) for i in range(0, len(fill_images), bs)])
+    if args.channels_last:
+        model.target.model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.target.model = torch.compile(model.target.model)
+    return model
+
+
+# ----- measurements -----
+def floor_step(model, x: torch.Tensor) -> None:
+    """The part of a training step no generator can avoid: features, one masked forward, backward to the masks."""
+    target, fill = model.target, model.fills()
+    with torch.no_grad():
+        target(x, record=True)
+    ones = [torch.ones(x.shape[0], c, requires_grad=True) for c in target.tap_channels]
+    masked = target(x, masks=ones, fill=fill)
+    torch.autograd.grad(masked.sum(), ones)
+
+
+def train_step(model, opt: torch.optim.Optimizer, batch, step: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = model.training_step(batch, step)
+    loss.backward()
+    opt.step()
+
+
+def baseline(name: str, model, x: torch.Tensor, counts: torch.Tensor) -> None:
+    """A baseline's pathway at GEN-CNP's counts, then the masked forward giving its masked prediction."""
+    from gencnp.baselines import run_method, split_pathway
+
+    target, fill = model.target, model.fills()
+    out = run_method(name, target, x, None, counts=counts, fill=fill)
+    with torch.no_grad():
+        target(x, masks=split_pathway(out["matched"], target.tap_channels), fill=fill).argmax(1)
+
+
+def bank_export(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, trace: bool = False):
+    """``predict_step`` + ``PathwayBank.update`` over ``images``; returns ``(bank, seconds, tracemalloc peak)``."""
+    from gencnp.banks import PathwayBank
+
+    bank = PathwayBank.for_target(model.target, class_source=model.hparams.class_source)
+    if trace:
+        tracemalloc.start()
+    t0 = time.perf_counter()
+    for i, start in enumerate(range(0, len(images), batch_size)):
+        out = model.predict_step((images[start : start + batch_size], labels[start : start + batch_size]), i)
+        bank.update(out["pathway"], out["y_hat"])
+    seconds = time.perf_counter() - t0
+    peak = 0
+    if trace:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return bank, seconds, peak
+
+
+def state_bytes(bank) -> int:
+    """Bytes of the bank's accumulated state (every tensor attribute)."""
+    return sum(v.nelement() * v.element_size() for v in vars(bank).values() if isinstance(v, torch.Tensor))
+
+
+def time_rounds(fns: dict, rounds: dict[str, int]) -> dict[str, list[float]]:
+    """Interleaved timing: round r runs every measurement with ``rounds[name] > r`` once, order rotated by r."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for name in names:  # warm-up (oneDNN primitives, allocator)
+        fns[name]()
+    for r in range(max(rounds.values())):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            if rounds[name] > r:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_iou(n: int, d: int, k: int, repeats: int, seed: int) -> float:
+    from gencnp.metrics import class_iou
+
+    g = torch.Generator().manual_seed(seed)
+    pathways = torch.rand(n, d, generator=g) < 0.7
+    classes = torch.randint(0, k, (n,), generator=g)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        class_iou(pathways, classes)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ----- report -----
+def machine() -> dict[str, str]:
+    import lightning
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "lightning": lightning.__version__, "python": platform.python_version(), "load": load,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+
+
+def verdict(key: str, value: float) -> str:
+    op, bound, _ = TARGETS[key]
+    ok = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
+    return f"{op} {bound:g}: {'yes' if ok else 'NO'}"
+
+
+def write_report(path: Path, rows: list[tuple], info: dict, args: argparse.Namespace, command: str) -> None:
+    lines = [
+        "# gencnp benchmarks",
+        "",
+        f"Written by `benchmarks/bench.py` (issue 6). Command: `{command}`",
+        "",
+        f"- machine: {info['cpu']}, {info['cores']} cores, torch threads {info['threads']}; load average before the "
+        f"run {info['load_before']}, after {info['load']} (1/5/15 min; other processes share the cores)",
+        f"- torch {info['torch']}, lightning {info['lightning']}, Python {info['python']}; {info['date']}",
+        f"- target `{info['arch']}` ({info['weights']}), taps {info['taps']} (D = {info['D']}); data: {info['data']}",
+        f"- batch {args.batch_size}, {args.repeats} interleaved rounds ({args.slow_repeats} for neuron_intgrad and dgr), "
+        f"medians; config `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}` "
+        f"(ablation `{info['ablation']}`, lambda_swap {info['lambda_swap']}, lambda_zero {info['lambda_zero']}, d {info['d']}); "
+        f"channels_last {args.channels_last}, compile {args.compile}",
+        "",
+        "| measurement | value | unit | ratio | ratio to | must show |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label, value, unit, ratio, base, check in rows:
+        r = "" if ratio is None else f"{ratio:.2f}"
+        lines.append(f"| {label} | {value:.4g} | {unit} | {r} | {base} | {check} |")
+    lines += ["", "Ratios: explanation and training rows are time / base; baseline rows are baseline time / GEN-CNP "
+              "explanation time (how many times slower than GEN-CNP). Rows marked with a `must show` bound are the "
+              "issue's targets.", ""]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run every measurement, write ``--out`` and return ``{row key: value}``."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    load_before = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    import lightning.pytorch as lp
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        import logging
+
+        logging.getLogger(name).setLevel(logging.ERROR)
+    del lp
+
+    kw = model_kwargs(args)
+    n_fill = args.batch_size * (2 if args.tiny else min(4, int(kw.get("ablation_batches", 20))))
+    shape = (int(kw.get("in_chans", 1)), int(kw.get("image_size", 28)), int(kw.get("image_size", 28)))
+    xb, xt, data_note = load_images(args, shape, int(kw.get("num_classes", 10)), max(4 * args.bank_samples, n_fill))
+    model = build(kw, xt[:n_fill], args)
+    if args.channels_last:
+        xb, xt = xb.contiguous(memory_format=torch.channels_last), xt.contiguous(memory_format=torch.channels_last)
+    target = model.target
+    with torch.no_grad():
+        labels = target(xb).argmax(1)
+    batch = (xb, labels)
+    b = args.batch_size
+
+    # ----- interleaved rounds -----
+    from gencnp.baselines import tap_counts
+
+    counts = tap_counts(model.explain(xb)["pathway"], target.tap_channels)
+    variants = {"train_default": build(kw, xt[:n_fill], args),
+                "train_kd_sparsity": build(kw, xt[:n_fill], args, lambda_swap=0.0, lambda_zero=0.0),
+                "train_fraction": build(kw, xt[:n_fill], args, control_fraction=args.control_fraction)}  # fmt: skip
+    variants = {k: v for k, v in variants.items() if v is not None}
+    opts = {k: torch.optim.Adam(v.generator.parameters(), lr=v.hparams.lr, weight_decay=v.hparams.weight_decay)
+            for k, v in variants.items()}  # fmt: skip
+    step = {"i": 0}
+
+    def trainer_of(name):
+        def run():
+            step["i"] += 1
+            train_step(variants[name], opts[name], batch, step["i"])
+
+        return run
+
+    def fwd():
+        with torch.no_grad():
+            target(xb)
+
+    fns = {"t_fwd": fwd, "t_floor": lambda: floor_step(model, xb), "explain": lambda: model.explain(xb)}
+    fns.update({name: trainer_of(name) for name in variants})
+    for name in ("neuron_mct", "neuron_intgrad", "dgr"):
+        fns[name] = lambda name=name: baseline(name, model, xb, counts)
+    rounds = {name: (args.slow_repeats if name in ("neuron_intgrad", "dgr") else args.repeats) for name in fns}
+    times = time_rounds(fns, rounds)
+    per_img = {name: statistics.median(ts) / b * 1e3 for name, ts in times.items()}  # ms per image
+
+    # ----- bank export: 1x and 4x the samples -----
+    n1 = args.bank_samples
+    yt = torch.zeros(len(xt), dtype=torch.long)
+    bank_export(model, xt[:b], yt[:b], b)  # warm-up
+    bank1, s1, _ = bank_export(model, xt[:n1], yt[:n1], b)
+    bank4, s4, _ = bank_export(model, xt[: 4 * n1], yt[: 4 * n1], b)
+    _, _, peak1 = bank_export(model, xt[:n1], yt[:n1], b, trace=True)
+    _, _, peak4 = bank_export(model, xt[: 4 * n1], yt[: 4 * n1], b, trace=True)
+    bytes1, bytes4 = state_bytes(bank1), state_bytes(bank4)
+    iou_s = time_iou(args.iou_pathways, target.num_channels, int(kw.get("num_classes", 10)), args.iou_repeats, args.seed)
+
+    # ----- rows -----
+    def ratio(a, base):
+        return per_img[a] / per_img[base]
+
+    frac = args.control_fraction
+    rows = [
+        ("t_fwd", "t_fwd: target forward, no gradients", per_img["t_fwd"], "ms/img", None, "", ""),
+        ("t_floor", "t_floor: forward + masked forward + backward to an all-ones mask", per_img["t_floor"], "ms/img",
+         ratio("t_floor", "t_fwd"), "t_fwd", ""),
+        ("explain", "GEN-CNP explanation (`GenCNP.explain`)", per_img["explain"], "ms/img", ratio("explain", "t_fwd"),
+         "t_fwd", verdict("explain_ratio", ratio("explain", "t_fwd"))),
+        ("train_default", "GEN-CNP training step, config losses (kd, sparsity, swap, zero, cls, con; 3B masked batch)",
+         per_img["train_default"], "ms/img", ratio("train_default", "t_floor"), "t_floor",
+         verdict("train_default_ratio", ratio("train_default", "t_floor"))),
+        ("train_kd_sparsity", "GEN-CNP training step, kd + sparsity (lambda_swap = lambda_zero = 0; cls, con kept)",
+         per_img["train_kd_sparsity"], "ms/img", ratio("train_kd_sparsity", "t_floor"), "t_floor",
+         verdict("train_kd_sparsity_ratio", ratio("train_kd_sparsity", "t_floor"))),
+    ]  # fmt: skip
+    if "train_fraction" in per_img:
+        rows.append(("train_fraction", f"GEN-CNP training step, config losses, controls on {frac:g} of the batch "
+                     f"(opt-in control_fraction={frac:g})", per_img["train_fraction"], "ms/img",
+                     ratio("train_fraction", "t_floor"), "t_floor",
+                     verdict("train_fraction_ratio", ratio("train_fraction", "t_floor"))))  # fmt: skip
+    for name in ("neuron_mct", "neuron_intgrad", "dgr"):
+        r = ratio(name, "explain")
+        check = verdict(f"{name}_ratio", r) if f"{name}_ratio" in TARGETS else ""
+        rows.append((name, f"{name} (matched counts) + masked forward", per_img[name], "ms/img", r, "explanation", check))
+    rows += [
+        ("bank_1x_ips", f"bank export, {n1} samples (predict_step + PathwayBank.update)", n1 / s1, "images/s", None, "", ""),
+        ("bank_4x_ips", f"bank export, {4 * n1} samples", 4 * n1 / s4, "images/s", None, "", ""),
+        ("bank_1x_bytes", f"bank state after {n1} samples (tensor bytes)", bytes1, "bytes", None, "", ""),
+        ("bank_4x_bytes", f"bank state after {4 * n1} samples (tensor bytes)", bytes4, "bytes", bytes4 / bytes1,
+         "state at 1x", verdict("bank_state_growth", bytes4 / bytes1)),
+        ("bank_1x_peak", f"tracemalloc peak during the {n1}-sample export (Python allocations)", peak1, "bytes", None, "", ""),
+        ("bank_4x_peak", f"tracemalloc peak during the {4 * n1}-sample export", peak4, "bytes", peak4 / max(peak1, 1),
+         "peak at 1x", ""),
+        ("aciou_s", f"acIOU + between-class IoU of {args.iou_pathways} pathways (D = {target.num_channels})", iou_s, "s",
+         None, "", verdict("aciou_s", iou_s) if args.iou_pathways >= 10000 else ""),
+    ]  # fmt: skip
+    info = machine()
+    info.update(load_before=load_before, arch=target.arch, taps=", ".join(target.tap_names), D=target.num_channels,
+                weights=f"weights {Path(kw['target_checkpoint']).relative_to(ROOT) if kw['target_checkpoint'] and Path(kw['target_checkpoint']).is_relative_to(ROOT) else kw['target_checkpoint']}"
+                if kw["target_checkpoint"] else "random init, no checkpoint",
+                data=data_note, ablation=model.hparams.ablation, lambda_swap=model.hparams.lambda_swap,
+                lambda_zero=model.hparams.lambda_zero, d=model.hparams.d)  # fmt: skip
+    command = "python benchmarks/bench.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    write_report(Path(args.out), rows, info, args, command)
+    result = {key: float(value) for key, _, value, *_ in rows}
+    result.update({f"{key}_ratio": float(r) for key, _, _, _, r, *_ in rows if r is not None})
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    print(Path(parse_args(sys.argv[1:]).out).read_text())

@@ -1,0 +1,143 @@
+"""Checkpoints that survive crashes and refuse damage: atomic writes, an integrity hash, safe reads.
+
+- ``AtomicCheckpointIO``: a Lightning ``CheckpointIO`` plugin. Saving serialises the checkpoint in memory, writes it
+  to a temporary file **in the checkpoint's own directory**, fsyncs and ``os.replace``-s it into place
+  (``gencnp.banks.write_atomic``), so a process killed mid-save (SIGKILL, power loss) leaves the previous
+  ``last.ckpt`` intact and never a truncated one. It also records ``gencnp_state_hash``, a sha256 over the
+  checkpoint's ``state_dict`` (names, dtypes, shapes, bytes). Loading always uses ``torch.load(weights_only=True)``.
+  ``gencnp.cli`` adds the plugin to every Trainer it builds unless the config names another ``CheckpointIO``.
+- ``read_checkpoint``: the one safe reader (``weights_only=True``, clear errors for missing, truncated, altered or
+  code-carrying files).
+
+Why not Lightning's default: ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file is
+created by ``tempfile.mkstemp()`` in the **system** temporary directory and moved with ``shutil.move``. That is an
+atomic rename only when the system temporary directory and the checkpoint directory share a filesystem; otherwise
+it is a copy into place (a kill mid-copy leaves a truncated checkpoint), and nothing is fsynced. Torch's zip format
+does not notice altered tensor bytes on load either, hence the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "read_checkpoint", "state_hash", "verify_state_hash", "STATE_HASH_KEY"]
+
+STATE_HASH_KEY = "gencnp_state_hash"
+
+
+def state_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (sorted by name).
+
+    Non-tensor entries (Lightning may store extra state objects) contribute their ``repr``.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(str(name).encode())
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(t).encode())
+    return h.hexdigest()
+
+
+def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint") -> None:
+    """Raise ``ValueError`` when a checkpoint's ``state_dict`` no longer matches the hash recorded at saving.
+
+    Checkpoints written without ``AtomicCheckpointIO`` carry no hash and pass unchecked.
+    """
+    recorded = checkpoint.get(STATE_HASH_KEY) if isinstance(checkpoint, Mapping) else None
+    if recorded is None or not isinstance(checkpoint.get("state_dict"), Mapping):
+        return
+    computed = state_hash(checkpoint["state_dict"])
+    if computed != recorded:
+        raise ValueError(
+            f"{source} is damaged: its weights do not match the integrity hash recorded when it was saved "
+            f"(sha256 {str(recorded)[:12]} recorded, {computed[:12]} computed), so the file was altered or corrupted "
+            "after saving. Restore the original file (or an earlier copy), or retrain: python train.py fit --config ..."
+        )
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely: ``torch.load(weights_only=True)``, integrity hash checked when present.
+
+    A crafted pickle (one whose ``__reduce__`` would run code) is refused before anything in it runs.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is truncated, not a torch checkpoint, holds arbitrary Python objects, or was altered.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint '{path}' does not exist; fix the path, or train one (python train.py fit --config ...)."
+        )
+    try:
+        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint '{path}' was refused: it holds Python objects other than tensors and plain containers, and "
+            f"gencnp loads checkpoints with weights_only=True so that no code in a file ever runs ({first}). Use a "
+            "checkpoint written by gencnp/Lightning, or, if you trust its origin, re-save its tensors with "
+            "torch.save(state_dict, path)."
+        ) from err
+    except Exception as err:  # truncated zip, bad magic number, EOF, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint '{path}' is damaged or not a torch checkpoint ({type(err).__name__}: {first}). It was "
+            "truncated (an interrupted copy?) or altered; copy it again, or retrain (python train.py fit --config ...)."
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a Lightning .ckpt "
+            "or a torch.save'd state dict."
+        )
+    verify_state_hash(checkpoint, f"checkpoint '{path}'")
+    return checkpoint
+
+
+def _is_local(path: Any) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with crash-safe saving, an integrity hash and ``weights_only=True`` loading.
+
+    Use it in YAML as ``trainer.plugins: [gencnp.checkpointing.AtomicCheckpointIO]`` (``gencnp.cli`` adds it on
+    its own when no other ``CheckpointIO`` is configured), or ``Trainer(plugins=[AtomicCheckpointIO()])``.
+    Remote paths (``s3://``, ...) fall back to Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"AtomicCheckpointIO takes no storage_options (got {storage_options!r}); drop them, or configure "
+                "another CheckpointIO plugin that supports them."
+            )
+        if isinstance(checkpoint.get("state_dict"), Mapping):
+            checkpoint[STATE_HASH_KEY] = state_hash(checkpoint["state_dict"])
+        if not _is_local(path):
+            return super().save_checkpoint(checkpoint, path)
+        from gencnp.banks import write_atomic  # banks imports targets; keep this module import-light
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(str(path).removeprefix("file://"), buffer.getvalue())
+
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | Any = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # weights_only is always True here: a checkpoint is data, never code.
+        return read_checkpoint(str(path).removeprefix("file://"), map_location=map_location)

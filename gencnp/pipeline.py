@@ -1,0 +1,541 @@
+"""The main job in one command: target fit -> GEN-CNP fit -> bank export -> evaluation report.
+
+``python -m gencnp.pipeline --config configs/fashion_mnist/pipeline.yaml``
+
+Each stage runs as a subprocess of an existing entry point (``train.py``, ``evaluate.py``), so stages stay as
+isolated as when typed by hand. The pipeline YAML lists them::
+
+    report: runs/fashion_mnist/eval/report.json      # read for the final summary
+    logger: null                                     # or configs/loggers/wandb.yaml: --trainer.logger of fit stages
+    stages:
+      - name: target
+        entry: train.py                              # script, found in the current folder or gencnp's repository
+        command: fit
+        config: configs/fashion_mnist/target.yaml
+        args: []                                     # extra command-line arguments
+        inputs: []                                   # files the stage reads (hashed)
+        outputs: [runs/fashion_mnist/target/best.ckpt]
+
+**Reuse.** A stage is skipped when its key is unchanged: the hash of its **resolved** config (the entry point's
+own ``--print_config`` output, every default included, with the extra arguments) and of its input files. The key
+is stored in a JSON stamp next to the first output (``<folder>/<stage>.stamp.json``), written atomically after
+the stage succeeds and removed before it reruns. A stage also reruns when an output is missing or differs from
+the stamp's hash, when ``--force`` or ``--redo NAME`` asks, and whenever an earlier stage ran in this invocation
+(every downstream stage is redone). Code changes do not invalidate stamps: use ``--redo``/``--force``.
+
+**Data.** Before the first stage, every data module of the stages is built from its resolved config (their
+constructors look for the files). When Fashion-MNIST is missing and ``data_dir`` is unset, the pipeline installs
+the Debian package ``dataset-fashion-mnist`` when ``apt-get`` exists and it runs as root; otherwise, with
+``--download``, torchvision downloads into the module's ``torchvision_root``. When nothing works it stops with the
+data module's own error message (exit code 2) before any stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Stage", "load_pipeline", "run_pipeline", "obtain_data", "resolved_config", "summary", "main",
+           "PipelineError", "DataUnavailable", "StageFailed"]  # fmt: skip
+
+REPO = Path(__file__).resolve().parents[1]
+STAMP_FORMAT = 1
+TOP_KEYS = ("stages", "report", "logger")
+STAGE_FIELDS = ("name", "entry", "command", "config", "args", "inputs", "outputs")
+
+
+class PipelineError(RuntimeError):
+    """A pipeline or stage config that cannot run (exit code 2)."""
+
+
+class DataUnavailable(PipelineError):
+    """The data of a stage could not be found or obtained; the message is the data module's own."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's process exited non-zero (the pipeline exits with that code)."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: ``python <entry> <command> --config <config> <args...>``.
+
+    Args:
+        name: unique stage name (``--redo`` takes it).
+        entry: entry-point script (``train.py`` or ``evaluate.py``).
+        command: its sub-command (``fit``, ``predict``, ``report``, ...).
+        config: the stage's YAML config.
+        args: extra command-line arguments (part of the resolved config, hence of the key).
+        inputs: files the stage reads, relative to the working folder (their bytes are part of the key).
+        outputs: files the stage must write, relative to the working folder; the stamp lives next to the first.
+    """
+
+    name: str
+    entry: str
+    command: str
+    config: str
+    args: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def stamp_path(self, workdir: Path) -> Path:
+        return (workdir / self.outputs[0]).parent / f"{self.name}.stamp.json"
+
+
+# ----- the pipeline file -----
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    """Read and check a pipeline YAML; returns ``{'stages': [Stage, ...], 'report': str | None, 'logger': ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"pipeline config '{path}' does not exist; try configs/fashion_mnist/pipeline.yaml.")
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(spec, dict):
+        raise PipelineError(f"pipeline config '{path}' must be a mapping with keys {', '.join(TOP_KEYS)}.")
+    unknown = sorted(set(spec) - set(TOP_KEYS))
+    if unknown:
+        raise PipelineError(f"pipeline config '{path}' has unknown keys {unknown}; allowed: {', '.join(TOP_KEYS)}.")
+    raw = spec.get("stages")
+    if not isinstance(raw, list) or not raw:
+        raise PipelineError(
+            f"pipeline config '{path}' needs a non-empty list 'stages' (fields: {', '.join(STAGE_FIELDS)})."
+        )
+    stages, names = [], set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise PipelineError(f"stage {i} of '{path}' must be a mapping with fields {', '.join(STAGE_FIELDS)}.")
+        bad = sorted(set(item) - set(STAGE_FIELDS))
+        missing = [k for k in ("name", "entry", "command", "config", "outputs") if not item.get(k)]
+        if bad or missing:
+            raise PipelineError(f"stage {item.get('name', i)} of '{path}': unknown fields {bad}, missing fields {missing}; "
+                                f"fields are {', '.join(STAGE_FIELDS)} (outputs must list at least one file).")  # fmt: skip
+        for key in ("args", "inputs", "outputs"):
+            value = item.get(key) or []
+            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise PipelineError(
+                    f"stage '{item['name']}' of '{path}': '{key}' must be a list of strings, got {value!r}."
+                )
+            item[key] = [str(v) for v in value]
+        if item["name"] in names:
+            raise PipelineError(f"stage name '{item['name']}' appears twice in '{path}'; names must be unique.")
+        names.add(item["name"])
+        stages.append(Stage(**item))
+    return {"stages": stages, "report": spec.get("report"), "logger": spec.get("logger")}
+
+
+def _find(path: str, what: str) -> Path:
+    """A script or config: absolute, else relative to the current folder, else to gencnp's repository."""
+    p = Path(path)
+    for candidate in [p] if p.is_absolute() else [Path.cwd() / p, REPO / p]:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise PipelineError(f"{what} '{path}' not found (looked in {Path.cwd()} and {REPO}); fix the path.")
+
+
+@contextlib.contextmanager
+def _chdir(folder: Path):
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+# ----- keys -----
+def resolved_config(argv: Sequence[str]) -> str:
+    """The entry point's ``--print_config`` output for ``argv = [script, command, args...]``, run in-process.
+
+    Raises:
+        PipelineError: the arguments do not parse (the parser's message is included).
+    """
+    out, err = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = [str(a) for a in argv] + ["--print_config"]
+    code: Any = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(argv[0]), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = old_argv
+    if code not in (0, None) or not out.getvalue().strip():
+        tail = "\n".join(err.getvalue().strip().splitlines()[-12:])
+        raise PipelineError(f"`{' '.join(map(str, argv))} --print_config` failed (exit {code}):\n{tail}")
+    return out.getvalue()
+
+
+def file_hash(path: Path) -> str | None:
+    """sha256 of a file's bytes (``None`` when missing)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) and stamp.get("format") == STAMP_FORMAT else None
+
+
+def _why_redo(stage: Stage, workdir: Path, config_hash: str, inputs: dict[str, str | None]) -> str | None:
+    """Why ``stage`` must run (``None``: its stamp still holds)."""
+    path = stage.stamp_path(workdir)
+    if not path.exists():
+        return "no stamp yet"
+    stamp = _read_stamp(path)
+    if stamp is None:
+        return f"stamp {path} unreadable"
+    if stamp.get("config_hash") != config_hash:
+        return "resolved config changed"
+    for name, h in inputs.items():
+        if (stamp.get("inputs") or {}).get(name) != h:
+            return f"input {name} changed"
+    for name in stage.outputs:
+        h = file_hash(workdir / name)
+        if h is None:
+            return f"output {name} missing"
+        if (stamp.get("outputs") or {}).get(name) != h:
+            return f"output {name} differs from the stamp"
+    return None
+
+
+# ----- data -----
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def obtain_data(specs: Sequence[dict], download: bool = False, say: Callable[[str], None] = print,
+                quiet: bool = False) -> None:  # fmt: skip
+    """Make sure every data module can find its files, before any stage runs.
+
+    For each ``{'class_path', 'init_args'}``: build the module (its constructor looks for the files). When
+    Fashion-MNIST is missing and ``data_dir`` is unset: ``apt-get install -y dataset-fashion-mnist`` when
+    ``apt-get`` exists and we are root; then, when ``download``, the module's own download (torchvision).
+
+    Raises:
+        DataUnavailable: nothing worked; the message is the data module's own error.
+    """
+    from gencnp.data import FashionMNISTDataModule
+
+    seen = set()
+    for spec in specs:
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = _import(spec["class_path"])
+        kwargs = dict(spec.get("init_args") or {})
+        try:
+            cls(**kwargs)
+            continue
+        except FileNotFoundError as exc:
+            error = exc
+        if issubclass(cls, FashionMNISTDataModule) and kwargs.get("data_dir") is None:
+            root = getattr(os, "geteuid", lambda: -1)() == 0
+            if shutil.which("apt-get") and root:
+                say("data: Fashion-MNIST not found; installing the Debian package dataset-fashion-mnist (apt-get)")
+                if _apt_install("dataset-fashion-mnist", quiet):
+                    try:
+                        cls(**kwargs)
+                        continue
+                    except FileNotFoundError as exc:
+                        error = exc
+            elif not download:
+                say("data: Fashion-MNIST not found; apt-get needs root and an apt system"
+                    f" (apt-get: {shutil.which('apt-get') or 'absent'}, root: {root}); --download lets torchvision fetch it")  # fmt: skip
+        if download and "download" in inspect.signature(cls).parameters and kwargs.get("data_dir") is None:
+            say(f"data: downloading with torchvision ({cls.__name__}, download: true)")
+            try:
+                dm = cls(**{**kwargs, "download": True})
+                dm.prepare_data()
+                dm.setup()
+                cls(**kwargs)
+                continue
+            except Exception as exc:  # noqa: BLE001  (network errors have many types; report and stop)
+                raise DataUnavailable(f"{cls.__name__}: download failed: {exc}\n{error}") from exc
+        raise DataUnavailable(str(error)) from error
+
+
+def _apt_install(package: str, quiet: bool) -> bool:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    out = subprocess.DEVNULL if quiet else None
+    install = ["apt-get", "install", "-y", "-q", package]
+    for cmds in ([install], [["apt-get", "update", "-q"], install]):
+        try:
+            if all(subprocess.run(c, env=env, stdout=out, stderr=out, timeout=900).returncode == 0 for c in cmds):
+                return True
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return False
+
+
+# ----- the run -----
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
+
+
+def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool = False, force: bool = False,
+                 redo: Sequence[str] = (), logger: str | None = None, quiet: bool = False, dry_run: bool = False,
+                 say: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run (or reuse) every stage of a pipeline YAML, then summarise ``report.json``.
+
+    Args:
+        config: the pipeline YAML (see the module docstring).
+        workdir: folder the stages run in; inputs, outputs and the configs' relative paths refer to it.
+        download: allow torchvision to download data that is missing (after the Debian package).
+        force: redo every stage.
+        redo: names of stages to redo (with every stage after them).
+        logger: a logger YAML (``configs/loggers/*.yaml``) passed as ``--trainer.logger`` to ``train.py fit``
+            stages (overrides the pipeline file's ``logger``).
+        quiet: send each stage's output to ``<output folder>/<stage>.log`` instead of the terminal.
+        dry_run: only say what would run or be reused (no data step, no stage runs).
+        say: progress printer (default ``print`` with flush).
+
+    Returns:
+        ``{'stages': [{'name', 'status' ('ran' | 'reused' | 'would run' | 'would reuse'), 'reason', 'seconds',
+        'outputs'}], 'summary': dict | None, 'seconds': float}``.
+    """
+    say = say or (lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    spec = load_pipeline(config)
+    stages: list[Stage] = spec["stages"]
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(redo) - {s.name for s in stages})
+    if unknown:
+        raise PipelineError(f"--redo names unknown stages {unknown}; stages: {', '.join(s.name for s in stages)}.")
+    logger = logger or spec["logger"]
+    logger_path = str(_find(logger, "logger config")) if logger else None
+
+    argvs, printed = [], []
+    for st in stages:
+        argv = [str(_find(st.entry, f"stage '{st.name}': entry")), st.command, "--config",
+                str(_find(st.config, f"stage '{st.name}': config"))]  # fmt: skip
+        if logger_path and Path(st.entry).name == "train.py" and st.command == "fit":
+            argv += ["--trainer.logger", logger_path]
+        argv += st.args
+        argvs.append(argv)
+        with _chdir(workdir):
+            try:
+                printed.append(resolved_config(argv))
+            except PipelineError as exc:
+                raise PipelineError(f"stage '{st.name}': its config does not parse. {exc}") from exc
+
+    if not dry_run:
+        specs = []
+        for text in printed:
+            data = (yaml.safe_load(text) or {}).get("data")
+            if isinstance(data, dict) and data.get("class_path"):
+                specs.append(data)
+        with _chdir(workdir):
+            obtain_data(specs, download, say, quiet)
+
+    results, ran_before = [], None
+    n = len(stages)
+    for i, (st, argv, text) in enumerate(zip(stages, argvs, printed), 1):
+        head = f"[{i}/{n}] {st.name}"
+        config_hash = hashlib.sha256(f"{Path(st.entry).name}\n{st.command}\n{text}".encode()).hexdigest()
+        inputs = {name: file_hash(workdir / name) for name in st.inputs}
+        if force:
+            reason = "--force"
+        elif st.name in redo:
+            reason = "--redo"
+        elif ran_before is not None:
+            reason = f"upstream stage '{ran_before}' ran"
+        else:
+            reason = _why_redo(st, workdir, config_hash, inputs)
+        shown = f"python {Path(st.entry).name} {st.command} --config {st.config}" + "".join(f" {a}" for a in argv[4:])
+        row = {"name": st.name, "reason": reason, "seconds": 0.0, "outputs": list(st.outputs)}
+        if reason is None:
+            stamp = _read_stamp(st.stamp_path(workdir)) or {}
+            row["status"] = "would reuse" if dry_run else "reused"
+            say(f"{head}: reused (config and inputs unchanged since {stamp.get('finished', '?')}; "
+                f"stamp {st.stamp_path(workdir)})")  # fmt: skip
+            results.append(row)
+            continue
+        ran_before = st.name
+        if dry_run:
+            row["status"] = "would run"
+            say(f"{head}: would run ({reason}): {shown}")
+            results.append(row)
+            continue
+        missing = [name for name, h in inputs.items() if h is None]
+        if missing:
+            raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which no earlier stage produced; "
+                                "add the stage that writes it, or fix 'inputs'.")  # fmt: skip
+        stamp_path = st.stamp_path(workdir)
+        stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
+        say(f"{head}: running ({reason}): {shown}")
+        log = stamp_path.with_name(f"{st.name}.log") if quiet else None
+        t_stage = time.perf_counter()
+        proc = _run_stage(argv, workdir, log)
+        seconds = time.perf_counter() - t_stage
+        if proc != 0:
+            where = f"; see {log}" if log else ""
+            raise StageFailed(
+                f"stage '{st.name}' failed with exit code {proc} after {_fmt_time(seconds)}: {shown}{where}", proc
+            )
+        outputs = {name: file_hash(workdir / name) for name in st.outputs}
+        absent = [name for name, h in outputs.items() if h is None]
+        if absent:
+            raise PipelineError(f"stage '{st.name}' finished but did not write {', '.join(absent)}; make the pipeline's "
+                                f"'outputs' match the paths in {st.config}.")  # fmt: skip
+        from gencnp import __version__
+
+        _write_json_atomic(stamp_path, {
+            "format": STAMP_FORMAT, "stage": st.name, "entry": Path(st.entry).name, "command": st.command,
+            "config": st.config, "args": st.args, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
+            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "gencnp": __version__,
+        })  # fmt: skip
+        say(f"{head}: done in {_fmt_time(seconds)}")
+        row.update(status="ran", seconds=seconds)
+        results.append(row)
+
+    out: dict[str, Any] = {"stages": results, "summary": None, "seconds": time.perf_counter() - t0}
+    if dry_run:
+        return out
+    say(f"pipeline finished in {_fmt_time(out['seconds'])}")
+    for st, row in zip(stages, results):
+        say(f"  {st.name:<8} {', '.join(_show(workdir / o) for o in st.outputs)} ({row['status']})")
+    report = spec["report"]
+    if report and (workdir / report).is_file():
+        out["summary"] = summary(json.loads((workdir / report).read_text(encoding="utf-8")))
+        say(summary_text(out["summary"], _show(workdir / report)))
+    elif report:
+        say(f"  (no summary: {_show(workdir / report)} does not exist)")
+    return out
+
+
+def _show(path: Path) -> str:
+    """A path relative to the current folder when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _run_stage(argv: list[str], workdir: Path, log: Path | None) -> int:
+    cmd = [sys.executable, *argv]
+    if log is None:
+        return subprocess.run(cmd, cwd=workdir).returncode
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as f:
+        return subprocess.run(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+# ----- the summary -----
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The key numbers of a ``report.json``: target accuracy, GEN-CNP, transfer, DGR's speed ratio."""
+    keys = ("agreement", "kept_mean", "swap_forcing", "zero_forcing", "acIOU")
+    gen = (report.get("methods") or {}).get("gencnp") or {}
+    transfer = report.get("transfer") or None
+    dgr = (report.get("methods_native") or {}).get("dgr") or {}
+    prov = report.get("provenance") or {}
+    g_s, d_s = gen.get("seconds_per_image"), dgr.get("seconds_per_image")
+    return {
+        "split": prov.get("split"),
+        "n": prov.get("n"),
+        "target_accuracy": gen.get("target_accuracy"),
+        "gencnp": {k: gen.get(k) for k in keys},
+        "transfer": {**{k: transfer.get(k) for k in keys}, "tau": transfer.get("tau")} if transfer else None,
+        "seconds_per_image": {"gencnp": g_s, "dgr": d_s},
+        "dgr_speed_ratio": (d_s / g_s) if g_s and d_s else None,
+    }
+
+
+def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
+    """One screen: the summary of ``summary`` as aligned lines."""
+
+    def f(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    def row(name: str, e: dict | None) -> str:
+        if not e:
+            return f"  {name:<20} -"
+        return (f"  {name:<20} agreement {f(e['agreement'])}  kept {f(e['kept_mean'])}  swap forcing "
+                f"{f(e['swap_forcing'])}  zero forcing {f(e['zero_forcing'])}  acIOU {f(e['acIOU'])}")  # fmt: skip
+
+    lines = [f"key numbers ({s['n']} {s['split']} images{f', from {path}' if path else ''}):",
+             f"  target accuracy      {f(s['target_accuracy'])}",
+             row("GEN-CNP", s["gencnp"]),
+             row(f"transfer (tau {f(s['transfer']['tau'], 2)})" if s["transfer"] else "transfer", s["transfer"])]  # fmt: skip
+    sp = s["seconds_per_image"]
+    if s["dgr_speed_ratio"] is not None:
+        lines.append(f"  speed                GEN-CNP {sp['gencnp'] * 1e3:.3f} ms/image, DGR {sp['dgr'] * 1e3:.3f} ms/image: "
+                     f"GEN-CNP {s['dgr_speed_ratio']:.0f}x faster")  # fmt: skip
+    lines.append("  read agreement only beside kept and forcing: high forcing means the pathway encodes the class.")
+    return "\n".join(lines)
+
+
+# ----- command line -----
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gencnp.pipeline --config PIPELINE.yaml [--download] [--force] [--redo STAGE] ...``."""
+    p = argparse.ArgumentParser(prog="python -m gencnp.pipeline", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/fashion_mnist/pipeline.yaml")
+    p.add_argument("--workdir", default=".", help="folder the stages run in (default: the current folder)")
+    p.add_argument("--download", action="store_true", help="let torchvision download missing data")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE", help="redo STAGE and every stage after it")
+    p.add_argument("--logger", default=None, help="logger YAML for the fit stages, e.g. configs/loggers/wandb.yaml")
+    p.add_argument("--quiet", action="store_true", help="stage output to <output folder>/<stage>.log")
+    p.add_argument("--dry_run", action="store_true", help="say what would run or be reused, run nothing")
+    a = p.parse_args(argv)
+    try:
+        run_pipeline(a.config, a.workdir, a.download, a.force, a.redo, a.logger, a.quiet, a.dry_run)
+    except StageFailed as exc:
+        print(f"pipeline: {exc}", file=sys.stderr, flush=True)
+        return exc.returncode
+    except PipelineError as exc:
+        print(f"pipeline: stopped: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
