@@ -8,6 +8,9 @@
   ``gencnp.cli`` adds the plugin to every Trainer it builds unless the config names another ``CheckpointIO``.
 - ``read_checkpoint``: the one safe reader (``weights_only=True``, clear errors for missing, truncated, altered or
   code-carrying files).
+- ``ModelCheckpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the newest state, so that
+  ``--ckpt_path last`` resumes where a crashed run stopped. ``gencnp.cli`` upgrades every plain Lightning
+  ``ModelCheckpoint`` of a config to it.
 
 Why not Lightning's default: ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file is
 created by ``tempfile.mkstemp()`` in the **system** temporary directory and moved with ``shutil.move``. That is an
@@ -27,8 +30,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-__all__ = ["AtomicCheckpointIO", "read_checkpoint", "state_hash", "verify_state_hash", "STATE_HASH_KEY"]
+__all__ = [
+    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "STATE_HASH_KEY",
+]  # fmt: skip
 
 STATE_HASH_KEY = "gencnp_state_hash"
 
@@ -141,3 +147,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         # weights_only is always True here: a checkpoint is data, never code.
         return read_checkpoint(str(path).removeprefix("file://"), map_location=map_location)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with ``save_last: true`` meaning "``last.ckpt`` is the newest state".
+
+    Lightning 2.6 writes ``last.ckpt`` only in a step where a top-k checkpoint is written too. With a ``monitor``
+    that is a step where the metric *improved*: once it stops improving, ``last.ckpt`` stays behind, a crashed run
+    resumed with ``--ckpt_path last`` silently goes back to the best checkpoint (epochs of work lost), and a finished
+    run's final weights are in no file at all. Here ``last.ckpt`` is also written after every validation (or every
+    training epoch when it saves at epoch ends) and when training ends, whenever it does not hold that step yet.
+    Everything else (top-k files, ``save_last: link``, the callback's state in checkpoints) is Lightning's.
+    """
+
+    _latest_step: int | None = None  # the global step last.ckpt holds (class default: instances upgraded in place)
+
+    def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._latest_step = trainer.global_step
+
+    def _keep_latest(self, trainer: Any) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self.save_last is not True or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        if trainer.state.fn != TrainerFn.FITTING or self._latest_step == trainer.global_step:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._keep_latest(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._keep_latest(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._keep_latest(trainer)

@@ -24,6 +24,34 @@ class GenCNPCLI(LightningCLI):
         kwargs.setdefault("parser_class", ConfigHintParser)  # "did you mean" for config keys that do not exist
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads --ckpt_path here (for the hyper-parameters it stores, which then take precedence over the
+        # config) with a bare torch.load, before any gencnp check: a truncated, altered or code-carrying file must
+        # fail with gencnp's message instead (gencnp.checkpointing.read_checkpoint).
+        from pathlib import Path
+
+        from gencnp.checkpointing import read_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        cfg = (self.config.get(subcommand) or {}) if subcommand else {}
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            written_by = (read_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("_class_path")
+            configured = (cfg.get("model") or {}).get("class_path")
+            # Lightning would silently swap the configured model class for the checkpoint's (a target checkpoint
+            # given to a GEN-CNP config would train or evaluate a TargetClassifier).
+            if written_by and configured and written_by != configured:
+                hint = (
+                    " A target classifier's checkpoint goes to model.init_args.target_checkpoint, not --ckpt_path."
+                    if written_by.endswith("TargetClassifier") else ""
+                )  # fmt: skip
+                raise ValueError(
+                    f"--ckpt_path '{ckpt_path}' was written by {written_by}, but the config's model is {configured}; "
+                    f"nothing was run.{hint} Pass a checkpoint of {configured} (or the config that trained this "
+                    "checkpoint)."
+                )
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -44,7 +72,17 @@ class GenCNPCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        # last.ckpt always holds the newest state (Lightning 2.6 leaves it at the last improvement of the monitored
+        # metric, so --ckpt_path last would resume from an older state): see gencnp.checkpointing.ModelCheckpoint.
+        from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+        from gencnp.checkpointing import ModelCheckpoint
+
+        for cb in trainer.callbacks:
+            if type(cb) is LightningModelCheckpoint:
+                cb.__class__ = ModelCheckpoint  # same state_key: checkpoints stay interchangeable
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         from gencnp.tracking import check_loggers  # a missing tracker package fails here, naming its pip extra
@@ -56,8 +94,10 @@ class GenCNPCLI(LightningCLI):
         check = getattr(self.model, "check_data", None)
         if check is not None:
             check(self.datamodule)
-        # --ckpt_path read safely and fitting the model, output folders writable, online W&B reachable.
-        preflight(self.trainer, self.model, (self.config.get(self.subcommand) or {}).get("ckpt_path"))
+        # --ckpt_path read safely and fitting the model, output folders writable, the first images of the splits
+        # read of the right shape and finite, online W&B reachable.
+        preflight(self.trainer, self.model, (self.config.get(self.subcommand) or {}).get("ckpt_path"),
+                  datamodule=self.datamodule, stage=self.subcommand)  # fmt: skip
 
     def before_fit(self) -> None:
         self._check()

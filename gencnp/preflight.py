@@ -7,6 +7,9 @@
   and must fit the model (``model.check_checkpoint`` when the system has one, then the state-dict keys and shapes).
 - ``check_outputs``: every folder the run will write (checkpoint ``dirpath``, logger ``save_dir``, bank and
   prediction writers' paths) must be writable.
+- ``check_inputs``: the first images of every split the command reads have the shape the model expects and
+  finite values (a NaN file or a zero ``std`` fails here, not after the log folder exists; a NaN further in still
+  stops the run at its batch, see ``gencnp.systems``).
 - ``check_wandb_online``: a ``WandbLogger`` in online mode needs an API key and a reachable host; without a key
   W&B fails after about 4 s, with a key but no network it hangs for about 105 s. This check takes at most
   ``timeout`` seconds (a TCP connect) and says how to log offline instead.
@@ -34,8 +37,8 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
 
 __all__ = [
-    "preflight", "check_checkpoint", "check_outputs", "check_writable_dir", "check_wandb_online", "config_hint",
-    "ConfigHintParser", "ConfigHintArgumentParser", "resolve_ckpt_path",
+    "preflight", "check_checkpoint", "check_outputs", "check_writable_dir", "check_inputs", "check_wandb_online",
+    "config_hint", "ConfigHintParser", "ConfigHintArgumentParser", "resolve_ckpt_path",
 ]  # fmt: skip
 
 _OFFLINE_FIX = (
@@ -124,7 +127,8 @@ def check_writable_dir(directory: str | Path, what: str, fix: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise NotADirectoryError(
-            f"cannot write the {what} '{directory}': '{probe}' is a file, not a folder; nothing was written. {fix}"
+            f"cannot write the {what} '{directory}': '{probe}' is a file, not a folder; nothing was written. Move "
+            f"that file away, or choose another folder: {fix}"
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "it is" if probe == directory else f"its parent '{probe}' is"
@@ -163,6 +167,53 @@ def check_outputs(trainer: Any) -> None:
     """Every folder the run will write must be writable (see ``check_writable_dir``)."""
     for directory, what, fix in _outputs(trainer):
         check_writable_dir(directory, what, fix)
+
+
+# ----- inputs -----
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+def _expected_shape(model: Any) -> tuple[int, ...] | None:
+    shape = getattr(model, "input_shape", None) or getattr(getattr(model, "target", None), "input_shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def check_inputs(model: Any, datamodule: Any, stage: str | None, n: int = 64) -> None:
+    """The first ``n`` images of every split ``stage`` reads must have the model's input shape and finite values.
+
+    Data modules without ``split(name)`` (gencnp's ``ImageDataModule`` has it) are not checked.
+
+    Raises:
+        ValueError: an image of the wrong shape (C, H, W), or one holding NaN or Inf.
+    """
+    import torch
+
+    split = getattr(datamodule, "split", None)
+    if not callable(split) or stage is None:
+        return
+    names = _STAGE_SPLITS.get(stage) or (getattr(datamodule, "predict_split", None),)
+    expected = _expected_shape(model)
+    what = f"the model ({type(model).__name__})"
+    for name in (nm for nm in names if nm):
+        dataset = split(name)
+        for i in range(min(n, len(dataset))):
+            item = dataset[i]
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            if not isinstance(x, torch.Tensor):
+                return
+            if expected is not None and tuple(x.shape) != expected:
+                raise ValueError(
+                    f"the {name} split gives images of shape {tuple(x.shape)} (C, H, W; image {i}), but {what} "
+                    f"expects {expected}; nothing was run. Make the data match (its image_size/in_chans, or resize "
+                    "the images), or set the model's in_chans/image_size to the data and use a target trained on it."
+                )
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                raise ValueError(
+                    f"the {name} split holds NaN or Inf inputs (image {i}: {bad} of {x.numel()} values are not "
+                    "finite); nothing was run. Check the data files and the normalisation (a std of 0 gives Inf), "
+                    "or remove the broken images."
+                )
 
 
 # ----- Weights & Biases -----
@@ -247,10 +298,13 @@ def check_wandb_online(loggers: Iterable[Any], timeout: float = 2.0) -> None:
 
 
 # ----- all of it -----
-def preflight(trainer: Any, model: Any, ckpt_path: str | None = None, wandb_timeout: float = 2.0) -> None:
-    """The checks of this module in order: checkpoint, output folders, W&B."""
+def preflight(trainer: Any, model: Any, ckpt_path: str | None = None, wandb_timeout: float = 2.0,
+              datamodule: Any = None, stage: str | None = None) -> None:  # fmt: skip
+    """The checks of this module in order: checkpoint, output folders, inputs (when ``datamodule`` is given), W&B."""
     check_checkpoint(trainer, model, ckpt_path)
     check_outputs(trainer)
+    if datamodule is not None:
+        check_inputs(model, datamodule, stage)
     check_wandb_online(getattr(trainer, "loggers", []) or [], timeout=wandb_timeout)
 
 

@@ -391,7 +391,11 @@ def _report(
             f"configs/fashion_mnist/bank.yaml --ckpt_path {generator}, or pass bank: null to skip transfer."
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from gencnp.preflight import check_writable_dir
+
+    # Checked, not created: a bad generator, bank or data below must leave no empty report folder behind (the
+    # atomic writes at the end create it).
+    check_writable_dir(out, "report folder", "set out_dir.")
     dev = torch.device(device)
     torch.manual_seed(seed)
 

@@ -67,7 +67,7 @@ class PathwayBankWriter(L.Callback):
         if bad:
             raise ValueError(
                 f"taus must lie in (0, 1], got {bad}; M_c = f_c >= tau keeps every channel at tau <= 0 "
-                "and none above 1."
+                "and none above 1. Give values such as [0.25, 0.5, 0.75], or leave taus unset (0.05, 0.10, ..., 0.95)."
             )
         if not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"min_agreement must lie in [0, 1], got {min_agreement}.")

@@ -1,0 +1,536 @@
+"""The bad-input matrix of issue 7: every item fails with one message that names the problem and the fix, leaves
+every file that existed before byte-for-byte unchanged, and writes nothing (no folder, no partial file).
+
+Each case runs the real entry point (``train.py`` through ``gencnp.cli.main``, or ``gencnp.report.report`` for
+``evaluate.py report``) with every output (checkpoints, logs, bank, report, the resolved ``config.yaml``) pointed
+into ``out``, a folder holding what an earlier run left there; the current folder is an empty one that must stay
+empty. Failures found only while training (a NaN image further into the data, a loss going non-finite) stop the
+run at that step: earlier files are unchanged, no checkpoint is written, and the run's own log folder is all that
+appears.
+
+Unit-level checks of the same items live beside their code and are not repeated here: data constructors
+(``test_data.py``), tap resolution and target checkpoints (``test_targets.py``), the bank format, tau and atomic
+saves (``test_banks.py``), the pipeline's missing data (``test_pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, ROOT, cli
+
+from gencnp import losses as LS
+from gencnp.banks import PathwayBank
+from gencnp.data import SyntheticDataModule
+
+GENCNP, TARGET = str(ROOT / "configs/synthetic/gencnp.yaml"), str(ROOT / "configs/synthetic/target.yaml")
+BANK = str(ROOT / "configs/synthetic/bank.yaml")
+NAMES = [f"pattern_{k}" for k in range(4)]
+
+
+# ----- what an earlier run left, and how to prove it is untouched -----
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder``: files with their bytes, folders as ``None`` (an empty new folder counts)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def out(synthetic_runs, tmp_path, monkeypatch) -> Path:
+    """A run folder with an earlier run's checkpoints, logs, bank and report; the current folder empty (and
+    checked to stay empty: nothing may land in it either)."""
+    run = tmp_path / "run"
+    (run / "logs/version_0").mkdir(parents=True)
+    shutil.copy(synthetic_runs["gencnp"], run / "best.ckpt")
+    shutil.copy(synthetic_runs["gencnp_last"], run / "last.ckpt")
+    (run / "logs/version_0/metrics.csv").write_text("epoch,step,train/loss\n0,0,1.0\n")
+    (run / "config.yaml").write_text("# the resolved config of the earlier run\n")
+    (run / "bank.safetensors").write_bytes(b"the earlier bank")
+    (run / "eval").mkdir()
+    (run / "eval/report.json").write_text("{}")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield run
+    assert list(cwd.iterdir()) == [], "a command wrote into the current folder"
+
+
+def fit_args(run: Path, synthetic_runs, *extra: str, config: str = GENCNP) -> list[str]:
+    """``train.py fit`` with every output in ``run`` and only a ModelCheckpoint (a fast, quiet run)."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(run), "filename": "best", "monitor": "val/score" if config == GENCNP else "val/acc",
+        "mode": "max", "save_last": True, "enable_version_counter": False, "auto_insert_metric_name": False}}]  # fmt: skip
+    model = ["--model.init_args.target_checkpoint", str(synthetic_runs["target"])] if config == GENCNP else []
+    return ["fit", "--config", config, *QUIET, "--trainer.logger.init_args.save_dir", str(run),
+            "--trainer.callbacks", json.dumps(callbacks), *model, *extra]  # fmt: skip
+
+
+def predict_args(run: Path, synthetic_runs, *extra: str) -> list[str]:
+    """``train.py predict --config configs/synthetic/bank.yaml`` writing the bank and config.yaml into ``run``."""
+    return ["predict", "--config", BANK, *QUIET, "--model.init_args.target_checkpoint", str(synthetic_runs["target"]),
+            "--trainer.callbacks.init_args.path", str(run / "bank.safetensors"), "--trainer.default_root_dir",
+            str(run), *extra]  # fmt: skip
+
+
+def refused(run: Path, exc: type[BaseException], match: str, *args: str) -> pytest.ExceptionInfo:
+    """``train.py ARGS`` fails with ``exc`` matching ``match``, and ``run`` is exactly as before."""
+    before = tree(run)
+    with pytest.raises(exc, match=match) as info:
+        cli(*args)
+    assert tree(run) == before
+    return info
+
+
+def stopped_mid_run(run: Path, exc: type[BaseException], match: str, *args: str) -> pytest.ExceptionInfo:
+    """``train.py ARGS`` starts, then stops with ``exc``: earlier files unchanged, no checkpoint written, new files
+    only inside the run's own new log folder."""
+    before = tree(run)
+    with pytest.raises(exc, match=match) as info:
+        cli(*args)
+    after = tree(run)
+    assert {k: v for k, v in after.items() if k in before} == before
+    new = sorted(set(after) - set(before))
+    assert new and all(k == "logs/version_1" or k.startswith("logs/version_1/") for k in new), new
+    assert not [k for k in new if k.endswith((".ckpt", ".tmp", ".safetensors"))]
+    return info
+
+
+# ----- data -----
+class CorruptData(SyntheticDataModule):
+    """Synthetic patterns with broken train images: from position ``bad_from`` on they hold ``value`` (``'nan'``
+    or ``'inf'``), or every image is ``actual_size`` pixels wide while the module declares ``image_size``."""
+
+    def __init__(self, value: str | None = None, bad_from: int = 0, actual_size: int | None = None,
+                 num_classes: int = 4, image_size: int = 16, n_train: int = 1200, n_test: int = 400,
+                 val_size: int = 200, batch_size: int = 64):  # fmt: skip
+        super().__init__(num_classes=num_classes, image_size=image_size, n_train=n_train, n_test=n_test,
+                         val_size=val_size, batch_size=batch_size)  # fmt: skip
+        self.value, self.bad_from, self.actual_size = value, bad_from, actual_size
+        self._broken = False
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.train_set is None or self._broken:
+            return
+        self._broken = True
+        patterns = self.train_set.dataset
+        if self.value is not None:
+            patterns.images[torch.as_tensor(self.train_set.indices[self.bad_from :])] = float(self.value)
+        if self.actual_size is not None:
+            patterns.images = torch.nn.functional.interpolate(patterns.images, size=self.actual_size)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (["gencnp.FashionMNISTDataModule", "--data.init_args.data_dir", "{tmp}/nowhere"],
+         r"Fashion-MNIST data_dir '.*nowhere' does not exist\. Get the data with `apt-get install -y dataset-fashion-mnist`"),
+        (["gencnp.FashionMNISTDataModule", "--data.init_args.data_dir", "{tmp}/empty"],
+         r"data_dir '.*empty' is empty or lacks the IDX files\. .*or point `data_dir` at a folder holding"),
+        (["gencnp.ImageFolderDataModule", "--data.init_args.root", "{tmp}/empty"],
+         r"ImageFolder root '.*empty' has no 'train' folder; expected .*/train/<class>/<image>"),
+        (["gencnp.ImageFolderDataModule", "--data.init_args.root", "{tmp}/no_images"],
+         r"ImageFolder '.*no_images/train' is empty: expected one sub-folder per class with images"),
+        (["gencnp.CIFAR10DataModule", "--data.init_args.data_dir", "{tmp}/empty"],
+         r"CIFAR-10 not found: '.*empty/cifar-10-batches-py' does not exist\. Extract cifar-10-python.tar.gz"),
+    ],
+    ids=["fashion_missing", "fashion_empty", "imagefolder_empty", "imagefolder_no_images", "cifar_missing"],
+)  # fmt: skip
+def test_missing_or_empty_data_dir(out, synthetic_runs, tmp_path, data, match):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_images/train/cat").mkdir(parents=True)
+    cls, *init = [a.replace("{tmp}", str(tmp_path)) for a in data]
+    refused(out, FileNotFoundError, match, *fit_args(out, synthetic_runs, "--data", cls, *init, config=TARGET))
+    assert list((tmp_path / "empty").iterdir()) == []  # no download folder, no cache
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--data.init_args.image_size", "20"],
+         r"expects images of shape \(1, 16, 16\) \(C, H, W\) but the data gives \(1, 20, 20\); set in_chans/image_size"),
+        (["--data.init_args.in_chans", "3"],
+         r"expects images of shape \(1, 16, 16\) \(C, H, W\) but the data gives \(3, 16, 16\)"),
+        # The data module declares 16x16 but its images are 20x20: the images themselves are checked.
+        (["--data", "test_bad_input.CorruptData", "--data.init_args.actual_size", "20"],
+         r"the train split gives images of shape \(1, 20, 20\) .* but the model \(GenCNP\) expects \(1, 16, 16\); "
+         r"nothing was run\. Make the data match"),
+    ],
+    ids=["size", "channels", "actual_size"],
+)  # fmt: skip
+def test_wrong_image_size_or_channel_count(out, synthetic_runs, extra, match):
+    refused(out, ValueError, match, *fit_args(out, synthetic_runs, *extra))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nan_or_inf_inputs_fail_before_anything_is_written(out, synthetic_runs, value):
+    refused(out, ValueError,
+            r"the train split holds NaN or Inf inputs \(image 0: 256 of 256 values are not finite\); nothing was run\. "
+            r"Check the data files and the normalisation",
+            *fit_args(out, synthetic_runs, "--data", "test_bad_input.CorruptData", "--data.init_args.value", value))  # fmt: skip
+
+
+def test_nan_inputs_further_in_stop_training_at_their_batch(out, synthetic_runs):
+    # The first 64 train images are clean (the check before the run passes); most later ones are NaN.
+    stopped_mid_run(out, ValueError, r"^train batch 0 holds NaN or Inf inputs; clean the data",
+                    *fit_args(out, synthetic_runs, "--data", "test_bad_input.CorruptData", "--data.init_args.value",
+                              "nan", "--data.init_args.bad_from", "64"))  # fmt: skip
+
+
+def test_a_loss_going_non_finite_stops_and_names_the_step_and_the_term(out, synthetic_runs, monkeypatch):
+    real, calls = LS.swap, []
+
+    def swap_turning_nan(*args, **kwargs):  # the swap term becomes NaN from the 4th training step on
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * float("nan") if len(calls) > 3 else value
+
+    monkeypatch.setattr(LS, "swap", swap_turning_nan)
+    stopped_mid_run(out, FloatingPointError,
+                    r"^loss term 'swap' became non-finite \(nan\) at global step 3 \(batch 3\); lower lr, check the "
+                    r"inputs, or disable the term",
+                    *fit_args(out, synthetic_runs))  # fmt: skip
+
+
+# ----- model -----
+def test_unknown_tap_names(out, synthetic_runs):
+    refused(out, KeyError, r"tap 'blocks.9' not found in .*; available taps: blocks.0, blocks.1, blocks.2",
+            *fit_args(out, synthetic_runs, "--model.init_args.taps", "[blocks.0, blocks.9]"))  # fmt: skip
+
+
+@pytest.fixture
+def other_target(synthetic_runs, tmp_path) -> Path:
+    """The synthetic target with one bias changed: same architecture, other weights."""
+    from gencnp.targets import load_target
+
+    model = load_target("tiny_cnn", str(synthetic_runs["target"]), num_classes=4)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    path = tmp_path / "other_target.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_generator_checkpoint_for_another_target(out, synthetic_runs, other_target, tmp_path):
+    fix = r"point target_checkpoint at the original target weights, or train a generator for this target"
+    # Resuming with other target weights configured ...
+    refused(out, ValueError, rf"checkpoint '.*last.ckpt': generator checkpoint was trained for target 'tiny_cnn' .*{fix}",
+            *fit_args(out, synthetic_runs, "--model.init_args.target_checkpoint", str(other_target), "--ckpt_path", "last"))  # fmt: skip
+    # ... exporting a bank after the target file the generator names was replaced (retrained in place). With an
+    # explicit --ckpt_path, LightningCLI takes the model's arguments from the checkpoint, target_checkpoint included.
+    target = tmp_path / "target.ckpt"
+    shutil.copy(synthetic_runs["target"], target)
+    ckpt = torch.load(out / "best.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["target_checkpoint"] = str(target)
+    torch.save(ckpt, tmp_path / "generator.ckpt")
+    shutil.copy(other_target, target)
+    refused(out, ValueError, rf"generator checkpoint was trained for target 'tiny_cnn' from '.*' \(tensor hash \w+\), "
+            rf"but the configured target \('tiny_cnn' from '{target}'\) has hash \w+; {fix}",
+            *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "generator.ckpt")))  # fmt: skip
+    # ... and a target checkpoint given where a generator checkpoint belongs.
+    # (LightningCLI alone would swap the configured GenCNP for the TargetClassifier the checkpoint names.)
+    for run in (fit_args, predict_args):
+        refused(out, ValueError, r"--ckpt_path '.*best.ckpt' was written by gencnp.TargetClassifier, but the config's "
+                r"model is gencnp.GenCNP; nothing was run. A target classifier's checkpoint goes to "
+                r"model.init_args.target_checkpoint, not --ckpt_path",
+                *run(out, synthetic_runs, "--ckpt_path", str(synthetic_runs["target"])))  # fmt: skip
+    # A checkpoint without the class it was written by (a bare torch.save of a Lightning checkpoint): GenCNP checks.
+    ckpt = torch.load(synthetic_runs["target"], map_location="cpu", weights_only=True)
+    ckpt.pop("hyper_parameters")
+    torch.save(ckpt, tmp_path / "bare_target.ckpt")
+    refused(out, ValueError, r"has no 'gencnp' section: it is not a GenCNP generator checkpoint \(a target checkpoint "
+            r"goes to target_checkpoint, not --ckpt_path\)",
+            *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "bare_target.ckpt")))  # fmt: skip
+
+
+# ----- checkpoints: truncated, altered, wrong version, crafted -----
+def flip_a_tensor_byte(data: bytes) -> bytes:
+    """One bit flipped inside the largest tensor of a torch zip checkpoint (torch itself does not notice)."""
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    offset = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    at = offset + 30 + name_len + extra_len + info.file_size // 2
+    return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+
+
+def damaged_checkpoint(good: Path, how: str) -> bytes:
+    data = good.read_bytes()
+    if how == "truncated":
+        return data[: len(data) // 2]
+    if how == "altered_bytes":
+        return flip_a_tensor_byte(data)
+    ckpt = torch.load(good, map_location="cpu", weights_only=True)
+    if how == "altered_weights":  # edited and re-saved by hand: the recorded integrity hash no longer holds
+        key = next(k for k in ckpt["state_dict"] if k.startswith("generator."))
+        ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
+    elif how == "wrong_version":
+        ckpt["gencnp"]["format_version"] = 99
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "how,exc,match",
+    [
+        ("truncated", ValueError, r"checkpoint '.*last.ckpt' is damaged or not a torch checkpoint .*It was truncated "
+                                  r"\(an interrupted copy\?\) or altered; copy it again, or retrain"),
+        ("altered_bytes", ValueError, r"checkpoint '.*last.ckpt' is damaged: its weights do not match the integrity "
+                                      r"hash recorded when it was saved .*Restore the original file"),
+        ("altered_weights", ValueError, r"checkpoint '.*last.ckpt' is damaged: its weights do not match the integrity hash"),
+        ("wrong_version", ValueError, r"has generator checkpoint format 99, but this gencnp reads format 1 only; "
+                                      r"retrain the generator, or use the gencnp version that wrote it"),
+    ],
+)  # fmt: skip
+def test_truncated_altered_or_wrong_version_checkpoint(out, synthetic_runs, how, exc, match):
+    """``--ckpt_path last`` (resume) with a damaged last.ckpt: refused before anything is written."""
+    (out / "last.ckpt").write_bytes(damaged_checkpoint(out / "last.ckpt", how))
+    refused(out, exc, match, *fit_args(out, synthetic_runs, "--ckpt_path", "last"))
+
+
+def test_truncated_target_checkpoint(out, synthetic_runs, tmp_path):
+    bad = tmp_path / "target.ckpt"
+    bad.write_bytes(synthetic_runs["target"].read_bytes()[:1000])
+    refused(out, ValueError, r"checkpoint '.*target.ckpt' could not be loaded safely \(weights_only=True\).*"
+            r"truncated, altered, or holds arbitrary Python objects",
+            *fit_args(out, synthetic_runs, "--model.init_args.target_checkpoint", str(bad)))  # fmt: skip
+
+
+class _Evil:
+    """Unpickling this runs ``open(marker, 'w')``: code from a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("container", ["pickle", "torch_zip"])
+def test_crafted_pickle_as_a_checkpoint_is_refused_not_executed(out, synthetic_runs, tmp_path, container):
+    from gencnp.checkpointing import read_checkpoint
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"w": _Evil(marker)}, "gencnp": {"format_version": 1}}
+    if container == "pickle":
+        evil.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, evil)
+    assert not marker.exists()  # saving does not run it; loading with pickle would
+    refusal = r"was refused: it holds Python objects other than tensors and plain containers, and gencnp loads checkpoints with weights_only=True"
+    with pytest.raises(ValueError, match=refusal):
+        read_checkpoint(evil)
+    refused(out, ValueError, refusal, *predict_args(out, synthetic_runs, "--ckpt_path", str(evil)))
+    refused(out, ValueError, refusal, *fit_args(out, synthetic_runs, "--ckpt_path", str(evil)))
+    assert not marker.exists()
+
+
+# ----- banks: another target, another class list, truncated, altered, wrong version -----
+@pytest.fixture
+def report_inputs(synthetic_runs, tmp_path) -> dict:
+    """What ``report`` needs apart from the bank, and a valid bank for the generator's target."""
+    from gencnp import GenCNP
+
+    model = GenCNP.load_from_checkpoint(synthetic_runs["gencnp"])
+    g = torch.Generator().manual_seed(0)
+
+    def bank_for(target, names) -> PathwayBank:
+        bank = PathwayBank.for_target(target, names, tau=0.5)
+        bank.update(torch.rand(40, target.num_channels, generator=g) < 0.5, torch.arange(40) % len(names))
+        return bank
+
+    return {"generator": str(synthetic_runs["gencnp"]), "target": model.target, "bank_for": bank_for,
+            "good": bank_for(model.target, NAMES).save(tmp_path / "good.safetensors")}  # fmt: skip
+
+
+def report_refuses(out: Path, inputs: dict, bank: Path, match: str) -> None:
+    """``evaluate.py report`` with ``bank``: refused, the earlier report untouched, no new report folder."""
+    from gencnp.report import report
+
+    data = SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200)
+    for out_dir in (out / "eval", out / "eval_new"):
+        before = tree(out)
+        with pytest.raises(ValueError, match=match):
+            report(generator=inputs["generator"], bank=str(bank), data=data, out_dir=str(out_dir), limit=40,
+                   progress=False)  # fmt: skip
+        assert tree(out) == before
+
+
+def test_bank_for_another_target_or_class_list(out, report_inputs, tmp_path):
+    from gencnp.targets import FrozenTarget, create_target
+
+    torch.manual_seed(1)
+    other = FrozenTarget(create_target("tiny_cnn", num_classes=4), report_inputs["target"].tap_names, (1, 16, 16))
+    path = report_inputs["bank_for"](other, NAMES).save(tmp_path / "other_target.safetensors")
+    report_refuses(out, report_inputs, path, r"does not fit the given target: target tensor hash: .*"
+                   r"load the target checkpoint the bank was exported .*re-export the bank")  # fmt: skip
+    names = ["pattern_0", "pattern_1", "pattern_3", "pattern_2"]
+    path = report_inputs["bank_for"](report_inputs["target"], names).save(tmp_path / "other_classes.safetensors")
+    report_refuses(out, report_inputs, path, r"built for classes \['pattern_0', 'pattern_1', 'pattern_3', 'pattern_2'\]"
+                   r".*#2 'pattern_3' vs 'pattern_2'.*same order")  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["truncated", "altered", "wrong_version"])
+def test_truncated_altered_or_wrong_version_bank(out, report_inputs, tmp_path, how):
+    from gencnp import banks as banks_module
+
+    good = Path(report_inputs["good"])
+    data = good.read_bytes()
+    bad = tmp_path / f"{how}.safetensors"
+    if how == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+        problem = (
+            r"is damaged: it is not a readable safetensors file .*truncated or altered .*copy it again, or re-export"
+        )
+    elif how == "altered":
+        bad.write_bytes(data[:-1] + bytes([data[-1] ^ 0x01]))  # one bit of n
+        problem = r"is damaged: its checksum does not match its content .*altered after saving. Restore the original"
+    else:
+        from safetensors.torch import save_file
+
+        bank = PathwayBank.load(good)
+        meta = json.dumps({**bank.metadata, "format_version": 99}, sort_keys=True)
+        digest = banks_module._checksum(meta, bank.counts.numpy(), bank.n.numpy())
+        save_file({"counts": bank.counts, "n": bank.n}, str(bad), metadata={"gencnp": meta, "sha256": digest})
+        problem = r"has format_version 99, but this gencnp reads format_version 1 only. Upgrade gencnp"
+    report_refuses(out, report_inputs, bad, rf"pathway bank '{bad}' {problem}")
+
+
+# ----- config -----
+@pytest.mark.parametrize("where", ["command_line", "yaml"])
+def test_config_key_that_does_not_exist(out, synthetic_runs, tmp_path, capsys, where):
+    if where == "yaml":
+        extra = tmp_path / "extra.yaml"
+        extra.write_text("model:\n  init_args:\n    lamda_sp: 2.0\n")
+        args, key = ["--config", str(extra)], "lamda_sp"
+    else:
+        args, key = ["--trainer.max_epochz", "3"], "trainer.max_epochz"
+    before = tree(out)
+    with pytest.raises(SystemExit) as info:
+        cli(*fit_args(out, synthetic_runs, *args))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and tree(out) == before
+    if where == "yaml":
+        assert f"'{key}' is not an argument of gencnp.GenCNP (config keys are constructor argument names). " \
+               "Did you mean 'lambda_sp'" in err  # fmt: skip
+    else:
+        assert f"'{key}' is not a config key here. Did you mean 'max_epochs'" in err
+    assert "Fix the key in the YAML or on the command line" in err
+
+
+@pytest.mark.parametrize("taus", ["[0.0, 0.5]", "[0.5, 1.5]"])
+def test_tau_outside_0_1(out, synthetic_runs, taus):
+    bad = "0.0" if "0.0" in taus else "1.5"
+    refused(out, ValueError, rf"taus must lie in \(0, 1\], got \[{bad}\]; .*Give values such as \[0.25, 0.5, 0.75\]",
+            *predict_args(out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"), "--trainer.callbacks.init_args.taus", taus))  # fmt: skip
+    # A bank's own tau: PathwayBank refuses it when set, used or loaded (test_banks.py::test_tau_outside_0_1_*).
+    bank = PathwayBank(NAMES, ["a"], [2], "tiny_cnn", "h")
+    with pytest.raises(ValueError, match=r"tau=1.5 is outside the valid range \(0, 1\].*Pick a value such as 0.5"):
+        bank.tau = 1.5
+
+
+# ----- output folders -----
+def test_output_folder_under_a_file(out, synthetic_runs, tmp_path):
+    """A folder path running through a regular file cannot be created, for root too."""
+    blocker = out / "config.yaml"  # an existing file of the earlier run
+    fix = r"Move that file away, or choose another folder"
+    refused(out, NotADirectoryError, rf"cannot write the log folder of CSVLogger '.*config.yaml/logs': '.*config.yaml' "
+            rf"is a file, not a folder; nothing was written. {fix}: set trainer.logger.init_args.save_dir",
+            *fit_args(out, synthetic_runs, "--trainer.logger.init_args.save_dir", str(blocker / "logs")))  # fmt: skip
+    refused(out, NotADirectoryError, rf"cannot write the folder of PathwayBankWriter's file 'bank.safetensors'.*{fix}",
+            *predict_args(out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"),
+                          "--trainer.callbacks.init_args.path", str(blocker / "bank.safetensors")))  # fmt: skip
+    from gencnp.report import report
+
+    before = tree(out)
+    with pytest.raises(NotADirectoryError, match=rf"cannot write the report folder .*{fix}: set out_dir"):
+        report(generator=str(synthetic_runs["gencnp"]), bank=None, out_dir=str(blocker / "eval"), progress=False,
+               data=SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200))  # fmt: skip
+    assert tree(out) == before
+
+
+def test_output_folder_without_write_permission(out, synthetic_runs, tmp_path, monkeypatch):
+    """Permission bits do not stop root (these tests run as root in CI), so for root the check's own view of the
+    folder is made read-only (``os.access``), as it is for any other user after ``chmod 555``."""
+    import gencnp.preflight as preflight
+
+    locked = out / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    try:
+        refused(out, PermissionError, r"cannot write the checkpoint folder '.*locked/ckpt': its parent '.*locked' is not "
+                r"writable; nothing was written. Fix the permissions \(chmod u\+w '.*locked'\) or choose a writable "
+                r"folder: set the dirpath of ModelCheckpoint",
+                *fit_args(out, synthetic_runs, "--trainer.callbacks.init_args.dirpath", str(locked / "ckpt")))  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+
+
+# ----- Weights & Biases online without a network -----
+@pytest.fixture
+def wandb_online(monkeypatch, tmp_path):
+    """W&B asked for online (no WANDB_MODE), a key, and a server on a closed port."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    wandb.finish()
+    yield
+    wandb.finish()
+
+
+def test_wandb_online_without_network_fails_in_seconds(out, synthetic_runs, wandb_online, monkeypatch):
+    online = ["--trainer.logger", str(ROOT / "configs/loggers/wandb.yaml"), "--trainer.logger.init_args.offline", "false",
+              "--trainer.logger.init_args.save_dir", str(out)]  # fmt: skip
+    offline = r"Log offline instead .*--trainer.logger.init_args.offline true, or WANDB_MODE=offline"
+    start = time.monotonic()
+    refused(out, ValueError, r"the W&B logger is in online mode but 127.0.0.1:9 cannot be reached within 2 s "
+            rf"\(ConnectionRefusedError.*\); nothing was run .*{offline}", *fit_args(out, synthetic_runs, *online))  # fmt: skip
+    monkeypatch.delenv("WANDB_API_KEY")
+    refused(out, ValueError, rf"online mode but no API key is configured for 127.0.0.1 .*Run `wandb login`.*{offline}",
+            *fit_args(out, synthetic_runs, *online))  # fmt: skip
+    assert time.monotonic() - start < 30  # W&B itself would hang for about 105 s
+
+
+def test_wandb_host_whose_name_never_resolves_is_given_up_after_the_timeout(wandb_online, monkeypatch):
+    """getaddrinfo ignores socket timeouts (a dead DNS server blocks for minutes): the check does not wait for it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    import gencnp.preflight as preflight
+
+    release = threading.Event()
+
+    def stuck(*args, **kwargs):
+        release.wait(60)
+        raise OSError("released")
+
+    monkeypatch.setattr(preflight.socket, "getaddrinfo", stuck)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.invalid")
+    start = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match=r"wandb.example.invalid:443 cannot be reached within 0.5 s \(name "
+                                             r"resolution of wandb.example.invalid took longer than 0.5 s\)"):  # fmt: skip
+            preflight.check_wandb_online([WandbLogger(offline=False)], timeout=0.5)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
