@@ -166,7 +166,8 @@ def neuron_mct_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor
     """NeuronMCT channel scores (Khakzar et al., CVPR 2021): ``sum_space |a * dS_y/da|`` per tap channel.
 
     One forward and one backward for all taps: an all-ones mask that requires grad puts every tap output
-    ``a`` in the graph; ``dS/da`` is read at the recorded tap outputs. ``S`` is the pre-softmax logit.
+    ``a`` in the graph; ``dS/da`` is read at the recorded tap outputs. ``S`` is the pre-softmax logit. Without
+    ``y_hat`` the class is that forward's argmax (an all-ones mask reproduces the logits exactly), not a second pass.
 
     Args:
         target: the frozen classifier.
@@ -178,12 +179,15 @@ def neuron_mct_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor
         ``[B, D]`` non-negative scores, tap order.
     """
     x = plain(x)
-    y_hat = _default_y(target, x, y_hat, fill)
+    if y_hat is not None:
+        y_hat = _default_y(target, x, y_hat, fill)
     with grad_enabled():
         ones = [
             torch.ones(x.shape[0], c, device=x.device, dtype=x.dtype, requires_grad=True) for c in target.tap_channels
         ]
         logits, feats = target(x, masks=ones, fill=fill, record=True)
+        if y_hat is None:
+            y_hat = logits.detach().argmax(1)
         grads = torch.autograd.grad(_class_score(logits, y_hat), feats)
     return torch.cat([_space_sum((f.detach() * g).abs()) for f, g in zip(feats, grads)], dim=1)
 
@@ -202,7 +206,8 @@ def neuron_intgrad_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Te
     ``steps`` points (trapezoid rule); the channel score is ``sum_space |IG|``.
 
     The path of tap ``l`` is the mask ``t`` on that tap alone (``a * t + a0 * (1 - t)``), so the scaled activation
-    flows through the rest of the network; all ``steps`` points of a tap run as one batch of ``steps * B``.
+    flows through the rest of the network; all ``steps`` points of a tap run as one batch of ``steps * B``. The
+    first tap's output is computed once and reused by every pass (``FrozenTarget(first_tap=...)``).
 
     Args:
         target: the frozen classifier.
@@ -217,17 +222,20 @@ def neuron_intgrad_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Te
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (both ends of the path), got {steps}.")
     x = plain(x)
-    y_hat = _default_y(target, x, y_hat, fill)
     b = x.shape[0]
-    alphas, w = _trapezoid(steps, x.device, x.dtype)
-    xr = x.repeat(steps, *([1] * (x.dim() - 1)))  # [steps * B, ...], path point major
-    yr = y_hat.repeat(steps)
+    with grad_enabled(), torch.no_grad():  # ordinary tensors even under inference_mode: the passes below save them
+        logits, first = target(x, record=True)
+        y_hat = logits.argmax(1) if y_hat is None else _default_y(target, x, y_hat, fill)
+        alphas, w = _trapezoid(steps, x.device, x.dtype)
+        xr = x.repeat(steps, *([1] * (x.dim() - 1)))  # [steps * B, ...], path point major
+        first_r = first[0].repeat(steps, *([1] * (first[0].dim() - 1)))
+        yr = y_hat.repeat(steps)
     scores = []
     with grad_enabled():
         for i, c in enumerate(target.tap_channels):
             masks: list[torch.Tensor | None] = [None] * len(target.tap_channels)
             masks[i] = alphas.repeat_interleave(b)[:, None].expand(steps * b, c).clone().requires_grad_(True)
-            logits, feats = target(xr, masks=masks, fill=fill, record=True)
+            logits, feats = target(xr, masks=masks, fill=fill, record=True, first_tap=first_r)
             (g,) = torch.autograd.grad(_class_score(logits, yr), feats[i])
             g = g.reshape(steps, b, *g.shape[1:])
             avg = (w.reshape(-1, *([1] * (g.dim() - 1))) * g).sum(0)
@@ -245,7 +253,7 @@ def dgr(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None
     (so each sample's gradient, hence the result, does not depend on the batch), ``steps`` SGD steps with
     momentum, gates clamped to ``clamp`` after each step. Each sample keeps its lowest-loss faithful iterate
     (masked argmax equals ``y_hat``) among the ``steps + 1`` iterates, the initial all-ones one included;
-    all-ones when none is faithful.
+    all-ones when none is faithful. The first tap's output is computed once and reused by every step.
 
     Args:
         target: the frozen classifier.
@@ -262,10 +270,10 @@ def dgr(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None
                          f"lr={lr}, momentum={momentum}, l1={l1}, clamp={clamp}.")  # fmt: skip
     x = plain(x)
     chans = target.tap_channels
-    with torch.no_grad():
-        logits = target(x)
-    y_hat = logits.argmax(1) if y_hat is None else _default_y(target, x, y_hat, fill)
-    p = F.softmax(logits.float(), dim=1)
+    with grad_enabled(), torch.no_grad():  # ordinary tensors even under inference_mode: the steps below save them
+        logits, first = target(x, record=True)
+        p = F.softmax(logits.float(), dim=1)
+        y_hat = logits.argmax(1) if y_hat is None else _default_y(target, x, y_hat, fill)
     b, d = x.shape[0], sum(chans)
     best = torch.ones(b, d, device=x.device, dtype=x.dtype)
     best_loss = torch.full((b,), float("inf"), device=x.device, dtype=torch.float64)
@@ -274,7 +282,7 @@ def dgr(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None
         gates = torch.ones(b, d, device=x.device, dtype=x.dtype, requires_grad=True)
         velocity = torch.zeros_like(gates)
         for t in range(steps + 1):
-            masked = target(x, masks=list(torch.split(gates, chans, dim=1)), fill=fill)
+            masked = target(x, masks=list(torch.split(gates, chans, dim=1)), fill=fill, first_tap=first[0])
             per = -(p * F.log_softmax(masked.float(), dim=1)).sum(1) + l1 * gates.abs().sum(1)  # [B]
             with torch.no_grad():
                 better = (masked.argmax(1) == y_hat) & (per.double() < best_loss)

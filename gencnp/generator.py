@@ -15,6 +15,32 @@ from torch import nn
 __all__ = ["RFE", "PDN", "RPD", "daq", "straight_through", "PathwayGenerator"]
 
 
+class _ReluMeanMax(torch.autograd.Function):
+    """``cat([relu(n).mean((2, 3)), relu(n).amax((2, 3))], 1)`` with a one-pass backward.
+
+    Autograd's own backward of this pooling allocates and walks a full ``[B, C, H, W]`` map about five times
+    (mean, amax's equality mask and tie count, their sum, ReLU); here it is one map: ``g_mean / (H W)`` broadcast,
+    ``g_max`` added at the arg-max, zero where the ReLU output is zero. The values equal autograd's except when two
+    *positive* entries of a map tie for its maximum (autograd splits ``g_max`` among ties, here one entry gets it);
+    an all-zero map's ``g_max`` is removed by the ReLU either way.
+    """
+
+    @staticmethod
+    def forward(ctx, n: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(n)
+        mx, idx = h.flatten(2).max(dim=2)
+        ctx.save_for_backward((h > 0).contiguous(), idx, mx > 0)  # contiguous: the backward views it [B, C, H W]
+        return torch.cat([h.mean(dim=(2, 3)), mx], dim=1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        positive, idx, max_positive = ctx.saved_tensors
+        b, c, hh, ww = positive.shape
+        grad = (g[:, :c] / (hh * ww))[:, :, None, None] * positive
+        grad.view(b, c, -1).scatter_add_(2, idx.unsqueeze(-1), (g[:, c:] * max_positive).unsqueeze(-1))
+        return grad
+
+
 class TapEmbedding(nn.Module):
     """One tap's feature map ``[B, C_l, H, W]`` (or tokens ``[B, N, C_l]``) -> embedding ``[B, d]``.
 
@@ -33,7 +59,10 @@ class TapEmbedding(nn.Module):
             f = f.transpose(1, 2).unsqueeze(-1)
         elif f.dim() == 2:
             f = f[:, :, None, None]
-        h = torch.relu(self.norm(self.proj(f)))
+        n = self.norm(self.proj(f))
+        if torch.is_grad_enabled() and n.requires_grad:
+            return self.out(_ReluMeanMax.apply(n))
+        h = torch.relu(n)
         return self.out(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
 
 

@@ -145,9 +145,24 @@ def update_prototypes(prototypes: torch.Tensor, seen: torch.Tensor, scores: torc
     seen[present] = True
 
 
-def partners(y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch swap pairs for training: ``j = i + 1`` (cyclic); returns ``(index [B], valid [B])``."""
-    idx = torch.roll(torch.arange(len(y_hat), device=y_hat.device), -1)
+def partners(y_hat: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch swap pairs for training; returns ``(index [B], valid [B])``, ``valid`` where the classes differ.
+
+    Without ``logits``: ``j = i + 1`` (cyclic). With ``logits [B, K]`` (the target's, unmasked): **hard partners**,
+    gencnp's choice: ``j`` is the next sample (cyclically after ``i``) whose class ``y_hat_j`` is the runner-up class
+    of ``x_i`` (second-largest logit), i.e. the class that ``x_i``'s pathway is most likely to force on other inputs;
+    ``i + 1`` when the batch holds no such sample.
+    """
+    b = len(y_hat)
+    ar = torch.arange(b, device=y_hat.device)
+    idx = torch.roll(ar, -1)
+    if logits is not None and b > 1:
+        runner_up = logits.detach().topk(2, dim=1).indices[:, 1]
+        match = y_hat[None, :] == runner_up[:, None]  # [B, B]: j has i's runner-up class
+        dist = (ar[None, :] - ar[:, None] - 1) % b  # 0 for j = i + 1, cyclic order after i
+        score = torch.where(match, dist, torch.full_like(dist, b))
+        first = score.argmin(dim=1)
+        idx = torch.where(match.any(dim=1), first, idx)
     return idx, y_hat[idx] != y_hat
 
 

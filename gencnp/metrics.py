@@ -72,28 +72,50 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
 
 
+def _jaccard_sum(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 22) -> float:
+    """``sum_ij J(a_i, b_j)`` over all row pairs of float32 0/1 rows ``a [n_a, D]``, ``b [n_b, D]``; empty pairs count 0.
+
+    Intersections and unions are integers below ``2^24``, so the float32 product and sums are exact; each ratio is
+    rounded once (float32) and the ratios are summed in float64. Rows of ``a`` go in chunks of about ``block``
+    pairs, so memory stays bounded for any class size.
+    """
+    sb = b.sum(1)[None, :]
+    rows = max(1, block // max(1, b.shape[0]))
+    total = 0.0
+    for start in range(0, a.shape[0], rows):
+        ai = a[start : start + rows]
+        inter = ai @ b.T
+        union = (ai.sum(1)[:, None] + sb).sub_(inter).clamp_min_(1)  # empty with empty: 0 / 1 = 0
+        total += float(inter.div_(union).sum(dtype=torch.float64))
+    return total
+
+
 def class_iou(pathways: torch.Tensor, classes: torch.Tensor, num_classes: int | None = None) -> tuple[float, float]:
     """``(acIOU, between_class_iou)``.
 
     acIOU: per class, mean Jaccard over pairs ``i != j`` of its samples, unweighted mean over classes with >= 2
     samples. between_class_iou: per class pair, mean Jaccard over cross pairs; unweighted mean over pairs.
+    One float32 matrix product per class pair (exact integer counts): 10,000 pathways of D = 288 in 10 classes took
+    about 0.8 s of one core (``benchmarks/results.md``). Rows are put in a canonical order first, so the result
+    does not depend on sample order.
 
     Args:
         pathways: ``[N, D]`` binary; classes: ``[N]``.
     """
     p = pathways.detach().cpu().bool().numpy()
     c = classes.detach().cpu().numpy()
-    groups = [torch.from_numpy(_canonical(p[c == k])).double() for k in np.unique(c)]
+    groups = [torch.from_numpy(_canonical(p[c == k])).float() for k in np.unique(c)]
     within = []
     for g in groups:
         n = len(g)
         if n >= 2:
-            j = _jaccard(g, g)
-            within.append(float((j.sum() - j.diagonal().sum()) / (n * (n - 1))))
+            # The diagonal J(a_i, a_i) is exactly 1 for a non-empty pathway and 0 for an empty one.
+            diagonal = int((g.sum(1) > 0).sum())
+            within.append((_jaccard_sum(g, g) - diagonal) / (n * (n - 1)))
     between = []
     for i in range(len(groups)):
         for k in range(i + 1, len(groups)):
-            between.append(float(_jaccard(groups[i], groups[k]).mean()))
+            between.append(_jaccard_sum(groups[i], groups[k]) / (len(groups[i]) * len(groups[k])))
     ac = float(np.mean(within)) if within else float("nan")
     bc = float(np.mean(between)) if between else float("nan")
     return ac, bc

@@ -410,8 +410,9 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
                                 "add the stage that writes it, or fix 'inputs'.")  # fmt: skip
         stamp_path = st.stamp_path(workdir)
         stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
-        say(f"{head}: running ({reason}): {shown}")
         log = stamp_path.with_name(f"{st.name}.log") if quiet else None
+        # --quiet: the stage's own progress bars go to its log; say where, so a long stage can be followed (tail -f).
+        say(f"{head}: running ({reason}): {shown}" + (f"; output in {_show(log)}" if log else ""))
         t_stage = time.perf_counter()
         proc = _run_stage(argv, workdir, log)
         seconds = time.perf_counter() - t_stage
@@ -485,6 +486,13 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "transfer": {**{k: transfer.get(k) for k in keys}, "tau": transfer.get("tau")} if transfer else None,
         "seconds_per_image": {"gencnp": g_s, "dgr": d_s},
         "dgr_speed_ratio": (d_s / g_s) if g_s and d_s else None,
+        # The baselines at GEN-CNP's own per-sample and per-tap kept counts (equal sparsity).
+        "matched": {
+            m: {k: e.get(k) for k in ("agreement", "swap_forcing", "n")}
+            for m, e in (report.get("methods") or {}).items()
+            if m != "gencnp" and e
+        },
+        "figures": sorted((report.get("figures") or {}).values()),
     }
 
 
@@ -504,10 +512,17 @@ def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
              f"  target accuracy      {f(s['target_accuracy'])}",
              row("GEN-CNP", s["gencnp"]),
              row(f"transfer (tau {f(s['transfer']['tau'], 2)})" if s["transfer"] else "transfer", s["transfer"])]  # fmt: skip
+    if s.get("matched"):
+        lines.append("  baselines at GEN-CNP's kept counts (agreement / swap forcing):")
+        lines.append(
+            "    " + "  ".join(f"{m} {f(e['agreement'], 2)}/{f(e['swap_forcing'], 2)}" for m, e in s["matched"].items())
+        )
     sp = s["seconds_per_image"]
     if s["dgr_speed_ratio"] is not None:
         lines.append(f"  speed                GEN-CNP {sp['gencnp'] * 1e3:.3f} ms/image, DGR {sp['dgr'] * 1e3:.3f} ms/image: "
                      f"GEN-CNP {s['dgr_speed_ratio']:.0f}x faster")  # fmt: skip
+    if s.get("figures"):
+        lines.append(f"  figures (.png)       {', '.join(Path(x).stem for x in s['figures'])}")
     lines.append("  read agreement only beside kept and forcing: high forcing means the pathway encodes the class.")
     return "\n".join(lines)
 

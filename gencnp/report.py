@@ -837,7 +837,7 @@ def _markdown(r: dict) -> str:
     L += ["", "## Figures", ""]
     captions = {
         "agreement_vs_kept": "Agreement vs kept fraction on the subset (GEN-CNP: threshold sweep on generator scores; "
-                             "baselines: global kept percentiles; star: transfer), and swap forcing vs kept for every entry.",
+                             "baselines: global kept percentiles; star: transfer), and the swap and zero forcing controls of every entry.",
         "kept_hist": "Kept-fraction histograms per method (native settings; matched methods share GEN-CNP's counts).",
         "bank_heatmap": "Selection frequencies of the bank, class by channel (tap boundaries marked).",
         "attribution_grid": "Pathway gradient and Grad-CAM: unmasked target vs GEN-CNP pathway vs class pathway.",
@@ -868,53 +868,75 @@ def _screen(r: dict, out: Path) -> str:
 
 # ----- figures -----
 def _plot_curves(path: Path, r: dict) -> str:
+    """Left: agreement vs kept on the subset (curves and native points). Right: the forcing controls of every entry.
+
+    The right panel is a bar chart, not a scatter over kept: matched entries share GEN-CNP's kept counts, so as
+    points they would sit on one another.
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 5.2), layout="constrained")
-    ax, ax2 = fig.subplots(1, 2)
     colors = {"gencnp": "C0", "random": "C7", "neuron_mct": "C1", "neuron_intgrad": "C2", "dgr": "C3", "transfer": "C4"}
+    groups = [("matched", r["methods"]), ("native", r["methods_native"])]
+    groups += [("class pathway", {"transfer": r["transfer"]})] if r["transfer"] else []
+    bars = []  # (label, entry, color)
+    for setting, entries in groups:
+        for m, e in entries.items():
+            if e is None or (setting == "native" and m == "gencnp") or e.get("swap_forcing") is None:
+                continue
+            name = (
+                "GEN-CNP" if m == "gencnp" else ("transfer (class pathways)" if m == "transfer" else f"{m} ({setting})")
+            )
+            bars.append((f"{name}\nkept {e['kept_mean']:.2f}, n={e['n']}", e, colors[m]))
+    fig = Figure(figsize=(14, max(5.6, 0.42 * len(bars) + 1.6)), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
     pts = defaultdict(list)
     for p in r["curves"]["points"]:
         pts[p["method"]].append(p)
-    for m, ps in pts.items():
+    for m, ps in sorted(pts.items(), key=lambda kv: kv[0] != "gencnp"):
         ps = sorted(ps, key=lambda q: q["kept_mean"])
-        label = "GEN-CNP (threshold sweep)" if m == "gencnp" else f"{m} (global percentile)"
-        ax.plot([q["kept_mean"] for q in ps], [q["agreement"] for q in ps], "o-", color=colors[m], label=label)
-        if m == "gencnp":
-            for q in ps:
-                ax.annotate(f"{q['param']:g}", (q["kept_mean"], q["agreement"]), textcoords="offset points", xytext=(4, -10),
-                            fontsize=7, color=colors[m])  # fmt: skip
+        if m == "gencnp":  # lower thresholds keep more: the points run from the highest threshold (left) to the lowest
+            ts = sorted(q["param"] for q in ps)
+            label = f"GEN-CNP (score threshold {ts[-1]:g} ... {ts[0]:g}, left to right)"
+        else:
+            label = f"{m} (global kept percentile)"
+        ax.plot([q["kept_mean"] for q in ps], [q["agreement"] for q in ps], "o-", color=colors[m], label=label,
+                lw=2.2 if m == "gencnp" else 1.4, zorder=3 if m == "gencnp" else 2, clip_on=False)  # fmt: skip
     sub = r["subset"]
-    for m, e in sub["methods_native"].items():
-        if m == "dgr":
-            ax.plot(e["kept_mean"], e["agreement"], "D", color=colors[m], ms=8, label="dgr native (gates > 0)")
+    dgr = (sub.get("methods_native") or {}).get("dgr")
+    if dgr:
+        ax.plot(dgr["kept_mean"], dgr["agreement"], "D", color=colors["dgr"], ms=9, mec="k", label="dgr native (gates > 0)",
+                zorder=5, clip_on=False)  # fmt: skip
     if sub.get("transfer"):
         t = sub["transfer"]
-        ax.plot(t["kept_mean"], t["agreement"], "*", color=colors["transfer"], ms=16, label="transfer (class pathways)")
+        ax.plot(t["kept_mean"], t["agreement"], "*", color=colors["transfer"], ms=17, mec="k",
+                label="transfer (class pathways)", zorder=5, clip_on=False)  # fmt: skip
     ax.set_xlabel("kept fraction of the D tap channels")
     ax.set_ylabel("agreement (masked argmax = class source)")
     ax.set_title(f"Agreement vs kept ({sub['images']})", fontsize=10)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    markers = {"matched": "o", "native": "s", "class pathway": "*"}
-    groups = [("matched", r["methods"]), ("native", r["methods_native"])] + (
-        [("class pathway", {"transfer": r["transfer"]})] if r["transfer"] else []
-    )
-    for setting, entries in groups:
-        for m, e in entries.items():
-            if e is None or (setting == "native" and m == "gencnp") or e.get("swap_forcing") is None:
-                continue
-            ax2.plot(e["kept_mean"], e["swap_forcing"], markers[setting], color=colors[m], ms=12 if setting == "class pathway" else 8,
-                     label=f"{m} ({setting})")  # fmt: skip
-    ax2.set_xlabel("kept fraction of the D tap channels")
-    ax2.set_ylabel("swap forcing (lower = more input-dependent)")
-    ax2.set_title("Input dependence: another class's image through the pathway", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+
+    y = np.arange(len(bars))
+    h = 0.38
+    swap = [b[1]["swap_forcing"] for b in bars]
+    zero = [b[1].get("zero_forcing") for b in bars]
+    cols = [b[2] for b in bars]
+    ax2.barh(y - h / 2, swap, h, color=cols, label="swap forcing (another class's image)")
+    ax2.barh(y + h / 2, [z if z is not None else 0 for z in zero], h, color=cols, alpha=0.45, hatch="//",
+             label="zero forcing (all-zero image)")  # fmt: skip
+    for yi, s, z in zip(y, swap, zero):
+        ax2.text(min(s, 0.9) + 0.01, yi - h / 2, f"{s:.2f}", va="center", fontsize=7)
+        if z is not None:
+            ax2.text(min(z, 0.9) + 0.01, yi + h / 2, f"{z:.2f}", va="center", fontsize=7)
+    ax2.set_yticks(y, [b[0] for b in bars], fontsize=8)
+    ax2.invert_yaxis()
     ax2.set_xlim(0, 1)
-    ax2.set_ylim(0, 1.02)
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7, ncol=2, loc="upper right")
+    ax2.set_xlabel("share of images whose pathway still gives its class (lower = more input-dependent)")
+    ax2.set_title(f"Input-dependence controls ({r['provenance']['split']} split; n images per bar)", fontsize=10)
+    ax2.grid(alpha=0.3, axis="x")
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     _save_figure(fig, path, dpi=110)
     return str(path)
 
@@ -963,13 +985,14 @@ def _plot_bank(path: Path, bank) -> str:
         fontsize=8,
     )
     ax.set_xlabel(f"channel (D = {d}), grouped by tap")
-    ax.set_ylabel(f"class ({bank.class_source})")
+    source = {"pred": "target prediction", "label": "label"}.get(bank.class_source, bank.class_source)
+    ax.set_ylabel(f"class ({source})")
     ax.set_title(
         f"Pathway bank: selection frequency f_c, {bank.split} split, {int(bank.n.sum())} samples, tau = {bank.tau:g}",
         fontsize=10,
     )
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
-    cb.set_label("selection frequency f_c[j]")
+    cb.set_label("selection frequency f_c[j] (red: tau)")  # class pathway: f_c >= tau
     cb.ax.axhline(bank.tau, color="red", lw=1.5)
     _save_figure(fig, path, dpi=110)
     return str(path)
@@ -1027,17 +1050,18 @@ def _plot_attribution(path: Path, model, dataset, y_hat: torch.Tensor, labels: t
             ax.imshow(data.numpy(), **kw)
         axes[row, c0].set_xlabel(f"label: {class_names[int(labels[picks[i]])]}", fontsize=7, labelpad=2)
         if c0 == 0:
-            axes[row, 0].set_ylabel(class_names[int(yh[i])], fontsize=8)
+            axes[row, 0].set_ylabel(f"pred: {class_names[int(yh[i])]}", fontsize=8)
     short = {"unmasked": "unmasked", "GEN-CNP pathway": "GEN-CNP", "class pathway": "class path"}
     for s in range(per_class):
         axes[0, s * block].set_title("input", fontsize=8)
         for v, (name, _) in enumerate(variants):
             axes[0, s * block + 1 + v].set_title(f"grad\n{short[name]}", fontsize=8)
             axes[0, s * block + 1 + nv + v].set_title(f"Grad-CAM\n{short[name]}", fontsize=8)
-    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"), ax=axes, location="bottom", shrink=0.4, aspect=40,
-                 label="pathway gradient dS(y)/dx, signed (each sample's maps share one scale)")  # fmt: skip
+    # The colour bar added last sits nearest the grid: gradients (the left columns) there, Grad-CAM below.
     fig.colorbar(cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"), ax=axes, location="bottom", shrink=0.4, aspect=40,
                  label="Grad-CAM of H(x; m) at the last tap (each sample's maps share one scale)")  # fmt: skip
+    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"), ax=axes, location="bottom", shrink=0.4, aspect=40,
+                 label="pathway gradient dS(y)/dx, signed (each sample's maps share one scale)")  # fmt: skip
     fig.suptitle(
         f"Attribution through pathways: {per_class} test image(s) per predicted class (row); unmasked target vs "
         "GEN-CNP pathway vs class pathway",

@@ -36,7 +36,7 @@ def best_row(metrics_csv: Path) -> dict[str, float]:
 
 
 def _flag(key: str, value) -> list[str]:
-    return [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return [f"--{key}", json.dumps(value) if value is None or isinstance(value, (list, dict)) else str(value)]
 
 
 def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict:

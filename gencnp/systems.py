@@ -5,6 +5,7 @@ Systems orchestrate: steps, logging, optimisers. The maths lives in ``generator`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -124,10 +125,19 @@ class GenCNP(L.LightningModule):
             hash of its pixels, so the control does not depend on batching or process count.
         sparsity_per: ``'tap'`` (every tap's mean score counts the same) or ``'channel'`` (every channel counts the
             same: the sparsity term is the expected ``kept_mean``).
+        swap_partner: the training ``swap`` partner of sample i: ``'roll'`` (the next sample of the batch) or
+            ``'hard'`` (a sample of the batch whose class is x_i's runner-up class under the target, the class
+            most easily forced; ``losses.partners``).
         dependence_gate: when set, a sample's sparsity pressure also stops while its pathway gives its class a
             probability above this value on its swap partner or on the all-zero image (``None``: faithfulness only).
         selection weights: checkpoints select on ``val/score = agreement - w_swap swap_forcing - w_zero
             zero_forcing - w_kept kept_mean``.
+        control_fraction: opt-in speed setting (default 1.0: every sample). The ``swap`` and ``zero`` losses (and
+            the dependence gate) use only the first ``ceil(control_fraction * B)`` samples of each training batch,
+            so the masked pass holds ``B + 2 ceil(f B)`` rather than ``3B`` images; samples outside that subset are
+            gated by faithfulness only. Validation and test always run the controls on every sample.
+        channels_last: opt-in speed setting, the frozen target in ``channels_last`` memory format
+            (``FrozenTarget``); results agree to float rounding.
     """
 
     def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
@@ -138,17 +148,22 @@ class GenCNP(L.LightningModule):
                  lambda_con: float = 0.1, temperature: float = 4.0, kappa: float = 0.9,
                  sparsity_ramp_epochs: float = 1.0, tap_weights: list[float] | None = None, sparsity_per: str = "tap",
                  dependence_gate: float | None = None,
-                 proto_momentum: float = 0.9, swap_probes_per_class: int = 4, lr: float = 1e-3,
+                 proto_momentum: float = 0.9, swap_probes_per_class: int = 4, swap_partner: str = "roll", lr: float = 1e-3,
                  weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = 1.0, w_zero: float = 0.5,
-                 w_kept: float = 0.25, target_kwargs: dict | None = None):  # fmt: skip
+                 w_kept: float = 0.25, target_kwargs: dict | None = None, control_fraction: float = 1.0,
+                 channels_last: bool = False):  # fmt: skip
         super().__init__()
+        if not 0 < control_fraction <= 1:
+            raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
         for name, value, allowed in (("ablation", ablation, ("zero", "mean")), ("class_source", class_source, ("pred", "label")),
-                                     ("schedule", schedule, ("cosine", "constant")), ("sparsity_per", sparsity_per, ("tap", "channel"))):  # fmt: skip
+                                     ("schedule", schedule, ("cosine", "constant")), ("sparsity_per", sparsity_per, ("tap", "channel")),
+                                     ("swap_partner", swap_partner, ("roll", "hard"))):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
         self.save_hyperparameters()
         model = load_target(target, target_checkpoint, num_classes, in_chans, **(target_kwargs or {}))
-        self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target)
+        self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target,
+                                   channels_last=channels_last)  # fmt: skip
         if tap_weights is not None and len(tap_weights) != len(self.target.tap_names):
             raise ValueError(f"tap_weights has {len(tap_weights)} entries for {len(self.target.tap_names)} taps {self.target.tap_names}.")
         self.num_classes = num_classes
@@ -316,7 +331,7 @@ class GenCNP(L.LightningModule):
             out = self.generator(feats)
             pathway = out["masks"] > 0.5
             masks = self.generator.split(pathway)
-            masked_logits = self.target(x, masks=masks, fill=self.fills())
+            masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0])
         return {"masks": masks, "pathway": pathway, "kept": pathway.float().mean(1), "logits": logits,
                 "masked_logits": masked_logits, "y_hat": self.class_of(logits, labels),
                 "prediction": masked_logits.argmax(1), "scores": out["scores"]}  # fmt: skip
@@ -346,30 +361,41 @@ class GenCNP(L.LightningModule):
         out = self.generator(feats)
         m = out["masks"]
         b = x.shape[0]
-        # One masked forward over [x, swapped x, zero image]: bigger GEMMs than three small ones.
-        xs, ms = [x], [m]
-        idx, valid = LS.partners(y_hat)
+        # One masked forward over [x, swapped x, zero image]: bigger GEMMs than three small ones. The first tap's
+        # output of every part is known (x: recorded above; swapped x: its rows permuted; zero image: one image's),
+        # so the first tap's module does not run again (FrozenTarget first_tap).
+        nc = b if h.control_fraction >= 1 else max(1, math.ceil(h.control_fraction * b))
+        xs, ms, firsts = [x], [m], [feats[0]]
+        idx, valid = LS.partners(y_hat, logits if h.swap_partner == "hard" else None)
+        idx, valid = idx[:nc], valid[:nc]
         if h.lambda_swap > 0:
             xs.append(x[idx])
-            ms.append(m)
+            ms.append(m[:nc])
+            firsts.append(feats[0][idx])
         if h.lambda_zero > 0:
-            xs.append(torch.zeros_like(x))
-            ms.append(m)
-        all_logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills())
-        chunks = list(torch.split(all_logits, b))
+            xs.append(torch.zeros_like(x[:nc]))
+            ms.append(m[:nc])
+            with torch.no_grad():
+                zero_first = self.target(xs[-1][:1], record=True)[1][0]
+            firsts.append(zero_first.expand(nc, *zero_first.shape[1:]))
+        all_logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills(),
+                                 first_tap=torch.cat(firsts))  # fmt: skip
+        chunks = list(torch.split(all_logits, [b] + [nc] * (len(xs) - 1)))
         masked_logits = chunks.pop(0)
         terms = {"kd": LS.kd(logits, masked_logits, y_hat, h.temperature)}
         gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa)
+        # Samples outside the control subset (control_fraction < 1) pass the dependence gate.
+        rest = gate.new_ones(b - nc)
         if h.lambda_swap > 0:
             swapped = chunks.pop(0)
-            terms["swap"] = LS.swap(swapped, y_hat, valid)
+            terms["swap"] = LS.swap(swapped, y_hat[:nc], valid)
             if h.dependence_gate is not None:
-                gate = gate * LS.dependence_gate(swapped, y_hat, h.dependence_gate, valid)
+                gate = gate * torch.cat([LS.dependence_gate(swapped, y_hat[:nc], h.dependence_gate, valid), rest])
         if h.lambda_zero > 0:
             zeroed = chunks.pop(0)
-            terms["zero"] = LS.swap(zeroed, y_hat)
+            terms["zero"] = LS.swap(zeroed, y_hat[:nc])
             if h.dependence_gate is not None:
-                gate = gate * LS.dependence_gate(zeroed, y_hat, h.dependence_gate)
+                gate = gate * torch.cat([LS.dependence_gate(zeroed, y_hat[:nc], h.dependence_gate), rest])
         terms["sparsity"] = LS.sparsity(self.generator.split(out["scores"]), gate, h.tap_weights, h.sparsity_per)
         # cls and con always enter the graph (weight 0 included) so DDP never sees unused parameters.
         terms["cls"] = LS.cls(logits, out["class_logits"], y_hat)

@@ -299,12 +299,18 @@ class FrozenTarget(nn.Module):
         taps: dotted module paths, or ``'auto'``.
         input_shape: ``(C, H, W)`` the target expects; used to measure tap channels and check inputs.
         shallow_taps: names or count of the shallow taps (default: first ``ceil(L/2)``).
+        channels_last: keep the model's weights and its inputs in ``channels_last`` memory format (optional speed
+            setting: oneDNN convolutions skip their layout conversions; the logits agree to float rounding).
     """
 
     def __init__(self, model: nn.Module, taps: str | Sequence[str] = "auto", input_shape: Sequence[int] = (1, 28, 28),
-                 shallow_taps: Sequence[str] | int | None = None, arch: str | None = None):  # fmt: skip
+                 shallow_taps: Sequence[str] | int | None = None, arch: str | None = None,
+                 channels_last: bool = False):  # fmt: skip
         super().__init__()
         self.model = model
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.arch = arch or type(model).__name__
         self.input_shape = tuple(int(s) for s in input_shape)
         for p in self.model.parameters():
@@ -346,16 +352,28 @@ class FrozenTarget(nn.Module):
                 f"{list(x.shape)}; resize the data or set the target's input shape (in_chans/image_size) to match."
             )
 
-    def forward(self, x: torch.Tensor, masks=None, fill=None, record: bool = False, check: bool = True):
+    def forward(self, x: torch.Tensor, masks=None, fill=None, record: bool = False, check: bool = True,
+                first_tap: torch.Tensor | None = None):  # fmt: skip
         """Logits ``[B, K]``; with ``record=True`` also the tap outputs (list, tap order).
 
         Args:
             masks: per-tap ``[B, C_l]`` masks (or ``None``): the masked forward ``H(x; m)``.
             fill: per-tap ``[C_l]`` values of removed channels (mean ablation), or ``None`` for zeros.
+            first_tap: the first tap's *unmasked* output for ``x`` (``feats[0]`` of a recorded pass on the same
+                inputs, rows in the same order). The first tap's module is then not run again; a masked pass after
+                a recorded one skips that much work (for ``fmnist_cnn`` the whole first block, the costliest at
+                28x28). Ignored where the first tap contains another tap (``hooks.can_skip_first``).
         """
         if check:
             self.check_input(x)
-        self.hooks.start(record=record, masks=masks, fill=fill)
+            if first_tap is not None and (first_tap.shape[0] != x.shape[0] or tuple(first_tap.shape[1:]) != self.tap_shapes[0]):
+                raise ValueError(
+                    f"first_tap must be the first tap's output [{x.shape[0]}, {', '.join(map(str, self.tap_shapes[0]))}] "
+                    f"for these {x.shape[0]} inputs, got {list(first_tap.shape)}; pass feats[0] of a recorded pass."
+                )
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.hooks.start(record=record, masks=masks, fill=fill, first=first_tap)
         try:
             logits = self.model(x)
             feats = list(self.hooks.features) if record else None

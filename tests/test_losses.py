@@ -113,3 +113,32 @@ def test_total_loss_weights_terms():
     terms = {"kd": torch.tensor(1.0), "sparsity": torch.tensor(2.0), "swap": torch.tensor(3.0)}
     out = LS.total_loss(terms, {"sparsity": 0.5, "swap": 0.0})
     assert float(out["loss"]) == 2.0 and set(out) == {"kd", "sparsity", "swap", "loss"}
+
+
+def _hard_partners_reference(y_hat, logits):
+    b = len(y_hat)
+    out = []
+    for i in range(b):
+        runner_up = int(logits[i].topk(2).indices[1])
+        j = next((k % b for k in range(i + 1, i + 1 + b) if int(y_hat[k % b]) == runner_up), (i + 1) % b)
+        out.append(j)
+    return out
+
+
+def test_hard_partners_pick_the_next_sample_of_the_runner_up_class():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        logits = torch.randn(17, 5, generator=g)
+        y_hat = torch.randint(0, 5, (17,), generator=g)
+        idx, valid = LS.partners(y_hat, logits)
+        assert idx.tolist() == _hard_partners_reference(y_hat, logits)
+        assert torch.equal(valid, y_hat[idx] != y_hat)
+    # no sample of the runner-up class in the batch: fall back to the next sample
+    logits = torch.tensor([[5.0, 3.0, 0.0], [0.0, 5.0, 3.0]])
+    idx, _ = LS.partners(torch.tensor([0, 1]), logits)
+    assert idx.tolist() == [1, 0]
+
+
+def test_roll_partners_are_the_next_sample():
+    idx, valid = LS.partners(torch.tensor([0, 0, 1]))
+    assert idx.tolist() == [1, 2, 0] and valid.tolist() == [False, True, True]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import struct
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import yaml
 from conftest import QUIET, ROOT, cli
 
-from gencnp.callbacks.pathway_images import TABLE_COLUMNS, PathwayImageLogger, _pick_grid, class_table
+from gencnp.callbacks.pathway_images import TABLE_COLUMNS, PathwayImageLogger, _pick_grid, class_table, frequency_figure
 
 GENCNP = str(ROOT / "configs/synthetic/gencnp.yaml")
 # An untrained tiny target (no checkpoint) and a few batches: the pictures, not the numbers, are under test.
@@ -111,8 +112,12 @@ def _wandb_records(path: Path):
             partial += payload
 
 
-def _wandb_run(save_dir: Path) -> tuple[Path, set[str], dict]:
-    """The single offline run under ``save_dir``: its folder, history keys and config."""
+def _wandb_run(save_dir: Path) -> tuple[Path, dict[str, list], dict, dict]:
+    """The single offline run under ``save_dir``: its folder, history (key -> logged values), config and summary.
+
+    wandb 0.31 writes no ``files/wandb-summary.json`` or ``files/config.yaml`` for an offline run (``wandb sync``
+    builds them): history, config and summary live only in the transaction log, read here record by record.
+    """
     runs = list((save_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     log = next(runs[0].glob("run-*.wandb"))
@@ -120,14 +125,18 @@ def _wandb_run(save_dir: Path) -> tuple[Path, set[str], dict]:
         if any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(log)):
             break
         time.sleep(0.25)
-    keys, config = set(), {}
+    history: dict[str, list] = {}
+    config, summary = {}, {}
     for rec in _wandb_records(log):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+            for item in rec.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
         elif kind == "config":
             config.update({u.key: json.loads(u.value_json) for u in rec.config.update if u.key})
-    return runs[0], keys, config
+        elif kind == "summary":
+            summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.summary.update})
+    return runs[0], history, config, summary
 
 
 @pytest.fixture
@@ -149,7 +158,7 @@ def test_wandb_offline_run_gets_pictures_metrics_and_config_in_fit_and_validate(
     logger = ["--trainer.logger", str(ROOT / "configs/loggers/wandb.yaml")]
     _fit(tmp_path / "fit", *logger)
     wandb_no_network.finish()  # WandbLogger leaves the run open; finishing flushes the transaction log
-    run, keys, config = _wandb_run(tmp_path / "fit")
+    run, history, config, summary = _wandb_run(tmp_path / "fit")
     images = sorted(p.name for p in run.glob("files/media/images/*.png"))
     assert any(n.startswith("pathway_frequency_") for n in images) and any(
         n.startswith("pathway_gradients_") for n in images
@@ -160,10 +169,27 @@ def test_wandb_offline_run_gets_pictures_metrics_and_config_in_fit_and_validate(
     content = json.loads(table.read_text())
     assert content["columns"] == TABLE_COLUMNS
     _check_rows([dict(zip(content["columns"], r)) for r in content["data"]])
-    for key in ("train/loss_kd", "train/loss_sparsity", "train/loss_swap", "val/agreement", "val/kept_mean",
-                "val/swap_forcing", "val/zero_forcing", "val/score", "trainer/global_step"):  # fmt: skip
-        assert key in keys, key
-    assert any(k.startswith("pathway_frequency") for k in keys) and any(k.startswith("pathway_per_class") for k in keys)
+    # Every loss term and validation metric is in the history with numbers (3 steps, 1 validation), and the run's
+    # summary holds their last values.
+    losses = (
+        "train/loss",
+        "train/loss_kd",
+        "train/loss_sparsity",
+        "train/loss_swap",
+        "train/loss_cls",
+        "train/loss_con",
+    )
+    rates = ("val/agreement", "val/kept_mean", "val/swap_forcing", "val/zero_forcing", "val/acIOU")
+    for key in (*losses, *rates, "val/score", "train/kept", "trainer/global_step"):
+        assert key in history, key
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in history[key]), (key, history[key])
+        assert summary.get(key) == history[key][-1], (key, summary.get(key), history[key])
+    assert len(history["train/loss"]) == 3 and len(history["val/agreement"]) == 1
+    assert all(0.0 <= history[k][0] <= 1.0 for k in rates)
+    # The pictures are history entries too (W&B's image and table types, pointing at the files above).
+    frequency = history["pathway_frequency/filenames"][-1]
+    assert len(frequency) == 1 and (run / "files" / frequency[0]).is_file()
+    assert history["pathway_per_class/_type"] == ["table-file"]
     # Hyper-parameters (Lightning) and the resolved config (ConfigSaver) are the run's config.
     assert config["lambda_sp"] == 1.0
     resolved = config["config"]
@@ -172,9 +198,10 @@ def test_wandb_offline_run_gets_pictures_metrics_and_config_in_fit_and_validate(
 
     _validate(tmp_path / "val", *logger)
     wandb_no_network.finish()
-    run, keys, _ = _wandb_run(tmp_path / "val")
+    run, history, _, summary = _wandb_run(tmp_path / "val")
     assert len(list(run.glob("files/media/images/pathway_*.png"))) == 2
-    assert "val/agreement" in keys and any(k.startswith("pathway_gradients") for k in keys)
+    assert 0.0 <= summary["val/agreement"] <= 1.0 and history["val/agreement"] == [summary["val/agreement"]]
+    assert (run / "files" / history["pathway_gradients/filenames"][-1][0]).is_file()
 
 
 # ----- TensorBoard -----
@@ -245,3 +272,41 @@ def test_bad_arguments_and_models_are_refused():
 
     with pytest.raises(TypeError, match="needs a GenCNP model"):
         PathwayImageLogger().setup(None, TargetClassifier(arch="tiny_cnn", num_classes=4, image_size=16), "fit")
+
+
+def _texts_apart(fig, groups: list[list]) -> None:
+    """Within each group, the texts of ``fig`` (drawn at its size) do not overlap one another."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for group in groups:
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in group if t.get_visible() and t.get_text()]
+        for i, (ta, a) in enumerate(boxes):
+            for tb, b in boxes[i + 1 :]:
+                assert not a.overlaps(b), (ta, tb)
+
+
+def test_frequency_figure_is_labelled_with_class_names_and_a_colour_bar():
+    from gencnp.data import FASHION_MNIST_CLASSES
+
+    taps, channels = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"], [32, 64, 64, 128]
+    g = torch.Generator().manual_seed(0)
+    n = torch.randint(50, 120, (10,), generator=g).double()
+    n[3] = 0  # a class without images: a grey row, said in the title
+    counts = (torch.rand(10, sum(channels), generator=g, dtype=torch.float64) * n[:, None]).round()
+    fig = frequency_figure(counts, n, taps, channels, list(FASHION_MNIST_CLASSES), "fit, epoch 0", "pred")
+    heatmaps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(heatmaps) == len(taps)
+    for ax, tap, c in zip(heatmaps, taps, channels):
+        assert ax.get_xlabel() == f"channel of {tap}" and ax.get_ylabel() == "class\n(target prediction)"
+        assert ax.get_title(loc="left").startswith(f"tap {tap}: {c} channels, kept ")
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels == [f"{name} (n={int(m)})" for name, m in zip(FASHION_MNIST_CLASSES, n.tolist())]
+    (bar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert bar.get_ylabel().startswith("selection frequency") and bar.get_ylim() == (0.0, 1.0)
+    assert "grey rows: classes without images" in fig._suptitle.get_text()
+    # Row labels apart; panel titles, axis labels and the figure title apart from one another.
+    headings = [fig._suptitle] + [t for ax in heatmaps for t in (ax._left_title, ax.xaxis.label, ax.yaxis.label)]
+    _texts_apart(fig, [list(ax.get_yticklabels()) for ax in heatmaps] + [headings])

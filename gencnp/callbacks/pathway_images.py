@@ -247,6 +247,9 @@ def frequency_figure(counts: torch.Tensor, n: torch.Tensor, tap_names: list[str]
                      class_names: list[str], title: str = "", class_source: str = "pred"):  # fmt: skip
     """Per tap, a class-by-channel heatmap of selection frequencies ``counts[c] / n[c]`` (one shared colour bar).
 
+    Taps are stacked top to bottom (shallow first), each panel as wide as the figure, so the cells stay readable for
+    wide taps (a 128- or 512-channel block) instead of shrinking as the taps are laid side by side.
+
     Args:
         counts: ``[K, D]`` how many of class c's pathways keep channel j; n: ``[K]`` images per class.
     """
@@ -258,29 +261,27 @@ def frequency_figure(counts: torch.Tensor, n: torch.Tensor, tap_names: list[str]
     freq[n.numpy() == 0] = np.nan  # classes without images: grey rows
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
     k = freq.shape[0]
-    fig = Figure(
-        figsize=(min(22.0, 3.5 + sum(max(c, 24) for c in tap_channels) / 16), 1.8 + 0.32 * k), layout="constrained"
-    )
-    axes = np.atleast_1d(
-        fig.subplots(1, len(tap_names), gridspec_kw={"width_ratios": [max(c, 24) for c in tap_channels]})
-    )
+    rows = [f"{nm} (n={int(m)})" for nm, m in zip(class_names, n.tolist())]
+    source = "target prediction" if class_source == "pred" else "label"
+    panel = 0.9 + 0.2 * k  # inches per tap: title, x label and k rows
+    fig = Figure(figsize=(11.0, 0.7 + panel * len(tap_names)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(tap_names), 1))
     start, im = 0, None
-    for i, (ax, name, c) in enumerate(zip(axes, tap_names, tap_channels)):
+    for ax, name, c in zip(axes, tap_names, tap_channels):
         part = freq[:, start : start + c]
         kept = float(counts[:, start : start + c].sum() / max(float(n.sum()) * c, 1.0))
         start += c
         im = ax.imshow(part, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(f"{name}\n{c} channels, kept {kept:.2f}", fontsize=8)
+        ax.set_title(f"tap {name}: {c} channels, kept {kept:.2f} on average", fontsize=9, loc="left")
         ax.set_xlabel(f"channel of {name}", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if i == 0:
-            ax.set_yticks(range(k), [f"{nm} (n={int(m)})" for nm, m in zip(class_names, n.tolist())], fontsize=7)
-            ax.set_ylabel(f"class ({'target prediction' if class_source == 'pred' else 'label'})", fontsize=8)
-        else:
-            ax.set_yticks([])
-    cb = fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.01)
-    cb.set_label("selection frequency", fontsize=8)
-    fig.suptitle(f"Pathway frequency per class and channel ({title})", fontsize=10)
+        ax.set_yticks(range(k), rows, fontsize=8 if k <= 20 else 6)
+        ax.set_ylabel(f"class\n({source})", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    cb = fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.01, aspect=max(20, 12 * len(tap_names)))
+    cb.set_label("selection frequency (share of the class's pathways keeping it)", fontsize=8)
+    cb.ax.tick_params(labelsize=8)
+    empty = "; grey rows: classes without images" if bool((n == 0).any()) else ""
+    fig.suptitle(f"Pathway frequency per class and channel ({title}{empty})", fontsize=10)
     return fig
 
 
