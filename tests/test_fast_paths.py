@@ -14,13 +14,7 @@ from gencnp.metrics import _jaccard, class_iou
 from gencnp.taps import apply_mask
 from gencnp.targets import FrozenTarget, create_target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed: int = 0) -> FrozenTarget:
