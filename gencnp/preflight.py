@@ -76,6 +76,7 @@ def check_checkpoint(trainer: Any, model: Any, ckpt_path: str | None) -> None:
         ValueError: it is truncated, altered, holds code, or was written for another model, target or taps.
     """
     from gencnp.checkpointing import read_checkpoint
+    from gencnp.targets import state_mismatch
 
     path = resolve_ckpt_path(trainer, ckpt_path)
     if path is None:
@@ -95,18 +96,8 @@ def check_checkpoint(trainer: Any, model: Any, ckpt_path: str | None) -> None:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"{source} has no 'state_dict': it is not a Lightning checkpoint; pass a .ckpt from `fit`.")
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys())
-              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
-        if shapes:
-            parts.append("shape mismatches (checkpoint vs model) " + "; ".join(shapes[:4]))
+    parts = state_mismatch(model.state_dict(), state, limit=6)
+    if parts:
         raise ValueError(
             f"{source} does not fit {type(model).__name__} as configured: " + "; ".join(parts) + ". It was written by "
             "another system or with other settings (arch, num_classes, d, taps); use the config it was trained with."

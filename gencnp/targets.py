@@ -248,27 +248,32 @@ def load_weights(model: nn.Module, path: str | Path, arch: str | None = None) ->
         hits = len(own.keys() & cand.keys())
         if hits > best_hits:
             best, best_hits = cand, hits
-    missing = sorted(own.keys() - best.keys())
-    unexpected = sorted(best.keys() - own.keys())
-    shapes = [f"{k}: checkpoint {tuple(best[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(own.keys() & best.keys()) if best[k].shape != own[k].shape]  # fmt: skip
-    if missing or unexpected or shapes:
+    detail = state_mismatch(own, best)
+    if detail:
         ck_arch = (meta.get("hyper_parameters") or {}).get("arch")
         parts = [f"checkpoint '{path}' does not fit target '{arch or type(model).__name__}'"]
         if ck_arch and arch and ck_arch != arch:
             parts.append(f"(it was trained for arch '{ck_arch}')")
-        detail = []
-        if missing:
-            detail.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            detail.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            detail.append("shape mismatches: " + "; ".join(shapes[:6]))
+        if any(d.startswith("shape mismatches") for d in detail):
             if any(k.endswith(("head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight")) for k in best.keys() & own.keys()):
                 detail.append("a head mismatch usually means num_classes differs between the checkpoint and the config")
         raise ValueError(" ".join(parts) + ": " + "; ".join(detail) + ". Use the matching arch/num_classes or another checkpoint.")
     model.load_state_dict(best)
     return meta
+
+
+def state_mismatch(own: dict, state: dict, limit: int = 8) -> list[str]:
+    """Why ``state`` does not load into a model whose ``state_dict()`` is ``own``: missing keys, unexpected keys and
+    shape mismatches (checkpoint vs model), each as one phrase listing up to ``limit`` entries; empty when it fits."""
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys())
+              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
+    out = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            sep = "; " if label == "shape mismatches" else ", "
+            out.append(f"{label}: {sep.join(items[:limit])}{' ...' if len(items) > limit else ''}")
+    return out
 
 
 def load_target(arch: str, checkpoint: str | None = None, num_classes: int = 10, in_chans: int = 1,
