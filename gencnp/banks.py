@@ -189,13 +189,15 @@ def choose_tau(
     w_swap: float = 1.0,
     w_zero: float = 0.5,
     w_kept: float = 0.25,
+    max_kept: float | None = None,
 ) -> tuple[float, str, list[float]]:
     """Pick ``tau`` from transfer results measured on the validation split (never test).
 
     Rule: ``score = agreement - w_swap * swap_forcing - w_zero * zero_forcing - w_kept * kept`` (GenCNP's
     ``val/score``; a control that was not run, NaN, counts 0). Among the taus whose transfer agreement is
-    ``>= min_agreement``, take the highest score; when none reaches it, the highest score overall. Ties go to the
-    larger tau (the sparser class pathways).
+    ``>= min_agreement`` and whose kept fraction is ``<= max_kept`` (the kept budget; ``None``: no budget), take
+    the highest score; when none qualifies, the highest score among the taus within the kept budget, and when no
+    tau is within it, the highest score overall. Ties go to the larger tau (the sparser class pathways).
 
     Args:
         taus: ``[T]`` candidate thresholds in ``(0, 1]``.
@@ -219,17 +221,24 @@ def choose_tau(
         z(a) - w_swap * z(s) - w_zero * z(o) - w_kept * z(k)
         for a, s, o, k in zip(agreement, swap_forcing, zero_forcing, kept)
     ]
-    feasible = [i for i, a in enumerate(agreement) if a == a and a >= min_agreement]
-    pool = feasible or list(range(len(taus)))
+    if max_kept is not None and not 0.0 < max_kept <= 1.0:
+        raise ValueError(f"max_kept must lie in (0, 1] or be None (no kept budget), got {max_kept}.")
+    in_budget = [i for i, k in enumerate(kept) if max_kept is None or (k == k and k <= max_kept)]
+    feasible = [i for i in in_budget if agreement[i] == agreement[i] and agreement[i] >= min_agreement]
+    pool = feasible or in_budget or list(range(len(taus)))
     best = max(pool, key=lambda i: (scores[i], taus[i]))
     weights = f"score = agreement - {w_swap:g} swap_forcing - {w_zero:g} zero_forcing - {w_kept:g} kept"
+    budget = "" if max_kept is None else f" and kept <= {max_kept:g}"
     if feasible:
         rule = (
             f"highest {weights} among the {len(feasible)} of {len(taus)} taus with validation transfer "
-            f"agreement >= {min_agreement:g}"
+            f"agreement >= {min_agreement:g}{budget}"
         )
+    elif in_budget and max_kept is not None:
+        rule = (f"no tau reached validation transfer agreement >= {min_agreement:g} with kept <= {max_kept:g}; "
+                f"highest {weights} among the {len(in_budget)} taus with kept <= {max_kept:g}")  # fmt: skip
     else:
-        rule = f"no tau reached validation transfer agreement >= {min_agreement:g}; highest {weights} overall"
+        rule = f"no tau reached validation transfer agreement >= {min_agreement:g}{budget}; highest {weights} overall"
     return float(taus[best]), rule, scores
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd", "sparsity", "faithful_gate", "dependence_gate", "swap", "cls", "con", "update_prototypes", "total_loss", "partners"]
+__all__ = ["kd", "sparsity", "faithful_gate", "dependence_gate", "swap", "cls", "con", "update_prototypes", "total_loss", "partners", "lookup"]
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +164,25 @@ def partners(y_hat: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[t
         first = score.argmin(dim=1)
         idx = torch.where(match.any(dim=1), first, idx)
     return idx, y_hat[idx] != y_hat
+
+
+def lookup(logits: torch.Tensor, masked_logits: torch.Tensor, lookup_logits: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Beat the class lookup: ``relu(KL(p || p^m) - KL(p || p^lookup) + margin)`` per sample, batch mean.
+
+    gencnp's term for input-specific pathways: a per-input pathway earns its keep only when it preserves the
+    target's output better than the class's most frequent channels at the same per-tap counts. Without it a
+    generator can settle on a noisy copy of its class pathway.
+
+    Args:
+        logits: ``[B, K]`` unmasked logits; masked_logits: ``[B, K]`` through each sample's pathway (with gradient).
+        lookup_logits: ``[B, K]`` through the class lookup at the same counts (no gradient needed).
+        margin: in nats; the pathway must beat the lookup by at least this much before the term is zero.
+    """
+    logp = F.log_softmax(_f(logits).detach(), dim=1)
+    p = logp.exp()
+    kl_m = (p * (logp - F.log_softmax(_f(masked_logits), dim=1))).sum(1)
+    kl_l = (p * (logp - F.log_softmax(_f(lookup_logits).detach(), dim=1))).sum(1)
+    return F.relu(kl_m - kl_l + margin).mean()
 
 
 def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:

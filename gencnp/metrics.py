@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-__all__ = ["per_sample", "class_iou", "summarize", "PathwayMetrics", "KEYS"]
+__all__ = ["per_sample", "class_iou", "summarize", "PathwayMetrics", "KEYS", "null_families_of"]
 
 KEYS = [
     "agreement", "masked_accuracy", "target_accuracy", "mDC", "mIC", "kept_mean", "kept_std", "kept_class_std",
@@ -25,7 +25,8 @@ PER_SAMPLE = ["agree", "masked_correct", "target_correct", "dc", "ic", "kept", "
 def per_sample(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, pathways: torch.Tensor,
                labels: torch.Tensor | None = None, swap_logits: torch.Tensor | None = None,
                zero_logits: torch.Tensor | None = None, necessity_logits: torch.Tensor | None = None,
-               swap_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+               swap_valid: torch.Tensor | None = None, null_logits: dict[str, torch.Tensor] | None = None,
+               null_chance_logits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per-sample float64 values ``[B]`` (NaN where a control was not run).
 
     Args:
@@ -35,6 +36,10 @@ def per_sample(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.T
         swap_logits: ``[B, K]`` another-class image through sample i's pathway; forced when it gives ``y_hat_i``.
         zero_logits: ``[B, K]`` the all-zero image through sample i's pathway.
         necessity_logits: ``[B, K]`` ``x`` through the complement ``1 - m``.
+        null_logits: per null family (``gencnp.nulls``), ``[B, K]`` logits of the null input paired with sample i
+            through sample i's pathway; forced when it gives ``y_hat_i`` (``null_forced/<family>``).
+        null_chance_logits: per family, the unmasked target's logits on the same null inputs; its rate of
+            ``y_hat_i`` is the family's chance level (``null_chance/<family>``).
     """
     b = logits.shape[0]
     nan = torch.full((b,), float("nan"), dtype=torch.float64, device=logits.device)
@@ -56,7 +61,16 @@ def per_sample(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.T
     }
     if swap_logits is not None and swap_valid is not None:
         out["swap_forced"] = torch.where(swap_valid, out["swap_forced"], nan)
+    for fam, z in (null_logits or {}).items():
+        out[f"null_forced/{fam}"] = (z.detach().argmax(1) == y_hat).double()
+    for fam, z in (null_chance_logits or {}).items():
+        out[f"null_chance/{fam}"] = (z.detach().argmax(1) == y_hat).double()
     return out
+
+
+def null_families_of(values: dict[str, torch.Tensor]) -> list[str]:
+    """Null families present in per-sample ``values`` (keys ``null_forced/<family>``), in insertion order."""
+    return [k.split("/", 1)[1] for k in values if k.startswith("null_forced/")]
 
 
 def _canonical(pathways: np.ndarray) -> np.ndarray:
@@ -143,6 +157,10 @@ def summarize(values: dict[str, torch.Tensor], pathways: torch.Tensor, classes: 
         "swap_forcing": _mean(values["swap_forced"]),
         "zero_forcing": _mean(values["zero_forced"]),
     }
+    for fam in null_families_of(values):
+        out[f"null_forcing/{fam}"] = _mean(values[f"null_forced/{fam}"])
+        if f"null_chance/{fam}" in values:
+            out[f"null_chance/{fam}"] = _mean(values[f"null_chance/{fam}"])
     stds = []
     for k in torch.unique(classes):
         kk = torch.sort(kept[classes == k]).values
@@ -160,23 +178,37 @@ class PathwayMetrics(Metric):
     """Every key of DESIGN section 8 for one method, exact across processes (per-sample ``cat`` states).
 
     ``update`` takes the arguments of ``per_sample``; ``compute`` returns a dict of floats (``summarize``).
+    ``null_families`` names the null-input families whose ``null_forcing/<family>`` and ``null_chance/<family>``
+    are tracked (``update`` then needs ``null_logits`` and ``null_chance_logits`` for each).
     """
 
     full_state_update = False
 
-    def __init__(self, tap_names: Sequence[str], tap_channels: Sequence[int], **kwargs):
+    def __init__(self, tap_names: Sequence[str], tap_channels: Sequence[int], null_families: Sequence[str] = (),
+                 **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.tap_names, self.tap_channels = list(tap_names), list(tap_channels)
-        for key in PER_SAMPLE:
-            self.add_state(key, default=[], dist_reduce_fx="cat")
+        self.null_families = list(null_families)
+        self._keys = list(PER_SAMPLE) + [f"null_{w}/{f}" for f in self.null_families for w in ("forced", "chance")]
+        for key in self._keys:
+            self.add_state(self._state(key), default=[], dist_reduce_fx="cat")
         self.add_state("pathways", default=[], dist_reduce_fx="cat")
         self.add_state("classes", default=[], dist_reduce_fx="cat")
 
+    @staticmethod
+    def _state(key: str) -> str:
+        return key.replace("/", "__")
+
     def update(self, logits, masked_logits, y_hat, pathways, labels=None, swap_logits=None, zero_logits=None,
-               necessity_logits=None, swap_valid=None) -> None:  # fmt: skip
-        vals = per_sample(logits, masked_logits, y_hat, pathways, labels, swap_logits, zero_logits, necessity_logits, swap_valid)
-        for key in PER_SAMPLE:
-            getattr(self, key).append(vals[key])
+               necessity_logits=None, swap_valid=None, null_logits=None, null_chance_logits=None) -> None:  # fmt: skip
+        vals = per_sample(logits, masked_logits, y_hat, pathways, labels, swap_logits, zero_logits, necessity_logits,
+                          swap_valid, null_logits, null_chance_logits)  # fmt: skip
+        missing = [k for k in self._keys if k not in vals]
+        if missing:
+            raise ValueError(f"PathwayMetrics tracks {missing} but update got no logits for them; pass null_logits and "
+                             "null_chance_logits for every family in null_families.")  # fmt: skip
+        for key in self._keys:
+            getattr(self, self._state(key)).append(vals[key])
         self.pathways.append(pathways.detach().bool())
         self.classes.append(y_hat.detach())
 
@@ -184,7 +216,7 @@ class PathwayMetrics(Metric):
         """Synced per-sample values, pathways and classes (for bootstrap intervals)."""
         from torchmetrics.utilities import dim_zero_cat
 
-        vals = {k: dim_zero_cat(getattr(self, k)) for k in PER_SAMPLE}
+        vals = {k: dim_zero_cat(getattr(self, self._state(k))) for k in self._keys}
         return vals, dim_zero_cat(self.pathways), dim_zero_cat(self.classes)
 
     def compute(self) -> dict[str, float]:

@@ -493,7 +493,20 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             if m != "gencnp" and e
         },
         "figures": sorted((report.get("figures") or {}).values()),
+        # Null-input forcing of GEN-CNP per family beside its chance level, and the families trained on.
+        "null": {k.split("/", 1)[1]: {"forcing": v, "chance": gen.get(f"null_chance/{k.split('/', 1)[1]}")}
+                 for k, v in gen.items() if k.startswith("null_forcing/")},
+        "null_train": prov.get("null_train") or [],
+        "class_lookup": _lookup_summary((report.get("methods") or {}).get("class_lookup")),
     }
+
+
+def _lookup_summary(e: dict | None) -> dict[str, Any] | None:
+    """Agreement of the class lookup at GEN-CNP's counts and the paired 95% CI of GEN-CNP minus lookup."""
+    if not e or "agreement" not in (e.get("vs_gencnp") or {}):
+        return None
+    c = e["vs_gencnp"]["agreement"]
+    return {"agreement": e.get("agreement"), "gencnp_minus_lookup": -c["diff"], "ci95": [-c["ci95"][1], -c["ci95"][0]]}
 
 
 def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
@@ -517,6 +530,15 @@ def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
         lines.append(
             "    " + "  ".join(f"{m} {f(e['agreement'], 2)}/{f(e['swap_forcing'], 2)}" for m, e in s["matched"].items())
         )
+    if s.get("null"):
+        trained = set(s.get("null_train") or [])
+        lines.append("  GEN-CNP null forcing (chance), * = family used in training:")
+        lines.append("    " + "  ".join(f"{fam}{'*' if fam in trained else ''} {f(e['forcing'])} ({f(e['chance'])})"
+                                       for fam, e in s["null"].items()))  # fmt: skip
+    lk = s.get("class_lookup")
+    if lk:
+        lines.append(f"  class lookup         agreement {f(lk['agreement'])} at GEN-CNP's counts; GEN-CNP minus lookup "
+                     f"{lk['gencnp_minus_lookup']:+.4f} [{lk['ci95'][0]:+.4f}, {lk['ci95'][1]:+.4f}]")  # fmt: skip
     sp = s["seconds_per_image"]
     if s["dgr_speed_ratio"] is not None:
         lines.append(f"  speed                GEN-CNP {sp['gencnp'] * 1e3:.3f} ms/image, DGR {sp['dgr'] * 1e3:.3f} ms/image: "

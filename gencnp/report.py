@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 from gencnp.baselines import METHODS, global_percentile, split_pathway, tap_counts, topk_per_tap
 from gencnp.data import ImageDataModule
-from gencnp.metrics import per_sample, summarize
+from gencnp.metrics import null_families_of, per_sample, summarize
 
 __all__ = ["report", "paired_bootstrap", "CI_KEYS", "BASELINES"]
 
@@ -150,13 +150,22 @@ def _winner(diff: float, lo: float, hi: float, better: str) -> str:
     return "method" if method_better else "gencnp"
 
 
+def ci_keys(vals: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``CI_KEYS`` plus ``null_forcing/<family>`` for every null family present in per-sample ``vals``."""
+    return {**CI_KEYS, **{f"null_forcing/{f}": f"null_forced/{f}" for f in null_families_of(vals)}}
+
+
+def _better(key: str) -> str:
+    return "lower" if key.startswith("null_forcing/") else BETTER[key]
+
+
 def _compare(entries: dict[str, tuple[_Results, _Results]], n_boot: int, seed: int, progress: bool) -> dict[str, dict]:
     """``vs_gencnp`` blocks for several results, each paired with GEN-CNP on the same positions (one group)."""
     cols, where = [], []
     for label, (res, ref) in entries.items():
         if not torch.equal(res.pos, ref.pos):
             raise ValueError(f"{label}: compared results must cover the same images in the same order.")
-        for key, v in CI_KEYS.items():
+        for key, v in ci_keys(ref.vals).items():
             cols.append(res.vals[v] - ref.vals[v])
             where.append((label, key))
     if not cols:
@@ -164,7 +173,8 @@ def _compare(entries: dict[str, tuple[_Results, _Results]], n_boot: int, seed: i
     mean, lo, hi = paired_bootstrap(torch.stack(cols, dim=1), n_boot, seed, progress=progress)
     out: dict[str, dict] = defaultdict(dict)
     for (label, key), m, a, b in zip(where, mean.tolist(), lo.tolist(), hi.tolist()):
-        out[label][key] = {"diff": m, "ci95": [a, b], "better": BETTER[key], "winner": _winner(m, a, b, BETTER[key])}
+        better = _better(key)
+        out[label][key] = {"diff": m, "ci95": [a, b], "better": better, "winner": _winner(m, a, b, better)}
     return dict(out)
 
 
@@ -502,6 +512,9 @@ def _report(
     if bank_obj is not None:
         res["transfer", "matched"] = _Results("transfer", f"class pathway M_c = f_c >= tau (tau = {bank_obj.tau:g}) of the "
                                               "predicted class", all_images)  # fmt: skip
+        res["class_lookup", "matched"] = _Results("class_lookup", "the predicted class's channels ranked by the bank's "
+                                                  "f_c, GEN-CNP's per-sample and per-tap kept counts", all_images)  # fmt: skip
+        class_freq = bank_obj.frequencies().to(dev)
     mct_scores = torch.zeros(n_all, sum(chans))
     start = 0
     for batch in tqdm(loader(dataset, batch_size), desc="random, neuron_mct, transfer", disable=not progress):
@@ -519,12 +532,16 @@ def _report(
             with _Timer(dev) as tm:
                 p = class_paths[y_hat]
             measure(res["transfer", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
+            with _Timer(dev) as tm:
+                p = topk_per_tap(class_freq[y_hat], counts, chans)
+            measure(res["class_lookup", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
 
     lap("random_neuron_mct_transfer")
 
     # ----- pass 3: neuron_intgrad and dgr on the subset; agreement-vs-kept curves there -----
     curve: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # agree, kept, n
     extra_scores = {m: torch.zeros(n_sub, sum(chans)) for m in sub_methods}
+    x_sub: list[torch.Tensor] = []
     done = 0
     for batch in tqdm(loader(Subset(dataset, subset_pos.tolist()), grad_batch_size), desc="neuron_intgrad, dgr, curves",
                       disable=not progress):  # fmt: skip
@@ -532,6 +549,7 @@ def _report(
         rows = torch.arange(done, done + len(x))
         pos = subset_pos[rows]
         done += len(x)
+        x_sub.append(x.cpu())
         logits, y_hat, counts = logits_all[pos].to(dev), yhat_all[pos].to(dev), counts_all[pos].to(dev)
         for m in sub_methods:
             opts = {"steps": intgrad_steps} if m == "neuron_intgrad" else dgr_opts
@@ -559,6 +577,9 @@ def _report(
     for r in res.values():
         r.finish()
     lap("neuron_intgrad_dgr_curves")
+    same_class = _same_class_transfer(res, gen, subset_pos, torch.cat(x_sub), yhat_all[subset_pos], masked_forward,
+                                      grad_batch_size, dev)  # fmt: skip
+    lap("same_class_transfer")
 
     # ----- summaries and paired bootstrap intervals -----
     settings = _settings(model, bank_obj, keep_fraction, intgrad_steps, dgr_opts, fills is not None)
@@ -569,6 +590,8 @@ def _report(
         if m == "gencnp":
             continue
         label = f"{m}/{s}"
+        if m == "class_lookup":
+            label = f"{m}/matched"
         if r.n == n_all:
             full_pairs[label] = (r, gen)
             sub_pairs[f"subset:{label}"] = (r.at(subset_pos, sub_images), gen_sub)
@@ -590,9 +613,10 @@ def _report(
         return {**r.summary(taps, chans), "settings": settings[m][s], "vs_gencnp": vs}
 
     names = ["gencnp", *BASELINES]
+    matched_names = names + (["class_lookup"] if bank_obj is not None else [])
     result: dict[str, Any] = {
         "provenance": _provenance(model, generator, bank, bank_obj, data, split, seed, n_all, limit),
-        "methods": {m: block(m, "matched", on_subset=m in sub_methods) for m in names},
+        "methods": {m: block(m, "matched", on_subset=m in sub_methods) for m in matched_names},
         "methods_native": {
             m: block(m, "native" if m != "gencnp" else "matched", on_subset=m in sub_methods) for m in names
         },
@@ -601,7 +625,7 @@ def _report(
             "n": n_sub,
             "seed": subset_seed,
             "images": sub_images,
-            "methods": {m: block(m, "matched", True) for m in names},
+            "methods": {m: block(m, "matched", True) for m in matched_names},
             "methods_native": {m: block(m, "native" if m != "gencnp" else "matched", True) for m in names},
             "transfer": block("transfer", "matched", True) if bank_obj is not None else None,
         },
@@ -618,11 +642,12 @@ def _report(
                 for (m, p), c in sorted(curve.items())
             ],
         },
+        "same_class_transfer": same_class,
         "bootstrap": {
             "samples": bootstrap_samples,
             "seed": seed,
             "interval": "95% percentile, paired by image",
-            "keys": list(CI_KEYS),
+            "keys": list(ci_keys(gen.vals)),
             "difference": "method minus GEN-CNP on the same images",
         },
     }
@@ -631,6 +656,8 @@ def _report(
     figures = {}
     figures["agreement_vs_kept"] = _plot_curves(out / "agreement_vs_kept.png", result)
     figures["kept_hist"] = _plot_kept_hist(out / "kept_hist.png", res, keep_fraction)
+    if null_families_of(gen.vals):
+        figures["null_forcing"] = _plot_null(out / "null_forcing.png", result)
     if bank_obj is not None:
         figures["bank_heatmap"] = _plot_bank(out / "bank_heatmap.png", bank_obj)
     if samples_per_class > 0:
@@ -665,6 +692,47 @@ def _run_baseline(m, res, measure, target, pos, x, labels, logits, y_hat, counts
     return out["scores"].detach()
 
 
+def same_class_partners(classes: torch.Tensor) -> torch.Tensor:
+    """For each sample, the next sample (cyclically, in order) of the same class; -1 when it is its class's only one."""
+    partner = torch.full_like(classes, -1)
+    for c in torch.unique(classes):
+        idx = torch.nonzero(classes == c)[:, 0]
+        if len(idx) > 1:
+            partner[idx] = torch.roll(idx, -1)
+    return partner
+
+
+@torch.no_grad()
+def _same_class_transfer(res: dict, gen: _Results, subset_pos: torch.Tensor, x_sub: torch.Tensor, y_sub: torch.Tensor,
+                         masked_forward, batch_size: int, dev: torch.device) -> dict[str, dict]:  # fmt: skip
+    """Input specificity: each subset image's pathway applied to the next subset image of the same predicted class.
+
+    A pathway that explains its own input should keep the class less often on another image of the class than on
+    its own image; one that encodes the class keeps it as often. Returns, per method and setting, ``n`` (images
+    with a same-class partner), ``same_class_transfer`` (share of partners given the class) and ``agreement``
+    (own agreement on the same images).
+    """
+    partner = same_class_partners(y_sub)
+    valid = partner >= 0
+    entries = [("gencnp/matched", gen)] + [(f"{m}/{s}", r) for (m, s), r in res.items() if m != "gencnp"]
+    out = {}
+    for label, r in entries:
+        ra = r.at(subset_pos, "")
+        hits = torch.zeros(len(y_sub), dtype=torch.bool)
+        for start in range(0, len(y_sub), batch_size):
+            sl = slice(start, start + batch_size)
+            j = partner[sl].clamp_min(0)
+            logits = masked_forward(x_sub[j].to(dev), ra.pathways[sl].to(dev))
+            hits[sl] = (logits.argmax(1).cpu() == y_sub[sl].cpu())
+        n = int(valid.sum())
+        out[label] = {
+            "n": n,
+            "same_class_transfer": float(hits[valid].double().mean()) if n else float("nan"),
+            "agreement": float(ra.vals["agree"][valid].double().mean()) if n else float("nan"),
+        }
+    return out
+
+
 def _settings(model, bank_obj, keep_fraction: float, intgrad_steps: int, dgr_opts: dict, mean_ablation: bool) -> dict:
     ablation = "mean (dataset-mean activation)" if mean_ablation else "zero"
     matched = "top channels per tap, GEN-CNP's per-sample and per-tap kept counts"
@@ -683,6 +751,8 @@ def _settings(model, bank_obj, keep_fraction: float, intgrad_steps: int, dgr_opt
         "dgr": {"matched": {**dgr_opts, "clamp": [0.0, 5.0], "pathway": f"gates ranked, {matched}", "ablation": ablation},
                 "native": {**dgr_opts, "clamp": [0.0, 5.0], "pathway": "gates > 0 of the lowest-loss faithful iterate",
                            "ablation": ablation}},
+        "class_lookup": {"matched": {"pathway": f"channels of the predicted class ranked by the bank's f_c, {matched}",
+                                     "ablation": ablation}},
         "transfer": {"matched": {"pathway": "class pathway M_c = f_c >= tau of the predicted class",
                                  "tau": bank_obj.tau if bank_obj is not None else None, "ablation": ablation}},
     }  # fmt: skip
@@ -703,6 +773,8 @@ def _provenance(model, generator: str, bank: str | None, bank_obj, data, split: 
         "limit": limit,
         "class_source": hp.class_source,
         "ablation": hp.ablation,
+        "null_families": list(model.null_eval),
+        "null_train": list(model.null_train) if hp.get("lambda_null", 0) > 0 else [],
         "taps": dict(zip(model.target.tap_names, model.target.tap_channels)),
         "tau": bank_obj.tau if bank_obj is not None else None,
         "seed": seed,
@@ -714,13 +786,19 @@ def _provenance(model, generator: str, bank: str | None, bank_obj, data, split: 
 
 
 # ----- markdown -----
+def _null_keys(e: dict) -> list[str]:
+    return [k for k in e if k.startswith("null_forcing/")]
+
+
 def _rows(entries: dict[str, dict | None], label: str) -> list[str]:
-    head = ["method", "n", *TABLE_KEYS, "s/image"]
+    first = next((e for e in entries.values() if e), {})
+    keys = TABLE_KEYS + _null_keys(first)
+    head = ["method", "n", *keys, "s/image"]
     lines = [f"| {' | '.join(head)} |", f"|{'---|' * len(head)}"]
     for name, e in entries.items():
         if e is None:
             continue
-        cells = [f"**{name}**" if name == "gencnp" else name, str(e["n"])] + [_fmt(e.get(k)) for k in TABLE_KEYS]
+        cells = [f"**{name}**" if name == "gencnp" else name, str(e["n"])] + [_fmt(e.get(k)) for k in keys]
         cells.append(_fmt(e.get("seconds_per_image"), 5))
         lines.append(f"| {' | '.join(cells)} |")
     return lines
@@ -785,7 +863,8 @@ def _markdown(r: dict) -> str:
           "Each cell: mean difference (method minus GEN-CNP, same images) [95% CI] and the winner; `tie` when the "
           "interval contains 0. Better is higher for agreement, lower for every other key. Forcing and necessity "
         "compare fairly only at similar agreement: a pathway that often loses the class (e.g. random) trivially forces it less.", ""]  # fmt: skip
-    L += ["| comparison | images | " + " | ".join(CI_KEYS) + " |", "|---|---|" + "---|" * len(CI_KEYS)]
+    keys = list(r["bootstrap"]["keys"])
+    L += ["| comparison | images | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     sentences, losses = [], []
     groups = [("matched", r["methods"]), ("native", r["methods_native"])]
     if r["transfer"]:
@@ -795,7 +874,7 @@ def _markdown(r: dict) -> str:
             if name == "gencnp" or not e.get("vs_gencnp"):
                 continue
             cells = []
-            for key in CI_KEYS:
+            for key in keys:
                 c = e["vs_gencnp"].get(key)
                 if c is None:
                     cells.append("-")
@@ -813,6 +892,7 @@ def _markdown(r: dict) -> str:
         if losses
         else ["- Nowhere: no baseline is significantly better on any key comparison."]
     )
+    L += _null_section(r)
     sub = r["subset"]
     L += ["", f"## Common subset ({sub['images']})", "", "Every method on the same images (matched sparsity):", ""]
     L += _rows({**sub["methods"], **({"transfer": sub["transfer"]} if sub.get("transfer") else {})}, "subset")
@@ -841,21 +921,68 @@ def _markdown(r: dict) -> str:
         "kept_hist": "Kept-fraction histograms per method (native settings; matched methods share GEN-CNP's counts).",
         "bank_heatmap": "Selection frequencies of the bank, class by channel (tap boundaries marked).",
         "attribution_grid": "Pathway gradient and Grad-CAM: unmasked target vs GEN-CNP pathway vs class pathway.",
+        "null_forcing": "Null forcing per family and method (bars) against the family's chance level (the unmasked "
+                        "target's rate of the same class on the same inputs, black tick).",
     }  # fmt: skip
     for k, f in r["figures"].items():
         L += [f"### {k}", "", captions.get(k, ""), "", f"![{k}]({f})", ""]
     L += ["## Metric keys", "", "Keys of DESIGN section 8: agreement (masked argmax = class source), masked_accuracy, mDC "
           "(100·mean max(0, Y−O)/Y), mIC, kept_mean/std, kept_class_std, acIOU / between_class_iou (pathway Jaccard within / "
           "between classes), necessity (agreement of the complement), swap_forcing (another class's probe image through the "
-          "pathway gives the pathway's class), zero_forcing (all-zero image through the pathway gives its class).", ""]  # fmt: skip
+          "pathway gives the pathway's class), zero_forcing (all-zero image through the pathway gives its class), "
+          "null_forcing/<family> (the null input of that family paired with an image, through the image's pathway, gives "
+          "its class; gencnp.nulls) beside null_chance/<family> (the unmasked target gives that class on the same inputs).", ""]  # fmt: skip
     return "\n".join(L)
+
+
+def _null_section(r: dict) -> list[str]:
+    """Markdown: the class-lookup comparison, same-class transfer and null forcing against chance."""
+    L: list[str] = []
+    gen = r["methods"]["gencnp"]
+    look = r["methods"].get("class_lookup")
+    if look:
+        L += ["", "## GEN-CNP against the class lookup (same per-sample, per-tap counts)", "",
+              "The class lookup keeps, in every tap, GEN-CNP's own number of channels, ranked by the bank's selection "
+              "frequency f_c of the predicted class: no per-input information. A per-input explainer is only worth its "
+              "generator where it beats this lookup.", "",
+              "| key | GEN-CNP | class lookup | lookup minus GEN-CNP [95% CI] | winner |", "|---|---|---|---|---|"]  # fmt: skip
+        for key, c in (look.get("vs_gencnp") or {}).items():
+            win = {"gencnp": "GEN-CNP", "method": "class lookup", "tie": "tie"}[c["winner"]]
+            L.append(f"| {key} | {_fmt(gen.get(key))} | {_fmt(look.get(key))} | {c['diff']:+.4f} "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {win} |")  # fmt: skip
+    sc = r.get("same_class_transfer") or {}
+    if sc:
+        L += ["", f"## Same-class transfer ({r['subset']['images']})", "",
+              "Each image's pathway applied to the next image of the same predicted class. A pathway that explains its "
+              "own input keeps the class less often on another image than on its own; one that encodes the class keeps "
+              "it as often.", "", "| method | images | own agreement | same-class transfer | difference |",
+              "|---|---|---|---|---|"]  # fmt: skip
+        for label, e in sc.items():
+            L.append(f"| {label} | {e['n']} | {_fmt(e['agreement'])} | {_fmt(e['same_class_transfer'])} | "
+                     f"{_fmt(e['agreement'] - e['same_class_transfer'])} |")  # fmt: skip
+    fams = [k.split("/", 1)[1] for k in _null_keys(gen)]
+    if fams:
+        L += ["", "## Null inputs: forcing against chance", "",
+              "Per family (gencnp.nulls), the share of images whose pathway turns the paired null input into the "
+              "image's class, beside the chance level (the unmasked target gives that class on the same null inputs). "
+              f"Families used in GEN-CNP's training: {', '.join(r['provenance'].get('null_train') or []) or 'none'}.", "",
+              "| method | setting | " + " | ".join(f"{f} (chance)" for f in fams) + " |", "|---|---|" + "---|" * len(fams)]  # fmt: skip
+        for setting, entries in (("matched", r["methods"]), ("native", r["methods_native"]), ("class", {"transfer": r["transfer"]})):
+            for name, e in entries.items():
+                if not e or (setting == "native" and name == "gencnp"):
+                    continue
+                L.append(f"| {name} | {setting} | " + " | ".join(
+                    f"{_fmt(e.get(f'null_forcing/{f}'))} ({_fmt(e.get(f'null_chance/{f}'))})" for f in fams) + " |")  # fmt: skip
+    return L
 
 
 def _screen(r: dict, out: Path) -> str:
     keys = ["agreement", "kept_mean", "swap_forcing", "zero_forcing", "necessity", "mDC", "acIOU"]
+    keys += _null_keys(r["methods"]["gencnp"])
     lines = [f"GEN-CNP report ({r['provenance']['n']} {r['provenance']['split']} images, "
              f"{r['seconds_total']:.0f} s) -> {out}/report.md",
-             f"{'method':<16}{'setting':<9}{'n':>6} " + " ".join(f"{k[:9]:>9}" for k in keys) + f" {'s/img':>9}"]  # fmt: skip
+             f"{'method':<16}{'setting':<9}{'n':>6} " + " ".join(f"{k.replace('null_forcing/', 'null:')[:9]:>9}" for k in keys)
+             + f" {'s/img':>9}"]  # fmt: skip
     rows = [(m, "matched", e) for m, e in r["methods"].items()]
     rows += [(m, "native", e) for m, e in r["methods_native"].items() if m != "gencnp"]
     if r["transfer"]:
@@ -863,10 +990,48 @@ def _screen(r: dict, out: Path) -> str:
     for m, s, e in rows:
         lines.append(f"{m:<16}{s:<9}{e['n']:>6} " + " ".join(f"{_fmt(e.get(k)):>9}" for k in keys)
                      + f" {_fmt(e['seconds_per_image'], 5):>9}")  # fmt: skip
+    gen = r["methods"]["gencnp"]
+    chance = [f"{k.split('/', 1)[1]} {_fmt(gen.get(k))}" for k in gen if k.startswith("null_chance/")]
+    if chance:
+        lines.append(f"null chance (unmasked target gives the class on the same null inputs): {', '.join(chance)}")
     return "\n".join(lines)
 
 
 # ----- figures -----
+def _plot_null(path: Path, r: dict) -> str:
+    """Null forcing per family (one panel each): a bar per method, the family's chance level as a tick."""
+    from matplotlib.figure import Figure
+
+    gen = r["methods"]["gencnp"]
+    fams = [k.split("/", 1)[1] for k in _null_keys(gen)]
+    entries = [(("GEN-CNP" if m == "gencnp" else f"{m} (matched)"), e) for m, e in r["methods"].items() if e]
+    entries += [(f"{m} (native)", e) for m, e in r["methods_native"].items() if e and m != "gencnp"]
+    if r["transfer"]:
+        entries.append(("transfer (class pathways)", r["transfer"]))
+    trained = set(r["provenance"].get("null_train") or [])
+    fig = Figure(figsize=(4.2 * len(fams) + 2.5, 0.38 * len(entries) + 1.8), layout="constrained")
+    axes = fig.subplots(1, len(fams), sharey=True, squeeze=False)[0]
+    y = np.arange(len(entries))
+    for ax, f in zip(axes, fams):
+        vals = [e.get(f"null_forcing/{f}") or 0.0 for _, e in entries]
+        chance = [e.get(f"null_chance/{f}") for _, e in entries]
+        ax.barh(y, vals, color=["C0" if n == "GEN-CNP" else "C7" for n, _ in entries])
+        for yi, v, c in zip(y, vals, chance):
+            if c is not None:
+                ax.plot([c, c], [yi - 0.4, yi + 0.4], color="k", lw=2)
+            ax.text(min(v, 0.88) + 0.01, yi, f"{v:.2f}", va="center", fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{f} ({'used in training' if f in trained else 'never seen in training'})", fontsize=9)
+        ax.set_xlabel("null input through the pathway gives the image's class")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y, [n for n, _ in entries], fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Null-input forcing ({r['provenance']['split']} split; black tick: chance, the unmasked target on the "
+                 "same inputs)", fontsize=10)  # fmt: skip
+    _save_figure(fig, path, dpi=110)
+    return str(path)
+
+
 def _plot_curves(path: Path, r: dict) -> str:
     """Left: agreement vs kept on the subset (curves and native points). Right: the forcing controls of every entry.
 
@@ -875,7 +1040,8 @@ def _plot_curves(path: Path, r: dict) -> str:
     """
     from matplotlib.figure import Figure
 
-    colors = {"gencnp": "C0", "random": "C7", "neuron_mct": "C1", "neuron_intgrad": "C2", "dgr": "C3", "transfer": "C4"}
+    colors = {"gencnp": "C0", "random": "C7", "neuron_mct": "C1", "neuron_intgrad": "C2", "dgr": "C3", "transfer": "C4",
+              "class_lookup": "C5"}
     groups = [("matched", r["methods"]), ("native", r["methods_native"])]
     groups += [("class pathway", {"transfer": r["transfer"]})] if r["transfer"] else []
     bars = []  # (label, entry, color)

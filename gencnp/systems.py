@@ -15,14 +15,18 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gencnp import losses as LS
+from gencnp import nulls as NL
+from gencnp.baselines import tap_counts, topk_per_tap
 from gencnp.checkpointing import verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
 from gencnp.taps import channel_means
 from gencnp.targets import FrozenTarget, load_target
 
-__all__ = ["TargetClassifier", "GenCNP", "FORMAT_VERSION"]
+__all__ = ["TargetClassifier", "GenCNP", "FORMAT_VERSION", "DEFAULT_NULL_FAMILIES"]
 FORMAT_VERSION = 1
+# Null families measured in validation and test when ``null_families`` is not set.
+DEFAULT_NULL_FAMILIES = ("gaussian", "shuffle", "smooth")
 
 
 def _check_data(num_classes: int, input_shape: Sequence[int] | None, datamodule, what: str) -> None:
@@ -138,6 +142,19 @@ class GenCNP(L.LightningModule):
             gated by faithfulness only. Validation and test always run the controls on every sample.
         channels_last: opt-in speed setting, the frozen target in ``channels_last`` memory format
             (``FrozenTarget``); results agree to float rounding.
+        null_families: null-input families (``gencnp.nulls.FAMILIES``) measured in validation and test:
+            ``null_forcing/<family>`` (the paired null input through a pathway gives its class) beside
+            ``null_chance/<family>`` (the unmasked target gives that class on the same inputs). ``[]`` disables.
+        null_train: families drawn in training for the ``null`` loss (one family per step, in turn; a fresh draw
+            every step). Families evaluated but never trained on measure whether the control generalises.
+        lambda_null: weight of the ``null`` loss, ``-log(1 - p^{m_i}(n_i)_{y_i})`` for the null input ``n_i``
+            paired with ``x_i`` (the ``zero`` loss generalised to families of uninformative inputs).
+        lambda_lookup / lookup_margin: the ``lookup`` loss asks each pathway to beat the class lookup at the same
+            per-tap counts: ``relu(KL(p || p^m) - KL(p || p^lookup) + margin)`` per sample, where the lookup keeps,
+            per tap, the sample's own number of channels ranked by the class's running selection frequency
+            (``class_freq``, an EMA of the hard pathways of each predicted class, momentum ``freq_momentum``).
+            The same lookup is measured in validation and test (``lookup_agreement``, ``lookup_gain`` = agreement
+            minus lookup agreement).
     """
 
     def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
@@ -151,7 +168,9 @@ class GenCNP(L.LightningModule):
                  proto_momentum: float = 0.9, swap_probes_per_class: int = 4, swap_partner: str = "roll", lr: float = 1e-3,
                  weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = 1.0, w_zero: float = 0.5,
                  w_kept: float = 0.25, target_kwargs: dict | None = None, control_fraction: float = 1.0,
-                 channels_last: bool = False):  # fmt: skip
+                 channels_last: bool = False, null_families: list[str] | None = None,
+                 null_train: list[str] | None = None, lambda_null: float = 0.0, lambda_lookup: float = 0.0,
+                 lookup_margin: float = 0.0, freq_momentum: float = 0.98):  # fmt: skip
         super().__init__()
         if not 0 < control_fraction <= 1:
             raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
@@ -160,6 +179,13 @@ class GenCNP(L.LightningModule):
                                      ("swap_partner", swap_partner, ("roll", "hard"))):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
+        self.null_eval = NL.check_families(DEFAULT_NULL_FAMILIES if null_families is None else null_families, "null_families")
+        self.null_train = NL.check_families(null_train, "null_train")
+        if lambda_null > 0 and not self.null_train:
+            raise ValueError(f"lambda_null is {lambda_null} but null_train is empty; list the families to train on "
+                             f"(from {list(NL.FAMILIES)}), or set lambda_null: 0.")  # fmt: skip
+        if not 0 <= freq_momentum < 1:
+            raise ValueError(f"freq_momentum must lie in [0, 1), got {freq_momentum}.")
         self.save_hyperparameters()
         model = load_target(target, target_checkpoint, num_classes, in_chans, **(target_kwargs or {}))
         self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target,
@@ -174,11 +200,19 @@ class GenCNP(L.LightningModule):
         self.register_buffer("proto_seen", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("fill", torch.zeros(dd))
         self.register_buffer("fill_ready", torch.zeros((), dtype=torch.bool))
+        # Per-channel mean and std of the inputs (null inputs are drawn with them) and the running class selection
+        # frequencies of the class lookup.
+        self.register_buffer("input_mean", torch.zeros(in_chans))
+        self.register_buffer("input_std", torch.ones(in_chans))
+        self.register_buffer("input_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("class_freq", torch.zeros(num_classes, dd))
+        self.register_buffer("freq_seen", torch.zeros(num_classes, dtype=torch.bool))
         p = swap_probes_per_class
         self.register_buffer("probes", torch.zeros(num_classes * p, in_chans, image_size, image_size))
         self.register_buffer("probe_class", torch.full((num_classes * p,), -1, dtype=torch.long))
-        self.val_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels)
-        self.test_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels)
+        self.val_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
+        self.test_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
+        self.val_lookup, self.test_lookup = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         # loss_kd as a sample-weighted float64 mean synced across processes (Lightning's sync_dist averages the
         # per-process means, which is wrong when the processes hold different numbers of samples).
         self.val_kd, self.test_kd = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
@@ -195,6 +229,9 @@ class GenCNP(L.LightningModule):
         merged = dict(state_dict)
         for k, v in self.target.state_dict(prefix="target.").items():
             merged.setdefault(k, v)
+        # Generators saved before null inputs and the class lookup existed: those buffers start empty.
+        for k in ("input_mean", "input_std", "input_ready", "class_freq", "freq_seen"):
+            merged.setdefault(k, getattr(self, k))
         return super().load_state_dict(merged, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -289,21 +326,48 @@ class GenCNP(L.LightningModule):
     def compute_fill(self, loader, batches: int | None = None) -> None:
         """Mean ablation: the dataset-mean activation of every tap channel over ``batches`` train batches."""
         total, n = torch.zeros_like(self.fill), 0
+        c = self.input_mean.shape[0]
+        moments = torch.zeros(2 * c, dtype=torch.float64, device=self.fill.device)
+        pixels = 0
         for i, batch in enumerate(loader):
             if i >= (batches or self.hparams.ablation_batches):
                 break
-            _, feats = self.target(batch[0].to(self.device), record=True)
+            x = batch[0].to(self.device)
+            _, feats = self.target(x, record=True)
             total += torch.cat([channel_means(f).sum(0) for f in feats]).to(total.dtype)
-            n += batch[0].shape[0]
+            n += x.shape[0]
+            xd = x.double().transpose(0, 1).reshape(c, -1)
+            moments += torch.cat([xd.sum(1), (xd * xd).sum(1)])
+            pixels += xd.shape[1]
+        packed = torch.cat([total.double(), moments, torch.tensor([float(n), float(pixels)], dtype=torch.float64,
+                                                                  device=total.device)])  # fmt: skip
         if self._trainer is not None and self._trainer.world_size > 1:
-            packed = self._trainer.strategy.reduce(torch.cat([total, torch.tensor([float(n)], device=total.device)]), reduce_op="sum")
-            total, n = packed[:-1], float(packed[-1])
-        self.fill.copy_(total / max(n, 1))
+            packed = self._trainer.strategy.reduce(packed, reduce_op="sum")
+        total, moments, n, pixels = packed[: len(total)], packed[len(total) : -2], float(packed[-2]), float(packed[-1])
+        self.fill.copy_((total / max(n, 1)).to(self.fill.dtype))
         self.fill_ready.fill_(True)
+        mean = moments[:c] / max(pixels, 1)
+        var = (moments[c:] / max(pixels, 1) - mean * mean).clamp_min(0)
+        self.input_mean.copy_(mean.to(self.input_mean.dtype))
+        self.input_std.copy_(var.sqrt().clamp_min(1e-6).to(self.input_std.dtype))
+        self.input_ready.fill_(True)
 
     def on_fit_start(self) -> None:
-        if self.hparams.ablation == "mean" and not bool(self.fill_ready):
+        needs_fill = self.hparams.ablation == "mean" and not bool(self.fill_ready)
+        if needs_fill or not bool(self.input_ready):
             self.compute_fill(self.trainer.datamodule.train_dataloader())
+
+    def null_inputs(self, family: str, x: torch.Tensor, salt: int = 0) -> torch.Tensor:
+        """The ``family``'s null input paired with each image of ``x`` (``gencnp.nulls``), with the data's stats."""
+        if not bool(self.input_ready):
+            raise RuntimeError("null inputs need the data's per-channel mean and std: run fit, or call compute_fill(loader).")
+        return NL.null_inputs(family, x, self.input_mean, self.input_std, salt)
+
+    def class_lookup(self, pathway: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+        """The class lookup at ``pathway``'s per-sample, per-tap counts: bool ``[B, D]``, channels ranked by the
+        running selection frequency ``class_freq`` of class ``y_hat``."""
+        chans = self.target.tap_channels
+        return topk_per_tap(self.class_freq[y_hat], tap_counts(pathway, chans), chans)
 
     def fills(self) -> list[torch.Tensor] | None:
         """Per-tap fill values for masked channels (``None``: zero ablation)."""
@@ -378,9 +442,23 @@ class GenCNP(L.LightningModule):
             with torch.no_grad():
                 zero_first = self.target(xs[-1][:1], record=True)[1][0]
             firsts.append(zero_first.expand(nc, *zero_first.shape[1:]))
+        if h.lambda_null > 0:
+            family = self.null_train[self.global_step % len(self.null_train)]
+            null_x = self.null_inputs(family, x[:nc], salt=self.global_step + 1)
+            with torch.no_grad():
+                null_first = self.target(null_x, record=True)[1][0]
+            xs.append(null_x)
+            ms.append(m[:nc])
+            firsts.append(null_first)
+        if h.lambda_lookup > 0 and bool(self.freq_seen.all()):
+            with torch.no_grad():
+                lookup = self.class_lookup(m.detach() > 0.5, y_hat).float()
+            xs.append(x)
+            ms.append(lookup)
+            firsts.append(feats[0])
         all_logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills(),
                                  first_tap=torch.cat(firsts))  # fmt: skip
-        chunks = list(torch.split(all_logits, [b] + [nc] * (len(xs) - 1)))
+        chunks = list(torch.split(all_logits, [len(part) for part in xs]))
         masked_logits = chunks.pop(0)
         terms = {"kd": LS.kd(logits, masked_logits, y_hat, h.temperature)}
         gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa)
@@ -396,6 +474,14 @@ class GenCNP(L.LightningModule):
             terms["zero"] = LS.swap(zeroed, y_hat[:nc])
             if h.dependence_gate is not None:
                 gate = gate * torch.cat([LS.dependence_gate(zeroed, y_hat[:nc], h.dependence_gate), rest])
+        if h.lambda_null > 0:
+            nulled = chunks.pop(0)
+            terms["null"] = LS.swap(nulled, y_hat[:nc])
+            if h.dependence_gate is not None:
+                gate = gate * torch.cat([LS.dependence_gate(nulled, y_hat[:nc], h.dependence_gate), rest])
+        if h.lambda_lookup > 0:
+            terms["lookup"] = (LS.lookup(logits, masked_logits, chunks.pop(0).detach(), h.lookup_margin)
+                               if bool(self.freq_seen.all()) else masked_logits.sum() * 0.0)  # fmt: skip
         terms["sparsity"] = LS.sparsity(self.generator.split(out["scores"]), gate, h.tap_weights, h.sparsity_per)
         # cls and con always enter the graph (weight 0 included) so DDP never sees unused parameters.
         terms["cls"] = LS.cls(logits, out["class_logits"], y_hat)
@@ -403,7 +489,7 @@ class GenCNP(L.LightningModule):
             LS.update_prototypes(self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce)
         terms["con"] = LS.con(out["scores"], self.prototypes, y_hat)
         weights = {"kd": 1.0, "sparsity": self.lambda_sp_now(), "swap": h.lambda_swap, "zero": h.lambda_zero,
-                   "cls": h.lambda_cls, "con": h.lambda_con}  # fmt: skip
+                   "cls": h.lambda_cls, "con": h.lambda_con, "null": h.lambda_null, "lookup": h.lambda_lookup}  # fmt: skip
         result = LS.total_loss(terms, weights)
         for name, value in result.items():
             if not torch.isfinite(value):
@@ -413,6 +499,8 @@ class GenCNP(L.LightningModule):
                 )
         if bool(self.proto_seen.all()):
             LS.update_prototypes(self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce)
+        LS.update_prototypes(self.class_freq, self.freq_seen, (m.detach() > 0.5).float(), y_hat, h.freq_momentum,
+                             self._all_reduce)  # fmt: skip
         self.log_dict({f"train/loss_{k}" if k != "loss" else "train/loss": v.detach() for k, v in result.items()},
                       on_step=True, on_epoch=False, prog_bar=False)  # fmt: skip
         self.log("train/kept", m.detach().mean(), prog_bar=True, on_step=True, on_epoch=False)
@@ -428,20 +516,26 @@ class GenCNP(L.LightningModule):
 
     # ----- evaluation -----
     def controls(self, x: torch.Tensor, ex: dict, necessity: bool = False) -> dict[str, torch.Tensor]:
-        """Input-dependence controls for pathways ``ex['masks']``: probe swap, zero image, (complement)."""
+        """Input-dependence controls for pathways ``ex['pathway']``: probe swap, zero image, the null families of
+        ``null_families`` (with the unmasked target's logits on them: the chance level), (complement)."""
         b = x.shape[0]
         partners, valid = self.partner_images(x, ex["y_hat"])
         masks = ex["pathway"].float()
-        xs, ms = [partners, torch.zeros_like(x)], [masks, masks]
+        nulls = [self.null_inputs(f, x) for f in self.null_eval]
+        xs, ms = [partners, torch.zeros_like(x), *nulls], [masks] * (2 + len(nulls))
         if necessity:
             xs.append(x)
             ms.append(1.0 - masks)
         with torch.no_grad():
             logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills())
+            chance = self.target(torch.cat(nulls)) if nulls else None
         chunks = torch.split(logits, b)
         out = {"swap_logits": chunks[0], "zero_logits": chunks[1], "swap_valid": valid}
+        if nulls:
+            out["null_logits"] = dict(zip(self.null_eval, chunks[2 : 2 + len(nulls)]))
+            out["null_chance_logits"] = dict(zip(self.null_eval, torch.split(chance, b)))
         if necessity:
-            out["necessity_logits"] = chunks[2]
+            out["necessity_logits"] = chunks[-1]
         return out
 
     def _eval_step(self, batch, batch_idx, stage: str, metrics: PathwayMetrics):
@@ -450,6 +544,12 @@ class GenCNP(L.LightningModule):
         ex = self.explain(x, labels)
         ctrl = self.controls(x, ex)
         metrics.update(ex["logits"], ex["masked_logits"], ex["y_hat"], ex["pathway"], labels, **ctrl)
+        if bool(self.freq_seen.any()):
+            with torch.no_grad():
+                lk = self.class_lookup(ex["pathway"], ex["y_hat"])
+                lk_logits = self.target(x, masks=self.generator.split(lk.float()), fill=self.fills())
+            lookup = self.val_lookup if stage == "val" else self.test_lookup
+            lookup.update((lk_logits.argmax(1) == ex["y_hat"]).double(), weight=1.0)
         kd = self.val_kd if stage == "val" else self.test_kd
         kd.update(LS.kd(ex["logits"].double(), ex["masked_logits"].double(), ex["y_hat"], self.hparams.temperature),
                   weight=x.shape[0])  # fmt: skip
@@ -461,6 +561,11 @@ class GenCNP(L.LightningModule):
         h = self.hparams
         vals["score"] = vals["agreement"] - h.w_swap * vals["swap_forcing"] - h.w_zero * vals["zero_forcing"] - h.w_kept * vals["kept_mean"]
         vals.pop("n", None)
+        lookup = self.val_lookup if stage == "val" else self.test_lookup
+        if lookup.update_count > 0:
+            vals["lookup_agreement"] = float(lookup.compute())
+            vals["lookup_gain"] = vals["agreement"] - vals["lookup_agreement"]
+        lookup.reset()
         vals = {k: v for k, v in vals.items() if v == v}  # drop controls that were not run (NaN)
         bar = {"agreement", "kept_mean", "swap_forcing"}
         for k, v in vals.items():

@@ -12,11 +12,13 @@ from jsonargparse import ArgumentParser
 
 from gencnp import GenCNP, SyntheticDataModule
 from gencnp.banks import PathwayBank
+from gencnp.baselines import tap_counts, topk_per_tap
 from gencnp.metrics import KEYS
 from gencnp.report import CI_KEYS, paired_bootstrap, report
 
 NAMES = ["gencnp", "random", "neuron_mct", "neuron_intgrad", "dgr"]
-FIGURES = ["agreement_vs_kept.png", "kept_hist.png", "bank_heatmap.png", "attribution_grid.png"]
+FIGURES = ["agreement_vs_kept.png", "kept_hist.png", "bank_heatmap.png", "attribution_grid.png", "null_forcing.png"]
+NULLS = ["gaussian", "shuffle", "smooth"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +122,7 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
     r = json.loads((out / "report.json").read_text())
     assert {"provenance", "methods", "methods_native", "transfer", "subset", "curves", "bootstrap"} <= set(r)
     assert set(r["seconds_by_phase"]) == {"setup", "gencnp", "random_neuron_mct_transfer", "neuron_intgrad_dgr_curves",
-                                          "summaries_bootstrap", "figures"}  # fmt: skip
+                                          "same_class_transfer", "summaries_bootstrap", "figures"}  # fmt: skip
     prov = r["provenance"]
     for key in ("target", "target_hash", "generator", "bank", "dataset", "split", "class_source", "taps", "tau", "seed",
                 "git_commit", "versions"):  # fmt: skip
@@ -130,25 +132,25 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
 
     def check_entry(e: dict, n: int, compared: bool) -> None:
         assert e["n"] == n and isinstance(e["images"], str) and e["seconds_per_image"] > 0
-        for key in [*KEYS, *(f"kept/{t}" for t in taps)]:
+        for key in [*KEYS, *(f"kept/{t}" for t in taps), *(f"null_{w}/{f}" for f in NULLS for w in ("forcing", "chance"))]:
             assert key in e, key
         if compared:
-            assert set(e["vs_gencnp"]) == set(CI_KEYS)
+            assert set(e["vs_gencnp"]) == set(CI_KEYS) | {f"null_forcing/{f}" for f in NULLS}
             for c in e["vs_gencnp"].values():
                 assert c["ci95"][0] <= c["ci95"][1] and c["winner"] in ("gencnp", "method", "tie")
 
+    assert list(r["methods"]) == [*NAMES, "class_lookup"] and list(r["methods_native"]) == NAMES
     for section in ("methods", "methods_native"):
-        assert list(r[section]) == NAMES
-        for m in NAMES:
+        for m in r[section]:
             check_entry(r[section][m], subset if m in ("neuron_intgrad", "dgr") else limit, m != "gencnp")
     check_entry(r["transfer"], limit, True)
-    assert r["subset"]["n"] == subset and list(r["subset"]["methods"]) == NAMES
+    assert r["subset"]["n"] == subset and list(r["subset"]["methods"]) == [*NAMES, "class_lookup"]
     for m in NAMES:
         check_entry(r["subset"]["methods"][m], subset, m != "gencnp")
     # Matched sparsity: every baseline keeps exactly GEN-CNP's per-sample and per-tap counts, on the same images.
     gen, gen_sub = r["methods"]["gencnp"], r["subset"]["methods"]["gencnp"]
     assert 0.2 < gen["kept_mean"] < 0.8 and gen["kept_std"] > 0  # the sparsified generator is not trivial
-    for m in NAMES[1:]:
+    for m in [*NAMES[1:], "class_lookup"]:
         ref = gen_sub if m in ("neuron_intgrad", "dgr") else gen
         for t in taps:
             assert r["methods"][m][f"kept/{t}"] == pytest.approx(ref[f"kept/{t}"], abs=1e-12), (m, t)
@@ -169,7 +171,23 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
     transfer_agree = (bank.apply(model.target, x, ex["y_hat"]).argmax(1) == ex["y_hat"]).double().mean()
     assert r["transfer"]["agreement"] == pytest.approx(float(transfer_agree))
     assert gen["kept_mean"] == pytest.approx(float(ex["kept"].double().mean()))
+    # The class lookup: the bank's f_c ranking of the predicted class at GEN-CNP's own per-tap counts.
+    chans = model.target.tap_channels
+    lookup = topk_per_tap(bank.frequencies()[ex["y_hat"]], tap_counts(ex["pathway"], chans), chans)
+    lk_logits = model.target(x, masks=list(torch.split(lookup.float(), chans, dim=1)), fill=model.fills())
+    assert r["methods"]["class_lookup"]["agreement"] == pytest.approx(float((lk_logits.argmax(1) == ex["y_hat"]).double().mean()))
+    # Null forcing: recomputed from the model's own null inputs and masked forward.
+    for fam in NULLS:
+        z = model.null_inputs(fam, x)
+        forced = model.target(z, masks=model.generator.split(ex["pathway"].float()), fill=model.fills()).argmax(1)
+        assert gen[f"null_forcing/{fam}"] == pytest.approx(float((forced == ex["y_hat"]).double().mean())), fam
+        assert gen[f"null_chance/{fam}"] == pytest.approx(float((model.target(z).argmax(1) == ex["y_hat"]).double().mean()))
+    # Same-class transfer: every method on the subset, with its own agreement on the same images.
+    sc = r["same_class_transfer"]
+    assert "gencnp/matched" in sc and "class_lookup/matched" in sc and "dgr/native" in sc
+    assert all(0 <= e["same_class_transfer"] <= 1 and 0 < e["n"] <= subset for e in sc.values())
     md = (out / "report.md").read_text()
     for text in ("## Provenance", "## Matched sparsity", "## Native settings", "## Transfer", "Where GEN-CNP loses",
-                 "## Common subset", *NAMES, *FIGURES):  # fmt: skip
+                 "## Common subset", "against the class lookup", "## Same-class transfer", "## Null inputs", *NAMES,
+                 *FIGURES):  # fmt: skip
         assert text in md, text

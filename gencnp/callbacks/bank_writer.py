@@ -35,8 +35,8 @@ class PathwayBankWriter(L.Callback):
 
     Tau rule (``gencnp.banks.choose_tau``): for each candidate ``tau``, every validation image ``x`` of class
     ``c`` (the model's class source) goes through its class pathway ``H(x; M_c)``, with the swap and zero-image
-    forcing controls of ``GenCNP.controls``. Among the taus with transfer agreement ``>= min_agreement``, the
-    highest ``agreement - w_swap swap_forcing - w_zero zero_forcing - w_kept kept`` wins; if none qualifies, the
+    forcing controls of ``GenCNP.controls``. Among the taus with transfer agreement ``>= min_agreement`` and
+    kept fraction ``<= max_kept`` (when set), the highest ``agreement - w_swap swap_forcing - w_zero zero_forcing - w_kept kept`` wins; if none qualifies, the
     highest score overall. The table of every tau is stored in the bank's ``info['tau_search']``.
 
     Args:
@@ -44,6 +44,8 @@ class PathwayBankWriter(L.Callback):
         taus: candidate thresholds in ``(0, 1]`` (default ``0.05, 0.10, ..., 0.95``).
         min_agreement: transfer agreement a tau must reach on validation to be preferred.
         w_swap, w_zero, w_kept: weights of the selection score (GenCNP's ``val/score`` defaults).
+        max_kept: kept budget of the class pathways (fraction of the ``D`` channels, measured on validation);
+            ``None``: no budget.
         val_batches: validation batches used for the search (all when ``None``).
         progress: show a progress bar for the search (rank 0 only).
     """
@@ -56,6 +58,7 @@ class PathwayBankWriter(L.Callback):
         w_swap: float = 1.0,
         w_zero: float = 0.5,
         w_kept: float = 0.25,
+        max_kept: float | None = None,
         val_batches: int | None = None,
         progress: bool = True,
     ):
@@ -71,6 +74,8 @@ class PathwayBankWriter(L.Callback):
             )
         if not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"min_agreement must lie in [0, 1], got {min_agreement}.")
+        if max_kept is not None and not 0.0 < max_kept <= 1.0:
+            raise ValueError(f"max_kept must lie in (0, 1] (a fraction of the channels) or be null, got {max_kept}.")
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"val_batches must be >= 1 or None (all), got {val_batches}.")
         if not str(path).endswith(".safetensors"):
@@ -78,6 +83,7 @@ class PathwayBankWriter(L.Callback):
         self.path = str(path)
         self.taus = sorted({float(t) for t in taus})
         self.min_agreement = float(min_agreement)
+        self.max_kept = None if max_kept is None else float(max_kept)
         self.w_swap, self.w_zero, self.w_kept = float(w_swap), float(w_zero), float(w_kept)
         self.val_batches = val_batches
         self.progress = progress
@@ -150,6 +156,7 @@ class PathwayBankWriter(L.Callback):
             self.w_swap,
             self.w_zero,
             self.w_kept,
+            self.max_kept,
         )
         table["score"] = scores
         bank.tau = tau
@@ -158,6 +165,7 @@ class PathwayBankWriter(L.Callback):
             "tau_rule": rule,
             "tau_search": _json_safe(table),
             "min_agreement": self.min_agreement,
+            "max_kept": self.max_kept,
             "weights": {"w_swap": self.w_swap, "w_zero": self.w_zero, "w_kept": self.w_kept},
             "ablation": hp.get("ablation", "zero"),
             "generator_checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
