@@ -294,6 +294,7 @@ def report(
     limit: int | None = None,
     threads: int | None = None,
     progress: bool = True,
+    lookup_fractions: list[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
 
@@ -332,6 +333,8 @@ def report(
         threads: CPU threads for torch during the report (``torch.set_num_threads``; restored afterwards); unset
             keeps torch's default. On a CPU shared with other jobs, 1 avoids stalls of spinning OpenMP workers.
         progress: show progress bars.
+        lookup_fractions: shares of GEN-CNP's per-tap counts at which its score ranking is compared with the class
+            lookup (``lookup_frontier``; default ``1.0, 0.8, 0.6, 0.4``).
 
     Returns:
         The content of ``report.json`` as a dict.
@@ -372,6 +375,7 @@ def _report(
     samples_per_class: int = 2,
     limit: int | None = None,
     progress: bool = True,
+    lookup_fractions: list[float] | None = None,
 ) -> dict[str, Any]:
     """The body of ``report`` (arguments as there)."""
     from tqdm.auto import tqdm
@@ -515,6 +519,10 @@ def _report(
         res["class_lookup", "matched"] = _Results("class_lookup", "the predicted class's channels ranked by the bank's "
                                                   "f_c, GEN-CNP's per-sample and per-tap kept counts", all_images)  # fmt: skip
         class_freq = bank_obj.frequencies().to(dev)
+    fractions = sorted({float(f) for f in (lookup_fractions or (1.0, 0.8, 0.6, 0.4))}, reverse=True)
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"lookup_fractions must lie in (0, 1] (shares of GEN-CNP's per-tap counts), got {fractions}.")
+    frontier_hits = {f: [] for f in fractions}  # per image: (gencnp top-by-score agrees, lookup agrees, kept)
     mct_scores = torch.zeros(n_all, sum(chans))
     start = 0
     for batch in tqdm(loader(dataset, batch_size), desc="random, neuron_mct, transfer", disable=not progress):
@@ -535,6 +543,13 @@ def _report(
             with _Timer(dev) as tm:
                 p = topk_per_tap(class_freq[y_hat], counts, chans)
             measure(res["class_lookup", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
+            for f in fractions:  # both rankings at a share of GEN-CNP's own per-sample, per-tap counts
+                c = torch.round(counts.double() * f).long()
+                own = topk_per_tap(scores_all[pos].to(dev), c, chans)
+                look = topk_per_tap(class_freq[y_hat], c, chans)
+                frontier_hits[f].append(torch.stack([(masked_forward(x, own).argmax(1) == y_hat).double().cpu(),
+                                                     (masked_forward(x, look).argmax(1) == y_hat).double().cpu(),
+                                                     own.double().mean(1).cpu()], dim=1))  # fmt: skip
 
     lap("random_neuron_mct_transfer")
 
@@ -598,6 +613,7 @@ def _report(
         else:
             sub_pairs[f"subset:{label}"] = (r, gen_sub)
     cmp_full = _compare(full_pairs, bootstrap_samples, seed, progress)
+    lookup_frontier = _lookup_frontier(frontier_hits, bootstrap_samples, seed) if bank_obj is not None else None
     cmp_sub = _compare(sub_pairs, bootstrap_samples, seed + 1, progress)
 
     def block(m: str, s: str, on_subset: bool) -> dict[str, Any]:
@@ -643,6 +659,7 @@ def _report(
             ],
         },
         "same_class_transfer": same_class,
+        "lookup_frontier": lookup_frontier,
         "bootstrap": {
             "samples": bootstrap_samples,
             "seed": seed,
@@ -690,6 +707,23 @@ def _run_baseline(m, res, measure, target, pos, x, labels, logits, y_hat, counts
         native = out["native"] if "native" in out else global_percentile(out["scores"], keep_fraction)
     measure(res[m, "native"], pos, x, labels, logits, y_hat, native, t_scores.seconds + t_n.seconds)
     return out["scores"].detach()
+
+
+def _lookup_frontier(hits: dict[float, list[torch.Tensor]], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """GEN-CNP's score ranking against the class lookup at shares of GEN-CNP's own per-tap counts.
+
+    For each share ``f`` both keep ``round(f * count)`` channels per tap and sample: GEN-CNP its highest generator
+    scores, the lookup its class's highest ``f_c``. Returns per share the kept fraction, both agreements and the
+    paired 95% interval of GEN-CNP minus lookup.
+    """
+    rows = []
+    for f, parts in hits.items():
+        h = torch.cat(parts)
+        mean, lo, hi = paired_bootstrap((h[:, 0] - h[:, 1])[:, None], n_boot, seed)
+        rows.append({"fraction": f, "n": len(h), "kept_mean": float(h[:, 2].mean()), "gencnp_agreement": float(h[:, 0].mean()),
+                     "lookup_agreement": float(h[:, 1].mean()), "gencnp_minus_lookup": float(mean[0]),
+                     "ci95": [float(lo[0]), float(hi[0])]})  # fmt: skip
+    return rows
 
 
 def same_class_partners(classes: torch.Tensor) -> torch.Tensor:
@@ -950,6 +984,16 @@ def _null_section(r: dict) -> list[str]:
             win = {"gencnp": "GEN-CNP", "method": "class lookup", "tie": "tie"}[c["winner"]]
             L.append(f"| {key} | {_fmt(gen.get(key))} | {_fmt(look.get(key))} | {c['diff']:+.4f} "
                      f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {win} |")  # fmt: skip
+    lf = r.get("lookup_frontier") or []
+    if lf:
+        L += ["", "### Below GEN-CNP's counts", "",
+              "Both rankings at shares of GEN-CNP's own per-sample, per-tap counts: GEN-CNP keeps its highest generator "
+              "scores, the lookup its class's highest f_c (all images of the split).", "",
+              "| share of counts | kept | GEN-CNP agreement | lookup agreement | GEN-CNP minus lookup [95% CI] |",
+              "|---|---|---|---|---|"]  # fmt: skip
+        for e in lf:
+            L.append(f"| {e['fraction']:g} | {_fmt(e['kept_mean'])} | {_fmt(e['gencnp_agreement'])} | "
+                     f"{_fmt(e['lookup_agreement'])} | {e['gencnp_minus_lookup']:+.4f} [{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}] |")  # fmt: skip
     sc = r.get("same_class_transfer") or {}
     if sc:
         L += ["", f"## Same-class transfer ({r['subset']['images']})", "",

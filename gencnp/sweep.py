@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-COLUMNS = ["agreement", "kept_mean", "swap_forcing", "zero_forcing", "acIOU", "between_class_iou", "kept_class_std", "score"]
+COLUMNS = ["agreement", "kept_mean", "swap_forcing", "zero_forcing", "acIOU", "between_class_iou", "kept_class_std", "score",
+           "lookup_agreement", "lookup_gain"]  # fmt: skip
 
 
 def best_row(metrics_csv: Path) -> dict[str, float]:
@@ -31,6 +32,8 @@ def best_row(metrics_csv: Path) -> dict[str, float]:
         raise ValueError(f"{metrics_csv} has no validation rows; did the run reach a validation check?")
     best = max(rows, key=lambda r: float(r["val/score"]))
     out = {k: float(best[f"val/{k}"]) for k in COLUMNS if best.get(f"val/{k}")}
+    # Null forcing and chance per family (whatever families the run measured).
+    out.update({k[4:]: float(v) for k, v in best.items() if k.startswith("val/null_") and v})
     out["step"] = int(float(best["step"]))
     return out
 
@@ -65,10 +68,12 @@ def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict
 
 
 def table(rows: list[dict]) -> str:
-    head = "| point | settings | " + " | ".join(COLUMNS) + " | s |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    nulls = sorted({k for r in rows for k in r if k.startswith("null_")}, key=lambda k: (k.split("/")[1], k))
+    cols = COLUMNS + nulls
+    head = "| point | settings | " + " | ".join(cols) + " | s |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
     for r in rows:
-        vals = " | ".join("" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r[c])) else f"{r[c]:.3f}" for c in COLUMNS)
+        vals = " | ".join("" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r[c])) else f"{r[c]:.3f}" for c in cols)
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         lines.append(f"| {r['name']} | {settings} | {vals} | {r['seconds']:.0f} |")
     return "\n".join(lines)

@@ -155,6 +155,10 @@ class GenCNP(L.LightningModule):
             (``class_freq``, an EMA of the hard pathways of each predicted class, momentum ``freq_momentum``).
             The same lookup is measured in validation and test (``lookup_agreement``, ``lookup_gain`` = agreement
             minus lookup agreement).
+        lambda_nested / nested_min: the ``nested`` loss trains the score *ranking* below the operating point: each
+            step, every sample keeps only its top ``rho`` share of its own kept channels per tap (by generator
+            score, ``rho ~ U(nested_min, 1)``), and ``kd`` is applied to that thinner pathway. Its gradient reaches
+            the scores of the channels kept, so the most useful channels of each input rank first.
     """
 
     def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
@@ -170,7 +174,8 @@ class GenCNP(L.LightningModule):
                  w_kept: float = 0.25, target_kwargs: dict | None = None, control_fraction: float = 1.0,
                  channels_last: bool = False, null_families: list[str] | None = None,
                  null_train: list[str] | None = None, lambda_null: float = 0.0, lambda_lookup: float = 0.0,
-                 lookup_margin: float = 0.0, freq_momentum: float = 0.98):  # fmt: skip
+                 lookup_margin: float = 0.0, freq_momentum: float = 0.98, lambda_nested: float = 0.0,
+                 nested_min: float = 0.5):  # fmt: skip
         super().__init__()
         if not 0 < control_fraction <= 1:
             raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
@@ -184,6 +189,8 @@ class GenCNP(L.LightningModule):
         if lambda_null > 0 and not self.null_train:
             raise ValueError(f"lambda_null is {lambda_null} but null_train is empty; list the families to train on "
                              f"(from {list(NL.FAMILIES)}), or set lambda_null: 0.")  # fmt: skip
+        if not 0 < nested_min <= 1:
+            raise ValueError(f"nested_min must lie in (0, 1] (the smallest share of a pathway kept), got {nested_min}.")
         if not 0 <= freq_momentum < 1:
             raise ValueError(f"freq_momentum must lie in [0, 1), got {freq_momentum}.")
         self.save_hyperparameters()
@@ -450,6 +457,15 @@ class GenCNP(L.LightningModule):
             xs.append(null_x)
             ms.append(m[:nc])
             firsts.append(null_first)
+        if h.lambda_nested > 0:
+            with torch.no_grad():
+                hard = m.detach() > 0.5
+                rho = h.nested_min + (1 - h.nested_min) * torch.rand(b, 1, device=x.device, dtype=torch.float64)
+                keep = torch.round(tap_counts(hard, self.target.tap_channels).double() * rho).long()
+                sub = topk_per_tap(out["scores"].detach(), keep, self.target.tap_channels)
+            xs.append(x)
+            ms.append(m * sub.to(m.dtype))
+            firsts.append(feats[0])
         if h.lambda_lookup > 0 and bool(self.freq_seen.all()):
             with torch.no_grad():
                 lookup = self.class_lookup(m.detach() > 0.5, y_hat).float()
@@ -479,6 +495,8 @@ class GenCNP(L.LightningModule):
             terms["null"] = LS.swap(nulled, y_hat[:nc])
             if h.dependence_gate is not None:
                 gate = gate * torch.cat([LS.dependence_gate(nulled, y_hat[:nc], h.dependence_gate), rest])
+        if h.lambda_nested > 0:
+            terms["nested"] = LS.kd(logits, chunks.pop(0), y_hat, h.temperature)
         if h.lambda_lookup > 0:
             terms["lookup"] = (LS.lookup(logits, masked_logits, chunks.pop(0).detach(), h.lookup_margin)
                                if bool(self.freq_seen.all()) else masked_logits.sum() * 0.0)  # fmt: skip
@@ -489,7 +507,8 @@ class GenCNP(L.LightningModule):
             LS.update_prototypes(self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce)
         terms["con"] = LS.con(out["scores"], self.prototypes, y_hat)
         weights = {"kd": 1.0, "sparsity": self.lambda_sp_now(), "swap": h.lambda_swap, "zero": h.lambda_zero,
-                   "cls": h.lambda_cls, "con": h.lambda_con, "null": h.lambda_null, "lookup": h.lambda_lookup}  # fmt: skip
+                   "cls": h.lambda_cls, "con": h.lambda_con, "null": h.lambda_null, "lookup": h.lambda_lookup,
+                   "nested": h.lambda_nested}  # fmt: skip
         result = LS.total_loss(terms, weights)
         for name, value in result.items():
             if not torch.isfinite(value):

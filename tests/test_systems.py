@@ -99,3 +99,36 @@ def test_toy_target_pathways_find_the_deciding_channel():
     iou = (route * truth).sum(1) / ((route + truth) > 0).float().sum(1)
     assert float(iou.mean()) >= 0.9, float(iou.mean())
     assert float((out["prediction"] == out["y_hat"]).float().mean()) >= 0.95
+
+
+def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
+    """The input-specificity losses run end to end: logged terms, null metrics per family, the lookup comparison."""
+    cli("fit", "--config", str(ROOT / "configs/synthetic/gencnp.yaml"), *QUIET, "--trainer.max_epochs", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path),
+        "--model.init_args.target_checkpoint", str(synthetic_runs["target"]), "--model.init_args.null_train",
+        "[uniform, constant]", "--model.init_args.lambda_null", "1", "--model.init_args.lambda_lookup", "1",
+        "--model.init_args.lambda_nested", "1", "--model.init_args.null_families", "[gaussian, smooth]")  # fmt: skip
+    rows = list(csv.DictReader(open(sorted(tmp_path.glob("logs/version_*/metrics.csv"))[-1])))
+    header = set(rows[0])
+    assert {"train/loss_null", "train/loss_lookup", "train/loss_nested"} <= header
+    for fam in ("gaussian", "smooth"):
+        assert {f"val/null_forcing/{fam}", f"val/null_chance/{fam}"} <= header
+    assert "val/null_forcing/shuffle" not in header  # only the families asked for
+    null_losses = [float(r["train/loss_null"]) for r in rows if r.get("train/loss_null")]
+    assert null_losses and all(v >= 0 for v in null_losses) and max(null_losses) > 0
+    val = [r for r in rows if r.get("val/lookup_agreement")]
+    assert val and all(0 <= float(r["val/lookup_agreement"]) <= 1 for r in val)
+    gain = float(val[-1]["val/lookup_gain"])
+    assert gain == pytest.approx(float(val[-1]["val/agreement"]) - float(val[-1]["val/lookup_agreement"]))
+    model = GenCNP.load_from_checkpoint(tmp_path / "best.ckpt")
+    assert bool(model.input_ready) and bool(model.freq_seen.all())
+    assert 0 <= float(model.class_freq.min()) and float(model.class_freq.max()) <= 1
+
+
+def test_null_settings_are_checked():
+    with pytest.raises(ValueError, match="null_train is empty"):
+        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, lambda_null=1.0)
+    with pytest.raises(ValueError, match="unknown null families"):
+        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, null_families=["pink"])
+    with pytest.raises(ValueError, match="nested_min"):
+        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, nested_min=0.0)
