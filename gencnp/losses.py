@@ -32,11 +32,22 @@ def kd(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, t
     return t * t * kl + F.cross_entropy(_f(masked_logits), y_hat)
 
 
-def faithful_gate(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, kappa: float = 0.9) -> torch.Tensor:
-    """``[B]`` float: 1 where the pathway stays faithful with a margin, ``p^m_y >= kappa p_y`` (float64 logs)."""
+def faithful_gate(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, kappa: float = 0.9,
+                  top_margin: float | None = None) -> torch.Tensor:  # fmt: skip
+    """``[B]`` float: 1 where the pathway stays faithful with a margin, ``p^m_y >= kappa p_y`` (float64 logs).
+
+    With ``top_margin`` (in nats) the masked output must also keep ``y`` on top: ``log p^m_y - max_{k != y}
+    log p^m_k >= top_margin``. A sample whose target output is unsure (``p_y`` near 0.5) can lose its class while
+    still meeting the ratio ``kappa``; this stops its sparsity pressure before it does.
+    """
     lp = F.log_softmax(logits.detach().double(), dim=1).gather(1, y_hat[:, None])[:, 0]
-    lq = F.log_softmax(masked_logits.detach().double(), dim=1).gather(1, y_hat[:, None])[:, 0]
-    return (lq >= lp + torch.log(torch.tensor(kappa, dtype=torch.float64))).to(torch.float32)
+    lqa = F.log_softmax(masked_logits.detach().double(), dim=1)
+    lq = lqa.gather(1, y_hat[:, None])[:, 0]
+    ok = lq >= lp + torch.log(torch.tensor(kappa, dtype=torch.float64))
+    if top_margin is not None:
+        runner_up = lqa.scatter(1, y_hat[:, None], float("-inf")).amax(1)
+        ok = ok & (lq - runner_up >= top_margin)
+    return ok.to(torch.float32)
 
 
 def dependence_gate(swapped_logits: torch.Tensor, y_hat: torch.Tensor, max_prob: float,

@@ -159,6 +159,8 @@ class GenCNP(L.LightningModule):
             step, every sample keeps only its top ``rho`` share of its own kept channels per tap (by generator
             score, ``rho ~ U(nested_min, 1)``), and ``kd`` is applied to that thinner pathway. Its gradient reaches
             the scores of the channels kept, so the most useful channels of each input rank first.
+        gate_top_margin: when set, the sparsity gate also requires the masked output to keep the sample's class on
+            top by this many nats (``losses.faithful_gate``); ``None``: the ratio ``kappa`` alone.
     """
 
     def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
@@ -175,7 +177,7 @@ class GenCNP(L.LightningModule):
                  channels_last: bool = False, null_families: list[str] | None = None,
                  null_train: list[str] | None = None, lambda_null: float = 0.0, lambda_lookup: float = 0.0,
                  lookup_margin: float = 0.0, freq_momentum: float = 0.98, lambda_nested: float = 0.0,
-                 nested_min: float = 0.5):  # fmt: skip
+                 nested_min: float = 0.5, gate_top_margin: float | None = None):  # fmt: skip
         super().__init__()
         if not 0 < control_fraction <= 1:
             raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
@@ -477,7 +479,7 @@ class GenCNP(L.LightningModule):
         chunks = list(torch.split(all_logits, [len(part) for part in xs]))
         masked_logits = chunks.pop(0)
         terms = {"kd": LS.kd(logits, masked_logits, y_hat, h.temperature)}
-        gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa)
+        gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa, h.gate_top_margin)
         # Samples outside the control subset (control_fraction < 1) pass the dependence gate.
         rest = gate.new_ones(b - nc)
         if h.lambda_swap > 0:

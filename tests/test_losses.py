@@ -59,6 +59,13 @@ def test_faithful_gate_margin():
     masked = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     y = torch.tensor([0, 0])
     assert LS.faithful_gate(logits, masked, y, 0.9).tolist() == [1.0, 0.0]
+    # top_margin: the masked output must also keep y on top by that many nats
+    lg = torch.tensor([[0.0, 0.0, -5.0]])
+    ms = torch.tensor([[0.1, 0.0, -5.0]])  # ratio fine, y on top by 0.1 nats
+    y0 = torch.tensor([0])
+    assert LS.faithful_gate(lg, ms, y0, 0.9).tolist() == [1.0]
+    assert LS.faithful_gate(lg, ms, y0, 0.9, top_margin=0.0).tolist() == [1.0]
+    assert LS.faithful_gate(lg, ms, y0, 0.9, top_margin=0.5).tolist() == [0.0]
 
 
 def test_swap_matches_loop_reference():
