@@ -131,3 +131,25 @@ def test_same_class_partners():
     classes = torch.tensor([0, 1, 0, 2, 0, 1])
     p = same_class_partners(classes)
     assert p.tolist() == [2, 5, 4, -1, 0, 1]
+
+
+def test_lookup_frontier_on_the_synthetic_generator(synthetic_runs, tmp_path):
+    from gencnp import GenCNP, SyntheticDataModule
+    from gencnp.lookup import lookup_frontier
+
+    dm = SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200)
+    out = tmp_path / "lookup.json"
+    r = lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, split="val", fractions=[1.0, 0.5], limit=120, out=str(out))
+    assert out.is_file() and r["n"] == 120 and [row["fraction"] for row in r["rows"]] == [1.0, 0.5]
+    model = GenCNP.load_from_checkpoint(synthetic_runs["gencnp"])
+    x = torch.stack([dm.split("val")[i][0] for i in range(120)])
+    ex = model.explain(x)
+    full = r["rows"][0]
+    assert full["gencnp_agreement"] == pytest.approx(float((ex["prediction"] == ex["y_hat"]).double().mean()))
+    assert full["kept_mean"] == pytest.approx(float(ex["kept"].double().mean()))
+    assert r["rows"][1]["kept_mean"] <= full["kept_mean"]
+    assert full["gain"] == pytest.approx(full["gencnp_agreement"] - full["lookup_agreement"])
+    with pytest.raises(ValueError, match="fractions"):
+        lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, fractions=[1.5])
+    with pytest.raises(ValueError, match="split"):
+        lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, split="train")

@@ -1,0 +1,105 @@
+"""GEN-CNP's per-input pathways against the class lookup, on the validation split (model selection).
+
+``python evaluate.py lookup --generator runs/fashion_mnist/gencnp/best.ckpt`` (validation by default).
+
+The class lookup keeps, in every tap, a sample's own number of channels, ranked by how often its predicted class
+selects each channel (``f_c``): it carries no per-input information. At shares of GEN-CNP's own per-sample,
+per-tap counts, GEN-CNP keeps its highest generator scores and the lookup its class's highest ``f_c``; both go
+through the frozen target. ``f_c`` is the generator's running class selection frequency (``GenCNP.class_freq``,
+learnt during training on the train split), or a bank's when ``bank`` is given. The report
+(``evaluate.py report``) makes the same comparison on the test split with the bank's ``f_c`` and intervals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from gencnp.baselines import split_pathway, tap_counts, topk_per_tap
+from gencnp.data import ImageDataModule
+
+__all__ = ["lookup_frontier"]
+
+
+@torch.no_grad()
+def lookup_frontier(
+    generator: str = "runs/fashion_mnist/gencnp/best.ckpt",
+    data: ImageDataModule | None = None,
+    split: str = "val",
+    fractions: list[float] | None = None,
+    bank: str | None = None,
+    batch_size: int = 500,
+    limit: int | None = None,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Agreement of GEN-CNP's score ranking and of the class lookup at shares of GEN-CNP's own counts.
+
+    Args:
+        generator: GEN-CNP checkpoint.
+        data: data module (Fashion-MNIST when unset).
+        split: ``'val'`` (default: selection happens here) or ``'test'``.
+        fractions: shares of GEN-CNP's per-sample, per-tap counts (default ``1.0, 0.8, 0.6, 0.4``).
+        bank: a pathway bank whose ``f_c`` ranks the lookup (default: the generator's ``class_freq``).
+        batch_size: images per batch.
+        limit: only the first ``limit`` images of the split.
+        out: also write the result as JSON to this file.
+
+    Returns:
+        ``{"split", "n", "ranking", "rows": [{fraction, kept_mean, gencnp_agreement, lookup_agreement, gain}]}``.
+    """
+    from gencnp.systems import GenCNP
+
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got '{split}'.")
+    fr = sorted({float(f) for f in (fractions or (1.0, 0.8, 0.6, 0.4))}, reverse=True)
+    if any(not 0 < f <= 1 for f in fr):
+        raise ValueError(f"fractions must lie in (0, 1] (shares of GEN-CNP's counts), got {fr}.")
+    if not Path(generator).is_file():
+        raise FileNotFoundError(f"generator checkpoint '{generator}' does not exist; train one with python train.py fit "
+                                "--config configs/fashion_mnist/gencnp.yaml, or fix the path.")  # fmt: skip
+    model = GenCNP.load_from_checkpoint(generator, map_location="cpu", weights_only=True).eval()
+    chans = model.target.tap_channels
+    if bank is not None:
+        from gencnp.banks import PathwayBank
+
+        freq, ranking = PathwayBank.load(bank, target=model.target).frequencies(), f"bank {bank}"
+    else:
+        if not bool(model.freq_seen.all()):
+            raise ValueError(f"{generator} has no running class frequencies (trained before they existed); pass bank.")
+        freq, ranking = model.class_freq, "running class selection frequency of training (GenCNP.class_freq)"
+    if data is None:
+        from gencnp.data import FashionMNISTDataModule
+
+        data = FashionMNISTDataModule(eval_batch_size=batch_size)
+    model.check_data(data)
+    ds = data.split(split)
+    if limit is not None:
+        ds = Subset(ds, list(range(min(limit, len(ds)))))
+    sums = torch.zeros(len(fr), 4, dtype=torch.float64)  # n, own agree, lookup agree, kept
+    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        x = batch[0]
+        ex = model.explain(x)
+        counts = tap_counts(ex["pathway"], chans)
+        for i, f in enumerate(fr):
+            c = torch.round(counts.double() * f).long()
+            own = topk_per_tap(ex["scores"], c, chans)
+            look = topk_per_tap(freq[ex["y_hat"]], c, chans)
+            hits = [(model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == ex["y_hat"])
+                    .double().sum() for p in (own, look)]  # fmt: skip
+            sums[i] += torch.tensor([len(x), float(hits[0]), float(hits[1]), float(own.double().mean(1).sum())])
+    rows = [{"fraction": f, "kept_mean": float(s[3] / s[0]), "gencnp_agreement": float(s[1] / s[0]),
+             "lookup_agreement": float(s[2] / s[0]), "gain": float((s[1] - s[2]) / s[0])} for f, s in zip(fr, sums)]  # fmt: skip
+    result = {"generator": str(generator), "split": split, "n": len(ds), "ranking": ranking, "rows": rows}
+    print(f"GEN-CNP score ranking vs class lookup ({split}, {len(ds)} images; lookup: {ranking})")
+    print(f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}")
+    for r in rows:
+        print(f"{r['fraction']:>6.2f} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
+              f"{r['gain']:>+8.4f}")  # fmt: skip
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
