@@ -79,7 +79,8 @@ def lookup_frontier(
     ds = data.split(split)
     if limit is not None:
         ds = Subset(ds, list(range(min(limit, len(ds)))))
-    sums = torch.zeros(len(fr), 4, dtype=torch.float64)  # n, own agree, lookup agree, kept
+    sums = torch.zeros(len(fr), 6, dtype=torch.float64)  # n, own agree, lookup agree, kept, own swap, lookup swap
+    nulls = {f: torch.zeros(len(fr), 2, dtype=torch.float64) for f in model.null_eval}  # own, lookup null forced
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = batch[0]
         ex = model.explain(x)
@@ -90,15 +91,27 @@ def lookup_frontier(
             look = topk_per_tap(freq[ex["y_hat"]], c, chans)
             hits = [(model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == ex["y_hat"])
                     .double().sum() for p in (own, look)]  # fmt: skip
-            sums[i] += torch.tensor([len(x), float(hits[0]), float(hits[1]), float(own.double().mean(1).sum())])
+            ctrl = [model.controls(x, {"pathway": p, "y_hat": ex["y_hat"]}) for p in (own, look)]
+            swaps = [float(((c["swap_logits"].argmax(1) == ex["y_hat"]) & c["swap_valid"]).double().sum()) for c in ctrl]
+            sums[i] += torch.tensor([len(x), float(hits[0]), float(hits[1]), float(own.double().mean(1).sum()), *swaps])
+            for fam in model.null_eval:
+                nulls[fam][i] += torch.tensor([float((c["null_logits"][fam].argmax(1) == ex["y_hat"]).double().sum())
+                                               for c in ctrl])  # fmt: skip
     rows = [{"fraction": f, "kept_mean": float(s[3] / s[0]), "gencnp_agreement": float(s[1] / s[0]),
-             "lookup_agreement": float(s[2] / s[0]), "gain": float((s[1] - s[2]) / s[0])} for f, s in zip(fr, sums)]  # fmt: skip
+             "lookup_agreement": float(s[2] / s[0]), "gain": float((s[1] - s[2]) / s[0]),
+             "gencnp_swap_forcing": float(s[4] / s[0]), "lookup_swap_forcing": float(s[5] / s[0]),
+             **{f"gencnp_null_forcing/{fam}": float(v[i, 0] / s[0]) for fam, v in nulls.items()},
+             **{f"lookup_null_forcing/{fam}": float(v[i, 1] / s[0]) for fam, v in nulls.items()}}
+            for i, (f, s) in enumerate(zip(fr, sums))]  # fmt: skip
     result = {"generator": str(generator), "split": split, "n": len(ds), "ranking": ranking, "rows": rows}
     print(f"GEN-CNP score ranking vs class lookup ({split}, {len(ds)} images; lookup: {ranking})")
-    print(f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}")
+    fams = list(nulls)
+    print(f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}   swap forcing GEN-CNP/lookup   "
+          + "   ".join(f"{f} GEN-CNP/lookup" for f in fams))  # fmt: skip
     for r in rows:
         print(f"{r['fraction']:>6.2f} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
-              f"{r['gain']:>+8.4f}")  # fmt: skip
+              f"{r['gain']:>+8.4f}   {r['gencnp_swap_forcing']:.3f}/{r['lookup_swap_forcing']:.3f}   "
+              + "   ".join(f"{r[f'gencnp_null_forcing/{f}']:.3f}/{r[f'lookup_null_forcing/{f}']:.3f}" for f in fams))  # fmt: skip
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
