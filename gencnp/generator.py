@@ -191,14 +191,21 @@ class PathwayGenerator(nn.Module):
             return daq(scores, self.daq_sigma, self.daq_t0)
         return straight_through(scores)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, feats: Sequence[torch.Tensor], prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Returns ``scores [B, D]`` in (0, 1), ``masks [B, D]`` in {0, 1} (float, with gradient),
-        ``class_logits [B, K]`` and ``z [B, d]``; per-tap views via ``split``."""
+        ``class_logits [B, K]`` and ``z [B, d]``; per-tap views via ``split``.
+
+        Args:
+            feats: per-tap features of the frozen target.
+            prior: optional ``[B, D]`` added to the score logits before the sigmoid (no gradient), e.g. a class prior.
+        """
         feats = [f.detach() for f in feats]
         hs = self.rfe_shallow(feats[: self.n_shallow])
         hd = self.rfe_deep(feats[self.n_shallow :])
         z, class_logits = self.pdn(hs[-1], hd[-1])
         logits = torch.cat(self.rpd(z, hs + hd), dim=1)
+        if prior is not None:
+            logits = logits + prior.detach().to(logits.dtype)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             scores = torch.sigmoid(logits.float())
         return {"scores": scores, "masks": self.binarize(scores), "class_logits": class_logits, "z": z}

@@ -159,6 +159,9 @@ class GenCNP(L.LightningModule):
             step, every sample keeps only its top ``rho`` share of its own kept channels per tap (by generator
             score, ``rho ~ U(nested_min, 1)``), and ``kd`` is applied to that thinner pathway. Its gradient reaches
             the scores of the channels kept, so the most useful channels of each input rank first.
+        class_prior: weight ``alpha`` of a class prior on the score logits: ``alpha * (f_c - mean_j f_c)`` with ``f_c``
+            the running selection frequencies ``class_freq`` of the predicted class. The generator then starts
+            from its class's ranking and learns per-input corrections; 0 disables it.
         gate_top_margin: when set, the sparsity gate also requires the masked output to keep the sample's class on
             top by this many nats (``losses.faithful_gate``); ``None``: the ratio ``kappa`` alone.
     """
@@ -177,7 +180,7 @@ class GenCNP(L.LightningModule):
                  channels_last: bool = False, null_families: list[str] | None = None,
                  null_train: list[str] | None = None, lambda_null: float = 0.0, lambda_lookup: float = 0.0,
                  lookup_margin: float = 0.0, freq_momentum: float = 0.98, lambda_nested: float = 0.0,
-                 nested_min: float = 0.5, gate_top_margin: float | None = None):  # fmt: skip
+                 nested_min: float = 0.5, gate_top_margin: float | None = None, class_prior: float = 0.0):  # fmt: skip
         super().__init__()
         if not 0 < control_fraction <= 1:
             raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
@@ -372,6 +375,13 @@ class GenCNP(L.LightningModule):
             raise RuntimeError("null inputs need the data's per-channel mean and std: run fit, or call compute_fill(loader).")
         return NL.null_inputs(family, x, self.input_mean, self.input_std, salt)
 
+    def prior(self, y_hat: torch.Tensor) -> torch.Tensor | None:
+        """The class prior on the score logits (``class_prior``), or ``None`` when off or not yet learnt."""
+        if self.hparams.get("class_prior", 0.0) == 0 or not bool(self.freq_seen.all()):
+            return None
+        f = self.class_freq[y_hat]
+        return self.hparams.class_prior * (f - f.mean(dim=1, keepdim=True))
+
     def class_lookup(self, pathway: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         """The class lookup at ``pathway``'s per-sample, per-tap counts: bool ``[B, D]``, channels ranked by the
         running selection frequency ``class_freq`` of class ``y_hat``."""
@@ -401,7 +411,7 @@ class GenCNP(L.LightningModule):
         """
         with torch.no_grad():
             logits, feats = self.target(x, record=True)
-            out = self.generator(feats)
+            out = self.generator(feats, self.prior(self.class_of(logits, labels)))
             pathway = out["masks"] > 0.5
             masks = self.generator.split(pathway)
             masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0])
@@ -431,7 +441,7 @@ class GenCNP(L.LightningModule):
         with torch.no_grad():
             logits, feats = self.target(x, record=True)
         y_hat = self.class_of(logits, labels)
-        out = self.generator(feats)
+        out = self.generator(feats, self.prior(y_hat))
         m = out["masks"]
         b = x.shape[0]
         # One masked forward over [x, swapped x, zero image]: bigger GEMMs than three small ones. The first tap's
