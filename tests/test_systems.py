@@ -132,3 +132,20 @@ def test_null_settings_are_checked():
         GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, null_families=["pink"])
     with pytest.raises(ValueError, match="nested_min"):
         GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, nested_min=0.0)
+
+
+def test_class_prior_shifts_score_logits_by_the_class_frequencies():
+    torch.manual_seed(0)
+    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, class_prior=4.0).eval()
+    x = torch.randn(3, 1, 16, 16)
+    assert model.prior(torch.tensor([0, 1, 2])) is None  # no class frequencies learnt yet
+    model.class_freq.copy_(torch.rand(model.class_freq.shape))
+    model.freq_seen.fill_(True)
+    logits, feats = model.target(x, record=True)
+    y = logits.argmax(1)
+    prior = model.prior(y)
+    f = model.class_freq[y]
+    assert torch.allclose(prior, 4.0 * (f - f.mean(1, keepdim=True)))
+    plain = model.generator(feats)["scores"].double()
+    shifted = model.explain(x)["scores"].double()
+    assert torch.allclose(torch.logit(shifted), torch.logit(plain) + prior.double(), atol=1e-4)
