@@ -8,10 +8,12 @@
 from jsonargparse import CLI
 
 from gencnp.banks import inspect_bank
+from gencnp.cli import importable_cwd
 from gencnp.diffusion import diffusion
 from gencnp.preflight import ConfigHintArgumentParser
 from gencnp.report import report
 
 if __name__ == "__main__":
+    importable_cwd()  # targets given by class path resolve from the working directory
     CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion}, as_positional=False,
         parser_class=ConfigHintArgumentParser)  # "did you mean" for config keys that do not exist

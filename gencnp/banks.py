@@ -311,7 +311,9 @@ class PathwayBank:
         split: str = "train",
         tau: float | None = None,
     ) -> PathwayBank:
-        """An empty bank fitted to ``target`` (class names default to ``'0' ... 'K-1'``)."""
+        """An empty bank fitted to ``target`` (a ``FrozenTarget`` or a GenCNP model; class names default to
+        ``'0' ... 'K-1'``)."""
+        target = _frozen(target)
         names = list(class_names) if class_names is not None else [str(k) for k in range(target.num_classes)]
         if len(names) != target.num_classes:
             raise ValueError(
