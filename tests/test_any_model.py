@@ -190,3 +190,24 @@ def test_weak_target_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="at least two classes"):
         trainer.fit(model, data)
     assert trainer.global_step == 0
+
+
+def test_readme_python_api_block_runs(tmp_path, monkeypatch, one_thread):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md#python-api", "exec"), scope)
+    model, ex, x, bank = scope["model"], scope["ex"], scope["x"], scope["bank"]
+    assert list(ex["masks"]) == model.target.tap_names
+    assert scope["logits"].shape == (len(x), 4) and set(scope["kept"]) == set(model.target.tap_names)
+    assert model.hparams.num_classes == 4 and model.hparams.image_size == 16  # read from target.ckpt
+    assert torch.equal(scope["logits"], bank.apply(model.target, x, fill=model.fills(), tau=0.5))
+    model.hparams.ablation = "mean"  # the fill then comes from the model's dataset-mean activations
+    model.compute_fill(scope["data"].train_dataloader(), batches=2)
+    sparse = type(bank).for_target(model)
+    sparse.update(torch.rand(ex["pathway"].shape, generator=torch.Generator().manual_seed(0)) > 0.5, ex["y_hat"])
+    own = sparse.apply(model, x, tau=0.5)
+    assert torch.equal(own, sparse.apply(model.target, x, fill=model.fills(), tau=0.5))
+    assert not torch.equal(own, sparse.apply(model, x, fill=False, tau=0.5))  # zeros instead of the mean fill
