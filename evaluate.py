@@ -3,6 +3,7 @@
 - ``report``: GEN-CNP, transferred class pathways and the baselines on the test split (``gencnp.report``).
 - ``inspect``: a bank's metadata, per-class summary and heatmap, without model or data (``gencnp.banks``).
 - ``diffusion``: pixel diffusion pathways (``gencnp.diffusion``).
+- ``taps``: a model's candidate taps with channels, and what ``taps: auto`` picks (``gencnp.taps.list_taps``).
 """
 
 from jsonargparse import CLI
@@ -12,8 +13,9 @@ from gencnp.cli import importable_cwd
 from gencnp.diffusion import diffusion
 from gencnp.preflight import ConfigHintArgumentParser
 from gencnp.report import report
+from gencnp.taps import list_taps
 
 if __name__ == "__main__":
     importable_cwd()  # targets given by class path resolve from the working directory
-    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion}, as_positional=False,
+    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "taps": list_taps}, as_positional=False,
         parser_class=ConfigHintArgumentParser)  # "did you mean" for config keys that do not exist

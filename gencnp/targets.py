@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gencnp.registry import Registry
-from gencnp.taps import TapHooks, resolve_taps, split_shallow_deep
+from gencnp.taps import TapHooks, feature_info_taps, resolve_taps, split_shallow_deep
 
 __all__ = [
     "register_target", "create_target", "list_targets", "load_weights", "load_target", "FrozenTarget", "tensor_hash",
@@ -143,11 +143,8 @@ class TimmTarget(nn.Module):
 
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
         info = getattr(self.model, "feature_info", None) or []
-        # Drop the stem entry (reduction 2 activation, usually an in-place ReLU shared across calls).
-        mods = [e["module"] for e in info if e.get("module")]
-        if len(mods) > 2:
-            mods = mods[1:]
-        self.default_taps = [f"model.{m}" for m in mods]
+        # Every feature level; a stem at reduction <= 2 (e.g. ResNet's act1) is left out when two or more remain.
+        self.default_taps = feature_info_taps(info, prefix="model.")
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -550,7 +547,7 @@ class FrozenTarget(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
-        self.tap_names = resolve_taps(model, taps)
+        self.tap_names = resolve_taps(model, taps, self.input_shape)
         self.shallow_names, self.deep_names = split_shallow_deep(self.tap_names, shallow_taps) if len(self.tap_names) > 1 else (self.tap_names, [])
         self.hooks = TapHooks(self.model, self.tap_names)
         with torch.no_grad():

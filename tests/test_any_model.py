@@ -211,3 +211,39 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch, one_thread):
     own = sparse.apply(model, x, tau=0.5)
     assert torch.equal(own, sparse.apply(model.target, x, fill=model.fills(), tau=0.5))
     assert not torch.equal(own, sparse.apply(model, x, fill=False, tau=0.5))  # zeros instead of the mean fill
+
+
+def test_auto_taps_for_own_torchvision_and_timm_models(one_thread):
+    from gencnp.taps import discover_taps, list_taps, resolve_taps
+
+    own = create_target("examples.mynet.MyNet", num_classes=4, in_chans=1)
+    assert resolve_taps(own, "auto", (1, 28, 28)) == ["stem", "block1", "block2", "block3"]
+    assert resolve_taps(own, "auto:0,-1", (1, 28, 28)) == ["stem", "block3"]
+    with pytest.raises(ValueError, match="positions in the auto list"):
+        resolve_taps(own, "auto:7", (1, 28, 28))
+    mobile = create_target("torchvision:mobilenet_v3_small", num_classes=4)
+    taps = discover_taps(mobile, (3, 64, 64))
+    assert taps == ["model.features.1", "model.features.3", "model.features.8", "model.features.12"]  # stage outputs
+    # timm: every feature_info level (a ViT's blocks.0 included), only a reduction-2 stem left out.
+    vit = create_target("vit_tiny_patch16_224", num_classes=4, in_chans=1, img_size=16, patch_size=4, depth=3)
+    assert vit.default_taps == ["model.blocks.0", "model.blocks.1", "model.blocks.2"]
+    assert create_target("resnet18", num_classes=4).default_taps == [f"model.layer{i}" for i in range(1, 5)]
+    text = list_taps("examples.mynet.MyNet", num_classes=4, in_chans=1, image_size=28)
+    assert "* block3" in text and "picks 4: stem, block1, block2, block3" in text
+
+
+def test_token_taps_mask_per_embedding_channel_on_every_token(one_thread):
+    """A torchvision ViT given by class path: auto taps are its encoder blocks, masks act per embedding channel."""
+    spec = {"class_path": "torchvision.models.VisionTransformer",
+            "init_args": {"image_size": 16, "patch_size": 8, "num_layers": 3, "num_heads": 2, "hidden_dim": 16,
+                          "mlp_dim": 32}}  # fmt: skip
+    model = GenCNP(target=spec, target_checkpoint=None, num_classes=4, in_chans=3, image_size=16, d=8)
+    names = model.target.tap_names
+    assert names == [f"encoder.layers.encoder_layer_{i}" for i in range(3)] and model.target.tap_channels == [16] * 3
+    x = torch.randn(3, 3, 16, 16)
+    mask = torch.ones(3, 16)
+    mask[:, 5] = 0
+    _, feats = model.target(x, masks={names[1]: mask}, record=True)
+    assert feats[1].shape == (3, 5, 16)  # class token + 4 patches
+    assert torch.all(feats[1][:, :, 5] == 0) and feats[1][:, :, 4].abs().sum() > 0  # every token, that channel only
+    assert list(model.explain(x)["masks"]) == names
