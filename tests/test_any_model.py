@@ -99,6 +99,16 @@ def test_generator_without_embedded_target_needs_the_target_file(tmp_path, one_t
     assert not any(k.startswith("target.") for k in model.state_dict())
     assert any(k.startswith("target.") for k in GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4,
                                                        image_size=16, d=8).state_dict())  # fmt: skip
+    # A checkpoint without target weights (embed_target false, or written before embedding) still fits a default model.
+    from gencnp.preflight import check_checkpoint
+
+    lean = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(lean)
+    torch.save(lean, tmp_path / "lean.ckpt")
+    same = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8)
+    same.target.model.load_state_dict(model.target.model.state_dict())
+    same.target._hash = None
+    check_checkpoint(None, same, str(tmp_path / "lean.ckpt"))
     recorded = dict(model.hparams.target_spec)
     pending = GenCNP(target_checkpoint=str(tmp_path / "gone.ckpt"), target_spec=recorded, d=8)
     with pytest.raises(FileNotFoundError, match="gone.ckpt' does not exist"):
