@@ -1,5 +1,6 @@
 """gencnp: GEN-CNP neural-pathway explanations (Lin et al., arXiv 2309.09887) on PyTorch Lightning."""
 
+from gencnp.banks import PathwayBank
 from gencnp.data import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CIFAR10DataModule", "FashionMNISTDataModule", "ImageFolderDataModule", "SyntheticDataModule",
-    "PathwayGenerator", "daq", "Registry", "GenCNP", "TargetClassifier", "FrozenTarget", "create_target",
+    "PathwayBank", "PathwayGenerator", "daq", "Registry", "GenCNP", "TargetClassifier", "FrozenTarget", "create_target",
     "list_targets", "load_target", "register_target", "__version__",
 ]  # fmt: skip

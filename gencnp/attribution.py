@@ -7,7 +7,7 @@ accept pathways as per-tap masks ``[B, C_l]``, a flat ``[B, D]`` pathway, or ``N
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +17,16 @@ from gencnp.targets import FrozenTarget
 
 __all__ = ["pathway_gradient", "grad_cam", "as_tap_masks"]
 
-Masks = torch.Tensor | Sequence[torch.Tensor | None] | None
+Masks = torch.Tensor | Sequence[torch.Tensor | None] | Mapping[str, torch.Tensor | None] | None
 
 
 def as_tap_masks(target: FrozenTarget, masks: Masks, batch: int) -> list[torch.Tensor] | None:
-    """Per-tap float masks ``[B, C_l]`` from per-tap masks, a flat ``[B, D]`` pathway, or ``None``."""
+    """Per-tap float masks ``[B, C_l]`` from per-tap masks (a list in tap order or ``{tap: mask}``, as
+    ``GenCNP.explain`` returns), a flat ``[B, D]`` pathway, or ``None``."""
     if masks is None:
         return None
+    if isinstance(masks, Mapping):
+        masks = target.masks_by_name(masks)
     if isinstance(masks, torch.Tensor):
         masks = split_pathway(masks, target.tap_channels)
     masks = list(masks)

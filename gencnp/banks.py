@@ -320,7 +320,9 @@ class PathwayBank:
         split: str = "train",
         tau: float | None = None,
     ) -> PathwayBank:
-        """An empty bank fitted to ``target`` (class names default to ``'0' ... 'K-1'``)."""
+        """An empty bank fitted to ``target`` (a ``FrozenTarget`` or a GenCNP model; class names default to
+        ``'0' ... 'K-1'``)."""
+        target = _frozen(target)
         names = list(class_names) if class_names is not None else [str(k) for k in range(target.num_classes)]
         if len(names) != target.num_classes:
             raise ValueError(
@@ -490,7 +492,7 @@ class PathwayBank:
         target: FrozenTarget,
         x: torch.Tensor,
         classes: torch.Tensor | None = None,
-        fill: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        fill: torch.Tensor | Sequence[torch.Tensor | None] | bool | None = None,
         tau: float | None = None,
     ) -> torch.Tensor:
         """Transfer: logits ``H(x; M_c)`` ``[B, K]`` of each sample through its class pathway, without a generator.
@@ -501,9 +503,14 @@ class PathwayBank:
             target: the frozen target the bank was built on (checked by tensor hash, taps and channels).
             x: ``[B, C, H, W]`` images, normalised as for the target.
             classes: ``[B]`` class of each sample; the target's own prediction ``argmax H(x)`` when ``None``.
-            fill: mean ablation values, ``[D]`` or per tap ``[C_l]`` (``GenCNP.fills()``); zeros when ``None``.
+            fill: mean ablation values, ``[D]`` or per tap ``[C_l]``; when ``None``, the model's own (``GenCNP.fills()``)
+                if ``target`` is a GenCNP model, else zeros. Pass ``fill=False`` for zeros with a GenCNP model.
             tau: threshold (the stored one when ``None``).
         """
+        if fill is None and callable(getattr(target, "fills", None)):
+            fill = target.fills()  # the model's ablation: mean fill under mean ablation, None (zeros) otherwise
+        elif fill is False:
+            fill = None
         target = _frozen(target)
         self.check_target(target)
         if classes is None:

@@ -157,10 +157,24 @@ class ModelCheckpoint(LightningModelCheckpoint):
     resumed with ``--ckpt_path last`` silently goes back to the best checkpoint (epochs of work lost), and a finished
     run's final weights are in no file at all. Here ``last.ckpt`` is also written after every validation (or every
     training epoch when it saves at epoch ends) and when training ends, whenever it does not hold that step yet.
-    Everything else (top-k files, ``save_last: link``, the callback's state in checkpoints) is Lightning's.
+    A run whose ``max_steps`` ends before its first validation validates at its last step, so it writes its
+    monitored checkpoint too. Everything else (top-k files, ``save_last: link``, the callback's state in checkpoints)
+    is Lightning's.
     """
 
     _latest_step: int | None = None  # the global step last.ckpt holds (class default: instances upgraded in place)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A run shorter than its first validation (max_steps below an epoch) would end without validating, so
+        # best.ckpt would never be written: validate at its last step instead.
+        steps = trainer.max_steps
+        if steps is None or steps < 0 or not trainer.limit_val_batches or trainer.check_val_every_n_epoch not in (1, None):
+            return
+        batches = (steps - trainer.global_step) * trainer.accumulate_grad_batches
+        check = trainer.val_check_batch
+        if trainer.current_epoch == 0 and isinstance(check, (int, float)) and 0 < batches < check:
+            trainer.val_check_batch = batches
 
     def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

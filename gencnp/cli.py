@@ -112,7 +112,21 @@ class GenCNPCLI(LightningCLI):
         self._check()
 
 
+def importable_cwd() -> None:
+    """Put the working directory first on ``sys.path``: a target given by class path (``mynet.MyNet``) or a module
+    with ``@register_target`` can live next to the configs. ``python train.py`` alone puts only the script's own
+    folder there."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path[:1]:
+        sys.path.insert(0, cwd)
+
+
 def main(args=None) -> GenCNPCLI:
     import gencnp  # noqa: F401  (registers targets and makes class paths importable)
+
+    importable_cwd()
 
     return GenCNPCLI(args=args)

@@ -1,7 +1,9 @@
 """LightningDataModules: Fashion-MNIST, CIFAR-10, ImageFolder and a synthetic set with ground-truth regions.
 
-Every module exposes ``num_classes``, ``class_names``, ``in_chans`` and ``image_size``; validation is a
-seeded holdout of the train split (never the test split). Paths are checked in the constructor so bad
+Every module exposes ``num_classes``, ``class_names``, ``in_chans`` and ``image_size``, and takes ``image_size``
+(images are resized, bilinear with antialiasing) and ``in_chans`` (a grey channel repeated to RGB, or RGB turned
+grey by luminance) so RGB and 224-pixel models run on Fashion-MNIST; validation is a seeded holdout of the train
+split (never the test split). Paths are checked in the constructor so bad
 input fails before a Trainer creates any directory.
 """
 
@@ -27,13 +29,65 @@ FASHION_FILES = {
 }
 
 
-class TensorImageDataset(Dataset):
-    """In-memory images ``uint8 [N, H, W, C]`` or float ``[N, C, H, W]`` normalised on access."""
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of RGB -> grey
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float | list, std: float | list):
+
+def check_in_chans(in_chans: int | None, what: str) -> None:
+    if in_chans is not None and in_chans not in (1, 3):
+        raise ValueError(f"{what}: in_chans must be 1 (grey) or 3 (RGB), got {in_chans}.")
+
+
+def check_image_size(image_size: int | None, what: str) -> None:
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"{what}: image_size must be a positive int (the side images are resized to), got {image_size!r}.")
+
+
+def convert_images(img: torch.Tensor, in_chans: int | None = None, image_size: int | None = None) -> torch.Tensor:
+    """Float images ``[C, H, W]`` or ``[N, C, H, W]`` in ``[0, 1]`` with ``in_chans`` channels (grey repeated to
+    RGB, RGB to grey by luminance) resized to ``image_size`` squares (bilinear, antialiased when shrinking)."""
+    single = img.dim() == 3
+    x = img[None] if single else img
+    c = x.shape[1]
+    if in_chans is not None and in_chans != c:
+        if c == 1 and in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif c == 3 and in_chans == 1:
+            x = (x * torch.tensor(LUMA, dtype=x.dtype).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise ValueError(f"cannot convert {c}-channel images to {in_chans} channels; use in_chans 1 or 3.")
+    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                            antialias=image_size < x.shape[-1])  # fmt: skip
+    return x[0] if single else x
+
+
+def converted_stats(mean, std, c: int, in_chans: int | None) -> tuple[list[float], list[float]]:
+    """Per-channel normalisation statistics after ``convert_images``'s channel conversion."""
+    m = [float(v) for v in torch.as_tensor(mean, dtype=torch.float64).reshape(-1).expand(c)]
+    s = [float(v) for v in torch.as_tensor(std, dtype=torch.float64).reshape(-1).expand(c)]
+    if in_chans is None or in_chans == c:
+        return m, s
+    if c == 1:
+        return m * in_chans, s * in_chans
+    return [sum(w * v for w, v in zip(LUMA, m))], [sum(w * v for w, v in zip(LUMA, s))]
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images ``uint8 [N, H, W, C]`` or float ``[N, C, H, W]`` normalised on access.
+
+    ``in_chans``/``image_size`` convert channels and resize on access (``convert_images``); ``mean``/``std`` are
+    those of the stored images and follow the channel conversion.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float | list, std: float | list,
+                 in_chans: int | None = None, image_size: int | None = None):  # fmt: skip
         self.images = images
         self.labels = labels.long()
         c = images.shape[1]
+        self.in_chans = None if in_chans == c else in_chans
+        self.image_size = None if image_size == images.shape[-1] and images.shape[-2] == image_size else image_size
+        mean, std = converted_stats(mean, std, c, in_chans)
+        c = len(mean)
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1).expand(c, 1, 1).clone()
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1).expand(c, 1, 1).clone()
 
@@ -44,6 +98,8 @@ class TensorImageDataset(Dataset):
         img = img.float()
         if self.images.dtype == torch.uint8:
             img = img / 255.0
+        if self.in_chans is not None or self.image_size is not None:
+            img = convert_images(img, self.in_chans, self.image_size)
         return (img - self.mean) / self.std
 
     def __getitem__(self, i: int):
@@ -242,6 +298,8 @@ class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST (60k train, 10k test, 28x28 grey, 10 classes).
 
     Args:
+        image_size: side the 28x28 images are resized to (e.g. 224 for ImageNet-sized models).
+        in_chans: 1 (grey, stored) or 3 (the grey channel repeated, for RGB models).
         data_dir: folder with the IDX files (plain or gzip, flat or torchvision's ``FashionMNIST/raw``).
             When set it must exist. When unset: the Debian package's folder, then ``torchvision_root``.
         torchvision_root: torchvision's root folder, used when ``data_dir`` is unset.
@@ -257,8 +315,12 @@ class FashionMNISTDataModule(ImageDataModule):
 
     def __init__(self, data_dir: str | None = None, torchvision_root: str = "data", download: bool = False,
                  batch_size: int = 128, eval_batch_size: int | None = 512, num_workers: int = 0,
-                 val_size: int = 5000, seed: int = 0, predict_split: str = "test"):  # fmt: skip
+                 val_size: int = 5000, seed: int = 0, predict_split: str = "test", image_size: int = 28,
+                 in_chans: int = 1):  # fmt: skip
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
+        check_in_chans(in_chans, "FashionMNISTDataModule")
+        check_image_size(image_size, "FashionMNISTDataModule")
+        self.in_chans, self.image_size = in_chans, image_size
         self.data_dir = data_dir
         self.torchvision_root = torchvision_root
         self.download = download
@@ -300,7 +362,7 @@ class FashionMNISTDataModule(ImageDataModule):
         img_stem, lbl_stem = FASHION_FILES[split]
         images = torch.from_numpy(_read_idx(_find_idx(root, img_stem)).copy()).unsqueeze(1)
         labels = torch.from_numpy(_read_idx(_find_idx(root, lbl_stem)).astype(np.int64))
-        return TensorImageDataset(images, labels, self.mean, self.std)
+        return TensorImageDataset(images, labels, self.mean, self.std, self.in_chans, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit", "validate", "predict"):
@@ -310,7 +372,8 @@ class FashionMNISTDataModule(ImageDataModule):
 
 
 class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10 from a local torchvision root (``cifar-10-batches-py`` inside ``data_dir``)."""
+    """CIFAR-10 from a local torchvision root (``cifar-10-batches-py`` inside ``data_dir``); ``image_size`` resizes
+    the 32x32 images, ``in_chans: 1`` turns them grey."""
 
     num_classes = 10
     class_names = CIFAR10_CLASSES
@@ -321,8 +384,11 @@ class CIFAR10DataModule(ImageDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128,
                  eval_batch_size: int | None = 512, num_workers: int = 0, val_size: int = 5000, seed: int = 0,
-                 predict_split: str = "test"):  # fmt: skip
+                 predict_split: str = "test", image_size: int = 32, in_chans: int = 3):  # fmt: skip
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
+        check_in_chans(in_chans, "CIFAR10DataModule")
+        check_image_size(image_size, "CIFAR10DataModule")
+        self.in_chans, self.image_size = in_chans, image_size
         self.data_dir = data_dir
         self.download = download
         if not download and not (Path(data_dir) / "cifar-10-batches-py").is_dir():
@@ -336,7 +402,7 @@ class CIFAR10DataModule(ImageDataModule):
 
         ds = CIFAR10(self.data_dir, train=train, download=self.download)
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        return TensorImageDataset(images, torch.as_tensor(ds.targets), self.mean, self.std)
+        return TensorImageDataset(images, torch.as_tensor(ds.targets), self.mean, self.std, self.in_chans, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit", "validate", "predict"):

@@ -17,11 +17,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from gencnp import losses as LS
 from gencnp import nulls as NL
 from gencnp.baselines import tap_counts, topk_per_tap
-from gencnp.checkpointing import verify_state_hash
+from gencnp.checkpointing import state_hash, verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
 from gencnp.taps import channel_means
-from gencnp.targets import FrozenTarget, load_target
+from gencnp.targets import SPEC_KEY, FrozenTarget, build_target, check_input_size, load_target, make_target_spec
 
 __all__ = ["TargetClassifier", "GenCNP", "FORMAT_VERSION", "DEFAULT_NULL_FAMILIES"]
 FORMAT_VERSION = 1
@@ -47,6 +47,45 @@ def _check_data(num_classes: int, input_shape: Sequence[int] | None, datamodule,
         )
 
 
+def partner_classes(h: torch.Tensor, y_hat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Swap-partner class of each sample: the ``(h mod n)``-th class after ``y_hat`` (cyclically) among the ``n``
+    classes other than ``y_hat`` that have probes. With every class available this is ``y_hat + 1 + h mod (K-1)``.
+    A sample with no other available class gets ``y_hat`` (its partner is then marked invalid).
+
+    Args:
+        h: ``[B]`` non-negative integer hash of each input; y_hat: ``[B]`` classes; available: ``[K]`` bool.
+    """
+    k = available.shape[0]
+    rel = (torch.arange(k, device=h.device)[None, :] - y_hat[:, None]) % k  # [B, K]: 0 for y_hat itself
+    ok = available[None, :] & (rel > 0)
+    n = ok.sum(1)
+    j = h % n.clamp(min=1)
+    # Rank the available classes by their distance after y_hat; pick rank j.
+    order = torch.where(ok, rel, torch.full_like(rel, k)).argsort(1)
+    pick = order.gather(1, j[:, None])[:, 0]
+    return torch.where(n > 0, pick, y_hat)
+
+
+def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) -> None:
+    """Before training: the swap control needs correctly classified probe images of at least two classes; warn
+    about classes without any (their samples' partners come from the other classes)."""
+    have = set(probe_class[probe_class >= 0].tolist())
+    lacking = [c for c in range(num_classes) if c not in have]
+    if not lacking:
+        return
+    names = [f"{c} ({class_names[c]})" if class_names and c < len(class_names) else str(c) for c in lacking]
+    fix = ("the target classifies no sampled training image of these classes correctly: train the target longer "
+           "or check that target_checkpoint, num_classes and the data belong together")  # fmt: skip
+    if len(have) < 2:
+        raise ValueError(
+            f"the swap_forcing control needs probe images of at least two classes, but classes {', '.join(names)} have "
+            f"none ({len(have)} class with probes); {fix}. Nothing was trained."
+        )
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(f"classes {', '.join(names)} have no swap probes; their images are never swap partners ({fix}).")
+
+
 def _check_finite(x: torch.Tensor, stage: str, batch_idx: int) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files).")
@@ -56,12 +95,14 @@ class TargetClassifier(L.LightningModule):
     """Cross-entropy training of a target classifier (any name ``create_target`` accepts).
 
     Args:
-        arch: target name (``fmnist_cnn``, a timm or torchvision name, or your registered one).
+        arch: target name (``fmnist_cnn``, a timm or torchvision name, your registered one, or a dotted class
+            path), or ``{class_path: mynet.MyNet, init_args: {...}}`` for any importable ``nn.Module``. Checkpoints
+            record it (with the other arguments below) so GEN-CNP rebuilds the model from the checkpoint alone.
         checkpoint: optional weights to start from (fine-tuning).
         image_size: input side, used to check the data before training.
     """
 
-    def __init__(self, arch: str = "fmnist_cnn", num_classes: int = 10, in_chans: int = 1, image_size: int = 28,
+    def __init__(self, arch: str | dict = "fmnist_cnn", num_classes: int = 10, in_chans: int = 1, image_size: int = 28,
                  pretrained: bool = False, checkpoint: str | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  label_smoothing: float = 0.0, schedule: str = "cosine", model_kwargs: dict | None = None):  # fmt: skip
         super().__init__()
@@ -70,6 +111,7 @@ class TargetClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.model = load_target(arch, checkpoint, num_classes, in_chans, pretrained, **(model_kwargs or {}))
         self.input_shape = (in_chans, image_size, image_size)
+        check_input_size(self.model, self.input_shape, arch)  # a model that shrinks the input to nothing fails here
         self.num_classes = num_classes
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -77,6 +119,10 @@ class TargetClassifier(L.LightningModule):
 
     def check_data(self, datamodule) -> None:
         _check_data(self.num_classes, self.input_shape, datamodule, f"target '{self.hparams.arch}'")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        h = self.hparams  # how to rebuild the model (GenCNP reads it from target_checkpoint)
+        checkpoint[SPEC_KEY] = make_target_spec(h.arch, h.num_classes, h.in_chans, h.image_size, h.model_kwargs)
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
@@ -120,7 +166,12 @@ class GenCNP(L.LightningModule):
     class (the ``zero_forcing`` control as a loss; 0 disables it).
 
     Args:
-        target / target_checkpoint: the frozen classifier (arch name and weights).
+        target / target_checkpoint: the frozen classifier (as ``TargetClassifier.arch``) and its weights. ``target``,
+            ``num_classes``, ``in_chans``, ``image_size`` and ``target_kwargs`` left unset are read from the spec the
+            target checkpoint records; a value that differs from it is an error naming both.
+        embed_target: keep the target's weights in this model's checkpoints, so ``GenCNP.load_from_checkpoint(path)``
+            works without the target checkpoint (from any folder); the tensor-hash check stays.
+        target_spec: filled in by gencnp (the resolved target, stored in checkpoints); leave it unset.
         taps: tap names or ``'auto'``; ``shallow_taps``: names or count of the shallow branch.
         ablation: ``'zero'`` (masked channels are 0) or ``'mean'`` (they keep their training-set mean activation).
         class_source: ``'pred'`` (the target's prediction) or ``'label'``.
@@ -166,8 +217,8 @@ class GenCNP(L.LightningModule):
             top by this many nats (``losses.faithful_gate``); ``None``: the ratio ``kappa`` alone.
     """
 
-    def __init__(self, target: str = "fmnist_cnn", target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
-                 num_classes: int = 10, in_chans: int = 1, image_size: int = 28, taps: str | list[str] = "auto",
+    def __init__(self, target: str | dict | None = None, target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
+                 num_classes: int | None = None, in_chans: int | None = None, image_size: int | None = None, taps: str | list[str] = "auto",
                  shallow_taps: int | list[str] | None = None, d: int = 64, groups: int = 8, init_score: float = 0.9,
                  binarizer: str = "daq", ablation: str = "zero", ablation_batches: int = 20, class_source: str = "pred",
                  lambda_sp: float = 1.0, lambda_swap: float = 1.0, lambda_zero: float = 0.0, lambda_cls: float = 1.0,
@@ -180,7 +231,8 @@ class GenCNP(L.LightningModule):
                  channels_last: bool = False, null_families: list[str] | None = None,
                  null_train: list[str] | None = None, lambda_null: float = 0.0, lambda_lookup: float = 0.0,
                  lookup_margin: float = 0.0, freq_momentum: float = 0.98, lambda_nested: float = 0.0,
-                 nested_min: float = 0.5, gate_top_margin: float | None = None, class_prior: float = 0.0):  # fmt: skip
+                 nested_min: float = 0.5, gate_top_margin: float | None = None, class_prior: float = 0.0,
+                 embed_target: bool = True, target_spec: dict | None = None):  # fmt: skip
         super().__init__()
         if not 0 < control_fraction <= 1:
             raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
@@ -199,9 +251,18 @@ class GenCNP(L.LightningModule):
         if not 0 <= freq_momentum < 1:
             raise ValueError(f"freq_momentum must lie in [0, 1), got {freq_momentum}.")
         self.save_hyperparameters()
-        model = load_target(target, target_checkpoint, num_classes, in_chans, **(target_kwargs or {}))
+        model, spec, loaded = build_target(target, target_checkpoint, num_classes, in_chans, image_size, target_kwargs,
+                                           target_spec, names={"arch": "target", "kwargs": "target_kwargs"})  # fmt: skip
+        target, num_classes, in_chans, image_size = spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"]
+        self.hparams.update(target=target, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                            target_kwargs=spec["kwargs"], target_spec=spec)  # fmt: skip
         self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target,
                                    channels_last=channels_last)  # fmt: skip
+        if not loaded:  # built from the recorded spec; the weights come with the GEN-CNP checkpoint (load_state_dict)
+            self.target.weights_pending = (
+                f"target_checkpoint '{target_checkpoint}' does not exist and no target weights were loaded from a "
+                "GEN-CNP checkpoint; fix target_checkpoint, or load a checkpoint that embeds them (embed_target)."
+            )
         if tap_weights is not None and len(tap_weights) != len(self.target.tap_names):
             raise ValueError(f"tap_weights has {len(tap_weights)} entries for {len(self.target.tap_names)} taps {self.target.tap_names}.")
         self.num_classes = num_classes
@@ -229,9 +290,11 @@ class GenCNP(L.LightningModule):
         # per-process means, which is wrong when the processes hold different numbers of samples).
         self.val_kd, self.test_kd = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
 
-    # ----- checkpoints: the target's weights stay out, its identity goes in -----
+    # ----- checkpoints: the target's weights go in (embed_target) or stay out, its identity always goes in -----
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
+        if self.hparams.get("embed_target", True):
+            return state
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         for key in [k for k in state if k.startswith(prefix + "target.")]:
             del state[key]
@@ -239,12 +302,17 @@ class GenCNP(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         merged = dict(state_dict)
+        embedded = any(k.startswith("target.") for k in merged)
+        if self.target.weights_pending and not embedded:
+            raise FileNotFoundError(self.target.weights_pending)
         for k, v in self.target.state_dict(prefix="target.").items():
             merged.setdefault(k, v)
         # Generators saved before null inputs and the class lookup existed: those buffers start empty.
         for k in ("input_mean", "input_std", "input_ready", "class_freq", "freq_seen"):
             merged.setdefault(k, getattr(self, k))
-        return super().load_state_dict(merged, strict=strict, assign=assign)
+        out = super().load_state_dict(merged, strict=strict, assign=assign)
+        self.target.weights_pending, self.target._hash = None, None
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gencnp"] = {
@@ -273,7 +341,14 @@ class GenCNP(L.LightningModule):
         missing = [k for k in ("target_arch", "target_checkpoint", "target_hash", "taps") if k not in meta]
         if missing:
             raise ValueError(f"{source} is damaged: its 'gencnp' section lacks {missing}; retrain the generator.")
-        if meta["target_hash"] != self.target.tensor_hash():
+        embedded = {k.removeprefix("target.model."): v for k, v in (checkpoint.get("state_dict") or {}).items()
+                    if k.startswith("target.model.")}  # fmt: skip
+        if embedded and state_hash(embedded) != meta["target_hash"]:
+            raise ValueError(
+                f"{source} is damaged: its embedded target weights (hash {state_hash(embedded)[:12]}) are not the "
+                f"target it was trained for (hash {meta['target_hash'][:12]}); retrain the generator."
+            )
+        if not self.target.weights_pending and meta["target_hash"] != self.target.tensor_hash():
             raise ValueError(
                 f"{source}: generator checkpoint was trained for target '{meta['target_arch']}' from '{meta['target_checkpoint']}' "
                 f"(tensor hash {meta['target_hash'][:12]}), but the configured target ('{self.hparams.target}' from "
@@ -295,6 +370,7 @@ class GenCNP(L.LightningModule):
         self.check_data(dm)
         if dm is not None and int((self.probe_class >= 0).sum()) == 0:
             self.build_probes(dm.split("train"))
+            check_probes(self.probe_class, self.num_classes, getattr(dm, "class_names", None))
 
     @torch.no_grad()
     def build_probes(self, dataset) -> None:
@@ -324,15 +400,14 @@ class GenCNP(L.LightningModule):
         w = torch.arange(1, q.shape[1] + 1, device=x.device, dtype=torch.long) % 1009 + 1
         h = (q * w).sum(1).abs()
         avail = self.probe_class >= 0
-        offset = 1 + h % (k - 1)
         slot = (h // (k - 1)) % p
-        partner_cls = (y_hat + offset) % k
+        partner_cls = partner_classes(h, y_hat, avail.view(k, p).any(1))
         index = partner_cls * p + slot
         # Fall back to the first filled slot of that class when the chosen slot is empty.
         filled = avail.view(k, p)
         first = torch.where(filled.any(1), filled.float().argmax(1), torch.zeros(k, dtype=torch.long, device=x.device))
         index = torch.where(avail[index], index, partner_cls * p + first[partner_cls])
-        return self.probes[index], avail[index]
+        return self.probes[index], avail[index] & (partner_cls != y_hat)
 
     @torch.no_grad()
     def compute_fill(self, loader, batches: int | None = None) -> None:
@@ -406,7 +481,7 @@ class GenCNP(L.LightningModule):
         """One-pass pathways for ``x [B, C, H, W]``.
 
         Returns:
-            ``masks`` (per-tap bool ``[B, C_l]``), ``pathway`` (bool ``[B, D]``), ``kept`` (``[B]`` fraction),
+            ``masks`` (``{tap name: bool [B, C_l]}``, tap order), ``pathway`` (bool ``[B, D]``), ``kept`` (``[B]`` fraction),
             ``logits`` and ``masked_logits`` (``[B, K]``), ``y_hat`` (class source), ``prediction`` (masked argmax).
         """
         with torch.no_grad():
@@ -415,7 +490,7 @@ class GenCNP(L.LightningModule):
             pathway = out["masks"] > 0.5
             masks = self.generator.split(pathway)
             masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0])
-        return {"masks": masks, "pathway": pathway, "kept": pathway.float().mean(1), "logits": logits,
+        return {"masks": dict(zip(self.target.tap_names, masks)), "pathway": pathway, "kept": pathway.float().mean(1), "logits": logits,
                 "masked_logits": masked_logits, "y_hat": self.class_of(logits, labels),
                 "prediction": masked_logits.argmax(1), "scores": out["scores"]}  # fmt: skip
 

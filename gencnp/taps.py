@@ -17,7 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TapHooks", "FeatureTaps", "MaskedForward", "resolve_taps", "split_shallow_deep", "apply_mask"]
+__all__ = [
+    "TapHooks", "FeatureTaps", "MaskedForward", "resolve_taps", "split_shallow_deep", "apply_mask", "trace_modules",
+    "discover_taps", "feature_info_taps",
+]  # fmt: skip
 
 
 def apply_mask(out: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,23 +203,152 @@ def unknown_tap_message(model: nn.Module, missing: Sequence[str]) -> str:
     )
 
 
-def resolve_taps(model: nn.Module, taps: str | Sequence[str] = "auto") -> list[str]:
-    """Tap names: explicit dotted paths, or ``'auto'`` (``default_taps``, then timm's ``feature_info``)."""
-    if isinstance(taps, str) and taps != "auto":
+# Modules whose outputs are not feature maps worth a pathway: global pooling, heads, no-ops.
+_NOT_TAPS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear, nn.Dropout,
+             nn.Identity)  # fmt: skip
+
+
+def trace_modules(model: nn.Module, input_shape: Sequence[int]) -> list[dict]:
+    """Run ``model`` once on zeros ``[1, *input_shape]`` and describe every submodule's output, in completion order.
+
+    Returns:
+        One dict per module that returned a tensor: ``name``, ``type``, ``shape`` (without batch), ``channels``
+        (``C`` of ``[C, H, W]`` or of tokens ``[N, C]``; ``None`` otherwise), ``reduction`` (input side over output
+        side for feature maps), ``calls`` (a module run more than once cannot be a tap), ``leaf``, ``same_as``
+        (the module completing just before with the very same output tensor, e.g. a Sequential's last child).
+    """
+    shape = tuple(int(v) for v in input_shape)
+    records: dict[str, dict] = {}
+    calls: dict[str, int] = {}
+    outs: list[torch.Tensor] = []  # kept alive so tensor ids stay unique during the trace
+    last_by_id: dict[int, str] = {}
+
+    def make_hook(name: str, module: nn.Module):
+        def hook(m, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            if not isinstance(out, torch.Tensor) or name in records:
+                return
+            outs.append(out)
+            feat = out.shape[1:]
+            chans = int(feat[0]) if len(feat) == 3 else int(feat[-1]) if len(feat) == 2 else None
+            red = max(1, round(shape[-1] / int(feat[-1]))) if len(feat) == 3 and feat[-1] else None
+            records[name] = {"name": name, "type": type(module).__name__, "shape": tuple(int(v) for v in feat),
+                             "channels": chans, "reduction": red, "leaf": not any(True for _ in module.children()),
+                             "skip": isinstance(module, _NOT_TAPS), "same_as": last_by_id.get(id(out))}  # fmt: skip
+            last_by_id[id(out)] = name
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n, m)) for n, m in model.named_modules() if n]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    for r in records.values():
+        r["calls"] = calls.get(r["name"], 0)
+    return list(records.values())
+
+
+def _tappable(r: dict) -> bool:
+    return r["calls"] == 1 and r["channels"] is not None and not r["skip"] and len(r["shape"]) in (2, 3)
+
+
+def _drop_stem(picks: list[dict], keep: int = 2) -> list[dict]:
+    # A stem at reduction <= 2 carries little of a pathway; left out only when `keep` or more taps remain.
+    rest = [r for r in picks if r["reduction"] is None or r["reduction"] > 2]
+    return rest if len(rest) >= keep else picks
+
+
+def _last_per_resolution(records: list[dict]) -> list[dict]:
+    """The last record at each output resolution (stage outputs), in order."""
+    last: dict[tuple, dict] = {}
+    for r in records:
+        last[r["shape"][1:]] = r
+    keep = {id(r) for r in last.values()}
+    return [r for r in records if id(r) in keep]
+
+
+def discover_taps(model: nn.Module, input_shape: Sequence[int], trace: list[dict] | None = None) -> list[str]:
+    """``taps: auto`` for a model without ``default_taps`` or ``feature_info``: its blocks, from one traced forward.
+
+    Single-child wrappers are looked through. Then (1) the model's top-level blocks (non-leaf children returning
+    feature maps or tokens: ``layer1..4`` of a ResNet, your own ``stem, block1, ...``) when there are at least three
+    (the last at each resolution when more than eight); else (2) the children of the trunk, the module whose
+    children span the most output resolutions (then: the most children): the last child at each resolution (VGG,
+    MobileNet, EfficientNet, ConvNeXt, DenseNet, RegNet...), or, for token models, every child of the module with
+    the most token-returning children (ViT encoder blocks). Stems at reduction <= 2 are left out when three or more
+    taps remain. Modules run more than once, global pooling,
+    heads and modules not returning a tensor are never taps.
+    """
+    trace = trace if trace is not None else trace_modules(model, input_shape)
+    ok = {r["name"]: r for r in trace if _tappable(r)}
+
+    def kids(name: str, module: nn.Module) -> list[dict]:
+        return [ok[f"{name}.{k}" if name else k] for k, _ in module.named_children() if (f"{name}.{k}" if name else k) in ok]
+
+    name, node = "", model
+    while len(list(node.children())) == 1:  # e.g. gencnp's TorchvisionTarget / TimmTarget wrappers (``model``)
+        child_name, node = next(iter(node.named_children()))
+        name = f"{name}.{child_name}" if name else child_name
+    top = [r for r in kids(name, node) if not r["leaf"]]
+    if len(top) >= 3:
+        return [r["name"] for r in _drop_stem(top if len(top) <= 8 else _last_per_resolution(top), keep=3)]
+    tokens = sum(len(r["shape"]) == 2 for r in ok.values()) > sum(len(r["shape"]) == 3 for r in ok.values())
+    best, best_key = None, (0, 0)
+    for n, m in model.named_modules():
+        children = [r for r in kids(n, m) if (len(r["shape"]) == 2) == tokens]
+        key = (len({r["shape"][1:] for r in children}), len(children))
+        if len(children) >= 2 and key > best_key:
+            best, best_key = children, key
+    if best is None:
+        return [r["name"] for r in top] if len(top) >= 2 else []
+    if tokens:
+        return [r["name"] for r in best]
+    return [r["name"] for r in _drop_stem(_last_per_resolution(best), keep=3)]
+
+
+def feature_info_taps(info, prefix: str = "") -> list[str]:
+    """Tap names from timm's ``feature_info`` (every level; a stem at reduction <= 2 left out when two or more
+    levels remain)."""
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    picks = [{"name": prefix + e["module"], "reduction": e.get("reduction")} for e in entries if e.get("module")]
+    return [p["name"] for p in _drop_stem(picks)]
+
+
+def resolve_taps(model: nn.Module, taps: str | Sequence[str] = "auto", input_shape: Sequence[int] | None = None) -> list[str]:
+    """Tap names: explicit dotted paths, or ``'auto'``: ``default_taps``, then timm's ``feature_info``, then blocks
+    found by tracing one forward on ``input_shape`` (``discover_taps``). ``'auto:0,2,-1'`` keeps those positions of
+    the ``auto`` list (timm's ``out_indices`` habit)."""
+    if isinstance(taps, str) and taps != "auto" and not taps.startswith("auto:"):
         taps = [t.strip() for t in taps.split(",") if t.strip()]
     if isinstance(taps, str):
         names = list(getattr(model, "default_taps", None) or [])
         if not names:
             info = getattr(model, "feature_info", None)
             if info is not None:
-                entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-                names = [e["module"] for e in entries if e.get("module")]
+                names = feature_info_taps(info)
+        if not names and input_shape is not None:
+            names = discover_taps(model, input_shape)
         if not names:
             raise ValueError(
-                f"taps: auto found no feature_info on {type(model).__name__}; name the taps explicitly, e.g. "
-                f"taps: [{', '.join(n for n, _ in list(model.named_children())[:3])}]."
+                f"taps: auto found no blocks in {type(model).__name__}; name the taps explicitly, e.g. "
+                f"taps: [{', '.join(n for n, _ in list(model.named_children())[:3])}] "
+                "(python evaluate.py taps --target ... lists the candidates)."
             )
-        # timm lists the stem activation first; it is too shallow to carry a pathway, but keep what users name.
+        if taps.startswith("auto:"):
+            try:
+                idx = [int(i) for i in taps[5:].split(",") if i.strip()]
+                names = [names[i] for i in idx]
+            except (ValueError, IndexError) as err:
+                raise ValueError(
+                    f"taps '{taps}': expected 'auto:i,j,...' with positions in the auto list {names} "
+                    f"(0 to {len(names) - 1}, negative from the end)."
+                ) from err
         return names
     names = list(taps)
     if not names:
@@ -245,3 +377,34 @@ def split_shallow_deep(names: Sequence[str], shallow: Sequence[str] | int | None
     if not 1 <= k < len(names):
         raise ValueError(f"need 1 to {len(names) - 1} shallow taps out of {len(names)}, got {k}.")
     return names[:k], names[k:]
+
+
+def list_taps(target: str | dict = "fmnist_cnn", target_checkpoint: str | None = None, num_classes: int | None = None,
+              in_chans: int | None = None, image_size: int | None = None, model_kwargs: dict | None = None,
+              taps: str = "auto", all: bool = False) -> str:  # noqa: A002  (a CLI flag: --all)
+    """A model's candidate taps with their channels, and what ``taps`` (default ``auto``) picks.
+
+    ``python evaluate.py taps --target resnet18 --in_chans 3 --image_size 64`` (or ``--target_checkpoint FILE``,
+    whose recorded spec gives the rest). Lists block-level modules (and every tappable module with ``--all true``);
+    modules run more than once per forward are marked: they cannot be taps.
+    """
+    from gencnp.targets import build_target
+
+    model, spec, _ = build_target(target, target_checkpoint, num_classes, in_chans, image_size, model_kwargs)
+    shape = (spec["in_chans"], spec["image_size"], spec["image_size"])
+    trace = trace_modules(model, shape)
+    picked = resolve_taps(model, taps, shape)
+    depth = max((n.count(".") for n in picked), default=0) + 1
+    rows = [r for r in trace if r["channels"] is not None and len(r["shape"]) in (2, 3) and not r["skip"]
+            and (all or r["name"] in picked or (not r["leaf"] and r["name"].count(".") <= depth))]  # fmt: skip
+    lines = [f"target {spec['arch']} on inputs {shape} (C, H, W); taps '{taps}' picks {len(picked)}: {', '.join(picked)}",
+             f"{'':2}{'module':<48} {'type':<24} {'output':<18} {'channels':>8} {'reduction':>9}"]  # fmt: skip
+    for r in rows:
+        mark = "*" if r["name"] in picked else ("x" if r["calls"] != 1 else " ")
+        red = "tokens" if len(r["shape"]) == 2 else str(r["reduction"])
+        lines.append(f"{mark:2}{r['name']:<48} {r['type']:<24} {str(list(r['shape'])):<18} {r['channels']:>8} {red:>9}")
+    lines.append("* picked; x run more than once per forward (not tappable). Name taps in the config "
+                 "(taps: [a, b, ...]) or pick positions of the auto list: taps: 'auto:0,2,-1'.")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    return text

@@ -2,25 +2,29 @@
 
 Names resolve in this order: gencnp's registry (``fmnist_cnn``, ``tiny_cnn``, ``small_cnn``, ``channel_toy``,
 your own via ``register_target``), ``timm:<name>`` or a timm model name, ``torchvision:<name>`` or a
-torchvision classifier name. Pretrained weights are fetched only when ``pretrained=True``.
+torchvision classifier name, then a dotted class path (``mypkg.mynet.MyNet``). Any importable ``nn.Module`` also
+comes as ``{"class_path": "mypkg.mynet.MyNet", "init_args": {...}}`` (the LightningCLI convention). Pretrained
+weights are fetched only when ``pretrained=True``.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Sequence
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gencnp.registry import Registry
-from gencnp.taps import TapHooks, resolve_taps, split_shallow_deep
+from gencnp.taps import TapHooks, feature_info_taps, resolve_taps, split_shallow_deep
 
 __all__ = [
     "register_target", "create_target", "list_targets", "load_weights", "load_target", "FrozenTarget", "tensor_hash",
-    "ConvBlockNet",
+    "ConvBlockNet", "TargetSpec", "arch_name", "read_target_spec", "resolve_target_spec", "check_input_size",
 ]  # fmt: skip
 
 TARGETS = Registry("target")
@@ -139,11 +143,8 @@ class TimmTarget(nn.Module):
 
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
         info = getattr(self.model, "feature_info", None) or []
-        # Drop the stem entry (reduction 2 activation, usually an in-place ReLU shared across calls).
-        mods = [e["module"] for e in info if e.get("module")]
-        if len(mods) > 2:
-            mods = mods[1:]
-        self.default_taps = [f"model.{m}" for m in mods]
+        # Every feature level; a stem at reduction <= 2 (e.g. ResNet's act1) is left out when two or more remain.
+        self.default_taps = feature_info_taps(info, prefix="model.")
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +163,10 @@ class TorchvisionTarget(nn.Module):
         if pretrained and num_classes != 1000:
             raise ValueError(f"pretrained torchvision '{name}' has 1000 classes; fine-tune it or set num_classes: 1000.")
         if in_chans != 3:
-            raise ValueError(f"torchvision '{name}' expects 3 input channels, got in_chans={in_chans}.")
+            raise ValueError(
+                f"torchvision '{name}' expects 3 input channels, got in_chans={in_chans}; set in_chans: 3 for the "
+                "model and the data (data modules repeat a grey channel: data.init_args.in_chans: 3)."
+            )
         self.default_taps = [f"model.layer{i}" for i in range(1, 5)] if hasattr(self.model, "layer4") else []
         self.num_classes = num_classes
 
@@ -176,24 +180,101 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_target(name: str, num_classes: int = 10, in_chans: int = 1, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Build a target by name (registry, then ``timm:``/timm names, then ``torchvision:``/torchvision names)."""
+def arch_name(arch: str | Mapping) -> str:
+    """A readable name of a target spec: the name itself, or the class path of a ``class_path`` spec."""
+    if isinstance(arch, Mapping):
+        return str(arch.get("class_path"))
+    return str(arch)
+
+
+def _import_module_class(path: str) -> type:
+    """The ``nn.Module`` subclass a dotted path names; only module classes are ever built from a path."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"class_path '{path}' must be a dotted path 'module.Class' (e.g. 'mynet.MyNet').")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"class_path '{path}': module '{module_name}' cannot be imported ({err}). Run from the folder holding "
+            f"{module_name.replace('.', '/')}.py (train.py, evaluate.py and the pipeline put the working directory on "
+            "sys.path), add its folder to PYTHONPATH, or pip install the package."
+        ) from err
+    cls = getattr(module, attr, None)
+    if cls is None:
+        close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=3, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(f"class_path '{path}': module '{module_name}' has no attribute '{attr}'.{hint}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"class_path '{path}' is {cls!r}, not an nn.Module subclass; a target must be a torch module class.")
+    return cls
+
+
+def _from_class_path(spec: Mapping, num_classes: int, in_chans: int | None, pretrained: bool, **kwargs) -> nn.Module:
+    """Build ``class_path(**init_args)``; ``num_classes``/``in_chans`` are passed when the class takes them and
+    ``init_args`` leaves them out (a different value there is an error naming both)."""
+    extra = sorted(set(spec) - {"class_path", "init_args"})
+    if "class_path" not in spec or extra:
+        raise ValueError(
+            f"a target given as a mapping needs 'class_path' (and optionally 'init_args') only, got keys {sorted(spec)}; "
+            "e.g. {class_path: mynet.MyNet, init_args: {width: 32}}."
+        )
+    path = str(spec["class_path"])
+    if pretrained:
+        raise ValueError(f"target '{path}': gencnp fetches no pretrained weights for class_path targets; load them in "
+                         "your module, or pass a checkpoint (target_checkpoint / checkpoint).")  # fmt: skip
+    cls = _import_module_class(path)
+    args = dict(spec.get("init_args") or {})
+    args.update(kwargs)
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if value is None or key not in params:
+            continue
+        if key in args and args[key] != value:
+            raise ValueError(
+                f"target '{path}': init_args {key}={args[key]} but the model's {key} is {value}; set both to the "
+                "same value (or drop it from init_args: gencnp passes it)."
+            )
+        args[key] = value
+    try:
+        return cls(**args)
+    except TypeError as err:
+        raise TypeError(f"target '{path}' could not be built with init_args {args}: {err}") from err
+
+
+def create_target(name: str | Mapping, num_classes: int = 10, in_chans: int | None = None, pretrained: bool = False,
+                  **kwargs) -> nn.Module:  # fmt: skip
+    """Build a target by name (registry, then ``timm:``/timm names, then ``torchvision:``/torchvision names, then a
+    dotted class path), or from ``{"class_path": ..., "init_args": {...}}``.
+
+    ``in_chans=None`` means the family's own default: 3 for timm and torchvision, the factory's default for
+    registered targets (1 for gencnp's CNNs).
+    """
+    if isinstance(name, Mapping):
+        return _from_class_path(name, num_classes, in_chans, pretrained, **kwargs)
+    if not isinstance(name, str):
+        raise TypeError(f"a target is a name or a {{class_path, init_args}} mapping, got {type(name).__name__}.")
     if name in TARGETS:
-        return TARGETS.create(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
+        chans = {} if in_chans is None else {"in_chans": in_chans}
+        return TARGETS.create(name, num_classes=num_classes, pretrained=pretrained, **chans, **kwargs)
     import timm
 
     if name.startswith("timm:") or (":" not in name and timm.is_model(name)):
-        return TimmTarget(name.removeprefix("timm:"), num_classes, in_chans, pretrained, **kwargs)
+        return TimmTarget(name.removeprefix("timm:"), num_classes, 3 if in_chans is None else in_chans, pretrained, **kwargs)
     tv = _torchvision_names()
     if name.startswith("torchvision:") or name in tv:
-        return TorchvisionTarget(name.removeprefix("torchvision:"), num_classes, in_chans, pretrained, **kwargs)
+        return TorchvisionTarget(name.removeprefix("torchvision:"), num_classes, 3 if in_chans is None else in_chans,
+                                 pretrained, **kwargs)  # fmt: skip
+    if "." in name and ":" not in name and name.rpartition(".")[0]:
+        return _from_class_path({"class_path": name}, num_classes, in_chans, pretrained, **kwargs)
     known = list_targets()
     close = difflib.get_close_matches(name, known + tv + timm.list_models(), n=4, cutoff=0.6)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     raise KeyError(
         f"unknown target architecture '{name}'.{hint} gencnp targets: {', '.join(known)}; any timm model "
-        "(timm.list_models()) or torchvision classifier (torchvision.models.list_models()) also works, or "
-        "register your own with @register_target('name')."
+        "(timm.list_models()) or torchvision classifier (torchvision.models.list_models()) also works, or your own "
+        "nn.Module by class path (arch: mynet.MyNet, or {class_path: mynet.MyNet, init_args: {...}}; the working "
+        "directory is importable), or register a factory with @register_target('name')."
     )
 
 
@@ -232,13 +313,18 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     raise ValueError(f"checkpoint '{path}' holds {type(obj).__name__}, not a state dict of tensors.")
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> dict:
+def load_weights(model: nn.Module, path: str | Path, arch: str | Mapping | None = None) -> dict:
     """Load a checkpoint into ``model``, stripping a Lightning prefix (``model.``, ``target.model.``, ...).
 
     Raises:
         ValueError: listing missing keys, unexpected keys and shape mismatches (e.g. a class-count mismatch).
     """
     state, meta = read_state_dict(path)
+    _load_state(model, state, meta, path, arch)
+    return meta
+
+
+def _load_state(model: nn.Module, state: dict, meta: dict, path, arch) -> None:
     own = model.state_dict()
     best, best_hits = state, -1
     prefixes = {""} | {k[: k.index(".") + 1] for k in state if "." in k}
@@ -248,18 +334,23 @@ def load_weights(model: nn.Module, path: str | Path, arch: str | None = None) ->
         hits = len(own.keys() & cand.keys())
         if hits > best_hits:
             best, best_hits = cand, hits
+    # The other way round: a plain torchvision/timm state dict ("conv1.weight") for a wrapper ("model.conv1.weight").
+    for prefix in {k[: k.index(".") + 1] for k in own if "." in k}:
+        cand = {prefix + k: v for k, v in state.items()}
+        hits = len(own.keys() & cand.keys())
+        if hits > best_hits:
+            best, best_hits = cand, hits
     detail = state_mismatch(own, best)
     if detail:
         ck_arch = (meta.get("hyper_parameters") or {}).get("arch")
-        parts = [f"checkpoint '{path}' does not fit target '{arch or type(model).__name__}'"]
+        parts = [f"checkpoint '{path}' does not fit target '{arch_name(arch) if arch else type(model).__name__}'"]
         if ck_arch and arch and ck_arch != arch:
-            parts.append(f"(it was trained for arch '{ck_arch}')")
+            parts.append(f"(it was trained for arch '{arch_name(ck_arch)}')")
         if any(d.startswith("shape mismatches") for d in detail):
             if any(k.endswith(("head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight")) for k in best.keys() & own.keys()):
                 detail.append("a head mismatch usually means num_classes differs between the checkpoint and the config")
         raise ValueError(" ".join(parts) + ": " + "; ".join(detail) + ". Use the matching arch/num_classes or another checkpoint.")
     model.load_state_dict(best)
-    return meta
 
 
 def state_mismatch(own: dict, state: dict, limit: int = 8) -> list[str]:
@@ -276,13 +367,146 @@ def state_mismatch(own: dict, state: dict, limit: int = 8) -> list[str]:
     return out
 
 
-def load_target(arch: str, checkpoint: str | None = None, num_classes: int = 10, in_chans: int = 1,
+def load_target(arch: str | Mapping, checkpoint: str | None = None, num_classes: int = 10, in_chans: int | None = 1,
                 pretrained: bool = False, **kwargs) -> nn.Module:  # fmt: skip
     """``create_target`` plus ``load_weights`` when a checkpoint is given."""
     model = create_target(arch, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, arch)
     return model
+
+
+# ----- target specs: how to rebuild a target, recorded in its checkpoints -----
+TargetSpec = dict  # {"arch": name or {class_path, init_args}, "num_classes", "in_chans", "image_size", "kwargs"}
+SPEC_KEY = "gencnp_target"
+SPEC_DEFAULTS = {"arch": "fmnist_cnn", "num_classes": 10, "in_chans": 1, "image_size": 28, "kwargs": {}}
+
+
+def make_target_spec(arch: str | Mapping, num_classes: int, in_chans: int, image_size: int,
+                     kwargs: Mapping | None = None) -> TargetSpec:  # fmt: skip
+    """The spec a target checkpoint records (``checkpoint['gencnp_target']``): enough to rebuild the model."""
+    arch = dict(arch) if isinstance(arch, Mapping) else str(arch)
+    return {"arch": arch, "num_classes": int(num_classes), "in_chans": int(in_chans), "image_size": int(image_size),
+            "kwargs": dict(kwargs or {})}  # fmt: skip
+
+
+def spec_from_meta(meta: Mapping) -> TargetSpec | None:
+    """The target spec of a checkpoint's metadata: its ``gencnp_target`` section, else the hyper-parameters of a
+    ``TargetClassifier`` checkpoint (older files); ``None`` for plain state dicts."""
+    spec = meta.get(SPEC_KEY)
+    if isinstance(spec, Mapping) and "arch" in spec:
+        return make_target_spec(spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"], spec.get("kwargs"))
+    hp = meta.get("hyper_parameters")
+    if isinstance(hp, Mapping) and "arch" in hp and str(hp.get("_class_path", "")).endswith("TargetClassifier"):
+        return make_target_spec(hp["arch"], hp.get("num_classes", 10), hp.get("in_chans", 1), hp.get("image_size", 28),
+                                hp.get("model_kwargs"))  # fmt: skip
+    return None
+
+
+def read_target_spec(path: str | Path) -> TargetSpec | None:
+    """The target spec recorded in a checkpoint file (``None`` when it records none, e.g. a plain state dict)."""
+    return spec_from_meta(read_state_dict(path)[1])
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "arch":
+        def norm(v):
+            if isinstance(v, Mapping):
+                return (str(v.get("class_path")), dict(v.get("init_args") or {}))
+            return str(v).removeprefix("timm:").removeprefix("torchvision:")
+
+        return norm(a) == norm(b)
+    if key == "kwargs":
+        return dict(a or {}) == dict(b or {})
+    return a == b
+
+
+def resolve_target_spec(given: Mapping, recorded: Mapping | None, source: str, names: Mapping | None = None) -> TargetSpec:
+    """Merge explicit target settings with a recorded spec.
+
+    Args:
+        given: ``arch``, ``num_classes``, ``in_chans``, ``image_size``, ``kwargs``; ``None`` means "not given".
+        recorded: the spec a checkpoint records, or ``None``.
+        source: what recorded it, for messages (e.g. "target_checkpoint 'runs/x/best.ckpt'").
+        names: the caller's argument name of each key (e.g. ``{"arch": "target", "kwargs": "target_kwargs"}``).
+
+    Raises:
+        ValueError: an explicit value differs from the recorded one (the message names both).
+    """
+    names = {**{k: k for k in SPEC_DEFAULTS}, **(names or {})}
+    out = {}
+    for key, default in SPEC_DEFAULTS.items():
+        value, rec = given.get(key), (recorded or {}).get(key)
+        if value is not None and rec is not None and not _same(key, value, rec):
+            raise ValueError(
+                f"{names[key]} is {value!r} but {source} was trained with {names[key]} {rec!r}; drop {names[key]} "
+                f"(it is read from the checkpoint) or set it to {rec!r}, or use a checkpoint trained with {value!r}."
+            )
+        out[key] = value if value is not None else rec if rec is not None else default
+    return make_target_spec(**out)
+
+
+def build_target(arch: str | Mapping | None, checkpoint: str | None, num_classes: int | None, in_chans: int | None,
+                 image_size: int | None, kwargs: Mapping | None = None, recorded: Mapping | None = None,
+                 names: Mapping | None = None) -> tuple[nn.Module, TargetSpec, bool]:  # fmt: skip
+    """Build a target from explicit settings, the spec its checkpoint records, and a spec recorded elsewhere.
+
+    Settings left ``None`` come from the checkpoint's spec (``checkpoint['gencnp_target']``), then from
+    ``recorded`` (e.g. the spec a GEN-CNP checkpoint stored), then from ``SPEC_DEFAULTS``.
+
+    Returns:
+        ``(model, spec, loaded)``; ``loaded`` is False when ``checkpoint`` is missing but ``recorded`` is given: the
+        model is built from the spec and its weights must come from elsewhere (a GEN-CNP checkpoint embedding them).
+    """
+    given = {"arch": arch, "num_classes": num_classes, "in_chans": in_chans, "image_size": image_size, "kwargs": kwargs}
+    state, meta, loaded = None, {}, False
+    if checkpoint and (Path(checkpoint).is_file() or recorded is None):
+        state, meta = read_state_dict(checkpoint)  # FileNotFoundError with the fix when missing
+        loaded = True
+    file_spec = spec_from_meta(meta) if loaded else None
+    if file_spec is not None:
+        spec = resolve_target_spec(given, file_spec, f"target_checkpoint '{checkpoint}'", names)
+        if recorded is not None:
+            resolve_target_spec(spec, recorded, "the GEN-CNP checkpoint's recorded target", names)
+    else:
+        spec = resolve_target_spec(given, recorded, "the recorded target spec", names)
+    model = create_target(spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], **spec["kwargs"])
+    if loaded:
+        _load_state(model, state, meta, checkpoint, spec["arch"])
+    return model, spec, loaded or not checkpoint
+
+
+def check_input_size(model: nn.Module, input_shape: Sequence[int], arch: str | Mapping | None = None) -> None:
+    """Run ``model`` once on zeros of ``input_shape`` ``(C, H, W)``; raise ``ValueError`` with the smallest workable
+    side when it cannot (e.g. a network that shrinks a 28x28 image to nothing)."""
+    shape = tuple(int(s) for s in input_shape)
+    err = _probe(model, shape)
+    if err is None:
+        return
+    name = arch_name(arch) if arch is not None else type(model).__name__
+    c, h = shape[0], shape[-1]
+    sizes = sorted({s for s in (*range(h + 1, h + 33), 32, 48, 64, 96, 112, 128, 160, 192, 224, 256, 288, 384, 512)
+                    if s > h})  # fmt: skip
+    works = next((s for s in sizes if _probe(model, (c, s, s)) is None), None)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    fix = (f"the smallest square side that works is {works}: set image_size: {works} for the model and the data "
+           "(data modules resize: data.init_args.image_size)" if works else
+           f"no square side up to {sizes[-1]} works either; check in_chans and the model's own size arguments "
+           "(e.g. timm img_size in model_kwargs)")  # fmt: skip
+    raise ValueError(f"target '{name}' cannot run on inputs of shape {shape} (C, H, W): {first}. {fix}.") from err
+
+
+def _probe(model: nn.Module, shape: tuple[int, ...]) -> Exception | None:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as err:  # timm asserts on img_size, convs raise
+        return err
+    finally:
+        model.train(was)
+    return None
 
 
 def tensor_hash(module: nn.Module) -> str:
@@ -316,12 +540,14 @@ class FrozenTarget(nn.Module):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.arch = arch or type(model).__name__
+        self.arch = arch_name(arch) if arch else type(model).__name__
+        # Set when the weights are still to come (a GEN-CNP checkpoint embedding them): forward refuses until then.
+        self.weights_pending: str | None = None
         self.input_shape = tuple(int(s) for s in input_shape)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
-        self.tap_names = resolve_taps(model, taps)
+        self.tap_names = resolve_taps(model, taps, self.input_shape)
         self.shallow_names, self.deep_names = split_shallow_deep(self.tap_names, shallow_taps) if len(self.tap_names) > 1 else (self.tap_names, [])
         self.hooks = TapHooks(self.model, self.tap_names)
         with torch.no_grad():
@@ -329,6 +555,7 @@ class FrozenTarget(nn.Module):
             try:
                 logits, feats = self.forward(probe, record=True, check=False)
             except RuntimeError as err:
+                check_input_size(self.model, self.input_shape, self.arch)  # names the smallest workable size
                 raise ValueError(f"target '{self.arch}' cannot run on inputs of shape {self.input_shape}: {err}") from err
         self.num_classes = int(logits.shape[1])
         self.tap_channels = [int(f.shape[-1] if f.dim() == 3 else f.shape[1]) for f in feats]
@@ -362,13 +589,18 @@ class FrozenTarget(nn.Module):
         """Logits ``[B, K]``; with ``record=True`` also the tap outputs (list, tap order).
 
         Args:
-            masks: per-tap ``[B, C_l]`` masks (or ``None``): the masked forward ``H(x; m)``.
+            masks: per-tap ``[B, C_l]`` masks in tap order, or ``{tap name: mask}`` (or ``None``): the masked
+                forward ``H(x; m)``.
             fill: per-tap ``[C_l]`` values of removed channels (mean ablation), or ``None`` for zeros.
             first_tap: the first tap's *unmasked* output for ``x`` (``feats[0]`` of a recorded pass on the same
                 inputs, rows in the same order). The first tap's module is then not run again; a masked pass after
                 a recorded one skips that much work (for ``fmnist_cnn`` the whole first block, the costliest at
                 28x28). Ignored where the first tap contains another tap (``hooks.can_skip_first``).
         """
+        if self.weights_pending:
+            raise FileNotFoundError(self.weights_pending)
+        if isinstance(masks, Mapping):
+            masks = self.masks_by_name(masks)
         if check:
             self.check_input(x)
             if first_tap is not None and (first_tap.shape[0] != x.shape[0] or tuple(first_tap.shape[1:]) != self.tap_shapes[0]):
@@ -385,6 +617,13 @@ class FrozenTarget(nn.Module):
         finally:
             self.hooks.clear()
         return (logits, feats) if record else logits
+
+    def masks_by_name(self, masks: Mapping[str, torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Per-tap masks in tap order from ``{tap name: [B, C_l] mask}`` (taps left out are not masked)."""
+        unknown = [k for k in masks if k not in self.tap_names]
+        if unknown:
+            raise KeyError(f"masks for unknown taps {unknown}; this target's taps are {self.tap_names}.")
+        return [masks.get(n) for n in self.tap_names]
 
     def candidate_taps(self) -> list[tuple[str, int, int]]:
         """``(name, channels, reduction)`` for every module returning a feature map, in execution order."""

@@ -29,10 +29,11 @@ def test_class_count_mismatch_fails_before_any_directory(tmp_path):
     assert not out.exists()
 
 
-def test_gencnp_fit_keeps_target_frozen_and_checkpoints_lean(synthetic_runs):
+def test_gencnp_fit_keeps_target_frozen_and_embeds_it(synthetic_runs):
     target = load_target("tiny_cnn", str(synthetic_runs["target"]), num_classes=4)
     ckpt = torch.load(synthetic_runs["gencnp"], map_location="cpu", weights_only=True)
-    assert not any(k.startswith("target.") for k in ckpt["state_dict"])
+    embedded = {k.removeprefix("target.model."): v for k, v in ckpt["state_dict"].items() if k.startswith("target.")}
+    assert embedded.keys() == target.state_dict().keys()  # embed_target (default): self-contained checkpoints
     assert ckpt["gencnp"]["target_hash"] == tensor_hash(target)
     model = GenCNP.load_from_checkpoint(synthetic_runs["gencnp"])
     assert tensor_hash(model.target.model) == tensor_hash(target)  # parameters and BatchNorm statistics unchanged
@@ -62,11 +63,14 @@ def test_explain_returns_masks_kept_and_prediction(synthetic_runs):
     model = GenCNP.load_from_checkpoint(synthetic_runs["gencnp"]).eval()
     x = torch.randn(5, 1, 16, 16)
     out = model.explain(x)
-    assert [m.shape for m in out["masks"]] == [(5, 8), (5, 16), (5, 16)]
+    assert list(out["masks"]) == model.target.tap_names  # masks by tap name, in tap order
+    assert [m.shape for m in out["masks"].values()] == [(5, 8), (5, 16), (5, 16)]
     assert out["pathway"].dtype == torch.bool and out["kept"].shape == (5,)
     assert torch.allclose(out["kept"], out["pathway"].float().mean(1))
-    again = model.target(x, masks=[m.float() for m in out["masks"]])
+    again = model.target(x, masks=[m.float() for m in out["masks"].values()])
     assert torch.equal(again.argmax(1), out["prediction"])
+    by_name = model.target(x, masks={k: m.float() for k, m in out["masks"].items()})
+    assert torch.equal(by_name, again)
 
 
 def test_masks_get_gradients_through_the_frozen_target():
@@ -94,7 +98,7 @@ def test_toy_target_pathways_find_the_deciding_channel():
         opt.step()
     x, y = channel_toy_batch(400, k, size=4, seed=10_000)
     out = model.explain(x)
-    route = out["masks"][model.target.tap_names.index("route")].float()
+    route = out["masks"]["route"].float()
     truth = torch.nn.functional.one_hot(y, k).float()
     iou = (route * truth).sum(1) / ((route + truth) > 0).float().sum(1)
     assert float(iou.mean()) >= 0.9, float(iou.mean())
