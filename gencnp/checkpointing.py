@@ -4,7 +4,13 @@
   to a temporary file **in the checkpoint's own directory**, fsyncs and ``os.replace``-s it into place
   (``gencnp.banks.write_atomic``), so a process killed mid-save (SIGKILL, power loss) leaves the previous
   ``last.ckpt`` intact and never a truncated one. It also records ``gencnp_state_hash``, a sha256 over the
-  checkpoint's ``state_dict`` (names, dtypes, shapes, bytes). Loading always uses ``torch.load(weights_only=True)``.
+  checkpoint's ``state_dict`` (names, dtypes, shapes, bytes), and ``gencnp_settings_hash``, the same hash over the
+  ``state_dict`` together with the settings that rebuild the model (``hyper_parameters``,
+  ``datamodule_hyper_parameters``, GenCNP's ``gencnp`` section and the data's ``class_names``; ``seal``). Loading always uses
+  ``torch.load(weights_only=True)``.
+- ``verify_state_hash``: a Lightning checkpoint (a dict with a ``state_dict``) must carry both hashes and match
+  them. One without them (written by another tool, by an older gencnp, or with the hash removed) is refused unless
+  the user opts in with ``GENCNP_ALLOW_UNHASHED=1``, which loads it with a warning.
   ``gencnp.cli`` adds the plugin to every Trainer it builds unless the config names another ``CheckpointIO``.
 - ``read_checkpoint``: the one safe reader (``weights_only=True``, clear errors for missing, truncated, altered or
   code-carrying files).
@@ -23,7 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,14 +42,19 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 __all__ = [
-    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "STATE_HASH_KEY",
+    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "seal",
+    "STATE_HASH_KEY", "SETTINGS_HASH_KEY", "ALLOW_UNHASHED_ENV",
 ]  # fmt: skip
 
 STATE_HASH_KEY = "gencnp_state_hash"
+SETTINGS_HASH_KEY = "gencnp_settings_hash"
+SETTINGS_SECTIONS = ("hyper_parameters", "datamodule_hyper_parameters", "gencnp", "class_names")
+ALLOW_UNHASHED_ENV = "GENCNP_ALLOW_UNHASHED"
 
 
-def state_hash(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (sorted by name).
+def state_hash(state: Mapping[str, torch.Tensor], settings: Mapping[str, Any] | None = None) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (sorted by name), and, when given,
+    over ``settings`` (canonical JSON: sorted keys, ``repr`` for anything JSON cannot hold).
 
     Non-tensor entries (Lightning may store extra state objects) contribute their ``repr``.
     """
@@ -53,23 +67,79 @@ def state_hash(state: Mapping[str, torch.Tensor]) -> str:
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             h.update(repr(t).encode())
+    if settings is not None:
+        try:
+            text = json.dumps(settings, sort_keys=True, default=repr)
+        except TypeError:  # keys of mixed types cannot be sorted
+            text = repr(sorted(settings.items(), key=lambda kv: str(kv[0])))
+        h.update(b"\0settings\0" + text.encode())
     return h.hexdigest()
 
 
-def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint") -> None:
-    """Raise ``ValueError`` when a checkpoint's ``state_dict`` no longer matches the hash recorded at saving.
+def _settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: checkpoint[k] for k in SETTINGS_SECTIONS if k in checkpoint}
 
-    Checkpoints written without ``AtomicCheckpointIO`` carry no hash and pass unchecked.
+
+def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Record both integrity hashes in a checkpoint dict (``AtomicCheckpointIO`` does it on every save); returns it.
+
+    Use it after editing a checkpoint on purpose; any other change after saving is refused on loading.
     """
-    recorded = checkpoint.get(STATE_HASH_KEY) if isinstance(checkpoint, Mapping) else None
-    if recorded is None or not isinstance(checkpoint.get("state_dict"), Mapping):
+    if isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint[STATE_HASH_KEY] = state_hash(checkpoint["state_dict"])
+        checkpoint[SETTINGS_HASH_KEY] = state_hash(checkpoint["state_dict"], _settings(checkpoint))
+    return checkpoint
+
+
+def _unhashed(source: str, what: str) -> None:
+    """Refuse a checkpoint whose integrity cannot be checked, unless the user opted in (then warn)."""
+    if os.environ.get(ALLOW_UNHASHED_ENV, "").strip().lower() in ("1", "true", "yes"):
+        warnings.warn(
+            f"{source} {what}; loading it anyway because {ALLOW_UNHASHED_ENV} is set: alterations of its weights or "
+            "hyper-parameters cannot be detected.",
+            UserWarning,
+            stacklevel=3,
+        )
         return
+    raise ValueError(
+        f"{source} {what}, so damage or edits after saving cannot be detected; nothing was run. Use a checkpoint "
+        f"written by gencnp (python train.py fit --config ...), or, if you trust this file, opt in explicitly with "
+        f"{ALLOW_UNHASHED_ENV}=1 (it is then loaded with a warning)."
+    )
+
+
+def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint") -> None:
+    """Raise ``ValueError`` when a checkpoint's ``state_dict`` or settings no longer match the hashes recorded at
+    saving, or when it carries no hashes (unless ``GENCNP_ALLOW_UNHASHED=1``: then a warning).
+
+    A plain state dict (no ``state_dict`` key: ``torch.save(model.state_dict())``) is not a checkpoint and is not
+    checked here.
+    """
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        return
+    recorded = checkpoint.get(STATE_HASH_KEY)
+    if recorded is None:
+        return _unhashed(source, f"carries no integrity hash ('{STATE_HASH_KEY}': written by another tool, or the "
+                                 "hash was removed)")  # fmt: skip
     computed = state_hash(checkpoint["state_dict"])
     if computed != recorded:
         raise ValueError(
             f"{source} is damaged: its weights do not match the integrity hash recorded when it was saved "
             f"(sha256 {str(recorded)[:12]} recorded, {computed[:12]} computed), so the file was altered or corrupted "
             "after saving. Restore the original file (or an earlier copy), or retrain: python train.py fit --config ..."
+        )
+    recorded = checkpoint.get(SETTINGS_HASH_KEY)
+    if recorded is None:
+        return _unhashed(source, f"carries no hash of its hyper-parameters ('{SETTINGS_HASH_KEY}': written by an "
+                                 "older gencnp, or the hash was removed)")  # fmt: skip
+    computed = state_hash(checkpoint["state_dict"], _settings(checkpoint))
+    if computed != recorded:
+        raise ValueError(
+            f"{source} is damaged: its hyper-parameters (the settings that rebuild the model: "
+            f"{', '.join(k for k in SETTINGS_SECTIONS if k in checkpoint)}) do not match the integrity hash recorded "
+            f"when it was saved (sha256 {str(recorded)[:12]} recorded, {computed[:12]} computed): they were edited "
+            "after saving. Restore the original file, or change settings through the config of a new run "
+            "(python train.py fit --config ...), not inside a checkpoint."
         )
 
 
@@ -130,8 +200,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"AtomicCheckpointIO takes no storage_options (got {storage_options!r}); drop them, or configure "
                 "another CheckpointIO plugin that supports them."
             )
-        if isinstance(checkpoint.get("state_dict"), Mapping):
-            checkpoint[STATE_HASH_KEY] = state_hash(checkpoint["state_dict"])
+        seal(checkpoint)
         if not _is_local(path):
             return super().save_checkpoint(checkpoint, path)
         from gencnp.banks import write_atomic  # banks imports targets; keep this module import-light

@@ -18,6 +18,7 @@ from gencnp import losses as LS
 from gencnp.checkpointing import verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
+from gencnp.settings import check_settings
 from gencnp.taps import channel_means
 from gencnp.targets import FrozenTarget, load_target
 
@@ -43,6 +44,13 @@ def _check_data(num_classes: int, input_shape: Sequence[int] | None, datamodule,
         )
 
 
+def _record_classes(module: L.LightningModule, checkpoint: dict) -> None:
+    """Store the data's class names in the checkpoint, so later data can be checked against them (preflight)."""
+    names = getattr(getattr(module._trainer, "datamodule", None), "class_names", None) if module._trainer else None
+    if names:
+        checkpoint["class_names"] = [str(c) for c in names]
+
+
 def _check_finite(x: torch.Tensor, stage: str, batch_idx: int) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files).")
@@ -61,6 +69,7 @@ class TargetClassifier(L.LightningModule):
                  pretrained: bool = False, checkpoint: str | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  label_smoothing: float = 0.0, schedule: str = "cosine", model_kwargs: dict | None = None):  # fmt: skip
         super().__init__()
+        check_settings(self, locals())  # types and ranges of every setting (gencnp.settings.RULES)
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got '{schedule}'.")
         self.save_hyperparameters()
@@ -76,6 +85,9 @@ class TargetClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        _record_classes(self, checkpoint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -160,6 +172,7 @@ class GenCNP(L.LightningModule):
                                      ("swap_partner", swap_partner, ("roll", "hard"))):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
+        check_settings(self, locals())  # types and ranges of every setting (gencnp.settings.RULES)
         self.save_hyperparameters()
         model = load_target(target, target_checkpoint, num_classes, in_chans, **(target_kwargs or {}))
         self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target,
@@ -203,6 +216,7 @@ class GenCNP(L.LightningModule):
             "target_checkpoint": str(self.hparams.target_checkpoint), "target_hash": self.target.tensor_hash(),
             "taps": self.target.tap_names, "tap_channels": self.target.tap_channels,
         }  # fmt: skip
+        _record_classes(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
