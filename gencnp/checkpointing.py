@@ -91,8 +91,10 @@ def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-def _unhashed(source: str, what: str) -> None:
+def _unhashed(source: str, what: str, allow: bool = False) -> None:
     """Refuse a checkpoint whose integrity cannot be checked, unless the user opted in (then warn)."""
+    if allow:
+        return
     if os.environ.get(ALLOW_UNHASHED_ENV, "").strip().lower() in ("1", "true", "yes"):
         warnings.warn(
             f"{source} {what}; loading it anyway because {ALLOW_UNHASHED_ENV} is set: alterations of its weights or "
@@ -104,23 +106,24 @@ def _unhashed(source: str, what: str) -> None:
     raise ValueError(
         f"{source} {what}, so damage or edits after saving cannot be detected; nothing was run. Use a checkpoint "
         f"written by gencnp (python train.py fit --config ...), or, if you trust this file, opt in explicitly with "
-        f"{ALLOW_UNHASHED_ENV}=1 (it is then loaded with a warning)."
+        f"{ALLOW_UNHASHED_ENV}=1 (it is then loaded with a warning) or record its hashes once with "
+        "`python -m gencnp.checkpointing seal FILE`."
     )
 
 
-def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint") -> None:
+def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint", allow_unhashed: bool = False) -> None:
     """Raise ``ValueError`` when a checkpoint's ``state_dict`` or settings no longer match the hashes recorded at
     saving, or when it carries no hashes (unless ``GENCNP_ALLOW_UNHASHED=1``: then a warning).
 
     A plain state dict (no ``state_dict`` key: ``torch.save(model.state_dict())``) is not a checkpoint and is not
-    checked here.
+    checked here. ``allow_unhashed`` accepts missing hashes silently (``seal``'s command line only).
     """
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         return
     recorded = checkpoint.get(STATE_HASH_KEY)
     if recorded is None:
         return _unhashed(source, f"carries no integrity hash ('{STATE_HASH_KEY}': written by another tool, or the "
-                                 "hash was removed)")  # fmt: skip
+                                 "hash was removed)", allow_unhashed)  # fmt: skip
     computed = state_hash(checkpoint["state_dict"])
     if computed != recorded:
         raise ValueError(
@@ -131,7 +134,7 @@ def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpo
     recorded = checkpoint.get(SETTINGS_HASH_KEY)
     if recorded is None:
         return _unhashed(source, f"carries no hash of its hyper-parameters ('{SETTINGS_HASH_KEY}': written by an "
-                                 "older gencnp, or the hash was removed)")  # fmt: skip
+                                 "older gencnp, or the hash was removed)", allow_unhashed)  # fmt: skip
     computed = state_hash(checkpoint["state_dict"], _settings(checkpoint))
     if computed != recorded:
         raise ValueError(
@@ -143,7 +146,7 @@ def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpo
         )
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", allow_unhashed: bool = False) -> dict[str, Any]:
     """Load a checkpoint safely: ``torch.load(weights_only=True)``, integrity hash checked when present.
 
     A crafted pickle (one whose ``__reduce__`` would run code) is refused before anything in it runs.
@@ -178,7 +181,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a Lightning .ckpt "
             "or a torch.save'd state dict."
         )
-    verify_state_hash(checkpoint, f"checkpoint '{path}'")
+    verify_state_hash(checkpoint, f"checkpoint '{path}'", allow_unhashed)
     return checkpoint
 
 
@@ -258,3 +261,37 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         self._keep_latest(trainer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gencnp.checkpointing seal FILE...``: record the integrity hashes in checkpoints you trust.
+
+    For checkpoints written by an older gencnp (weights hash only) or by another Lightning tool. A file whose
+    recorded weights hash does not match is refused (it was damaged); the file is rewritten atomically.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m gencnp.checkpointing", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["seal"])
+    p.add_argument("files", nargs="+", help="checkpoint files (.ckpt) to seal in place")
+    a = p.parse_args(argv)
+    from gencnp.banks import write_atomic
+
+    for path in a.files:
+        try:
+            # This command is the explicit opt-in; a weights hash that does not match is still refused.
+            checkpoint = read_checkpoint(path, allow_unhashed=True)
+            if not isinstance(checkpoint.get("state_dict"), Mapping):
+                raise ValueError(f"'{path}' has no 'state_dict': it is a plain state dict, which needs no seal")
+            buffer = io.BytesIO()
+            torch.save(seal(checkpoint), buffer)
+            write_atomic(path, buffer.getvalue())
+        except (OSError, ValueError) as err:
+            print(f"seal: {err}", flush=True)
+            return 2
+        print(f"sealed {path}: {checkpoint[SETTINGS_HASH_KEY][:12]} (weights and hyper-parameters)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,6 +28,11 @@ constructors look for the files). When Fashion-MNIST is missing and ``data_dir``
 the Debian package ``dataset-fashion-mnist`` when ``apt-get`` exists and it runs as root; otherwise, with
 ``--download``, torchvision downloads into the module's ``torchvision_root``. When nothing works it stops with the
 data module's own error message (exit code 2) before any stage runs.
+
+**Preflight.** Then every stage that will run is checked before the first starts (``preflight_stages``): its
+inputs exist or an earlier stage writes them, and every folder it writes (outputs, stamp, ``--quiet`` log, and the
+logger, checkpoint, bank and report folders of its resolved config) is writable with names the filesystem accepts.
+A failure is one message and exit code 2; an ``OSError`` later (a full disk) is one line and exit code 1.
 """
 
 from __future__ import annotations

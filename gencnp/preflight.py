@@ -148,6 +148,13 @@ def check_class_names(trainer: Any, model: Any, datamodule: Any, ckpt_path: str 
 
 
 # ----- output folders -----
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG and the like: it cannot exist
+        return False
+
+
 def check_name_lengths(path: str | Path, what: str, fix: str, existing: Path | None = None) -> None:
     """Raise ``ValueError`` when a component of ``path`` is longer than the filesystem allows (``NAME_MAX``, 255
     bytes on most), which would fail only when the first file is written."""
@@ -174,7 +181,7 @@ def check_writable_dir(directory: str | Path, what: str, fix: str) -> None:
     """
     directory = Path(directory)
     probe = directory
-    while not probe.exists():
+    while not _exists(probe):
         if probe.parent == probe:
             break
         probe = probe.parent

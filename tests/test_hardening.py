@@ -123,6 +123,24 @@ def test_target_checkpoint_without_hash_is_refused(tmp_path, synthetic_runs):
         load_weights(create_target("tiny_cnn", num_classes=4), bad)
 
 
+def test_seal_upgrades_a_trusted_legacy_checkpoint_but_not_a_damaged_one(tmp_path, synthetic_runs, capsys):
+    from gencnp.checkpointing import main as checkpointing_main
+
+    legacy = _resaved(synthetic_runs["gencnp"], tmp_path / "legacy.ckpt", lambda c: c.pop("gencnp_settings_hash"))
+    with pytest.raises(ValueError, match=r"carries no hash of its hyper-parameters .*gencnp.checkpointing seal FILE"):
+        read_checkpoint(legacy)
+    assert checkpointing_main(["seal", str(legacy)]) == 0
+    assert read_checkpoint(legacy)["gencnp_settings_hash"]
+
+    def damage(ckpt):
+        ckpt["state_dict"]["generator.rpd.heads.0.bias"] += 1.0
+
+    damaged = _resaved(synthetic_runs["gencnp"], tmp_path / "damaged.ckpt", damage)
+    before = damaged.read_bytes()
+    assert checkpointing_main(["seal", str(damaged)]) == 2
+    assert "its weights do not match the integrity hash" in capsys.readouterr().out and damaged.read_bytes() == before
+
+
 # ----- class lists -----
 def _png(path: Path, value: int = 128, size: int = 16) -> None:
     from PIL import Image
