@@ -43,7 +43,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 
 __all__ = [
     "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "seal",
-    "STATE_HASH_KEY", "SETTINGS_HASH_KEY", "ALLOW_UNHASHED_ENV",
+    "VerifiedLoading", "STATE_HASH_KEY", "SETTINGS_HASH_KEY", "ALLOW_UNHASHED_ENV",
 ]  # fmt: skip
 
 STATE_HASH_KEY = "gencnp_state_hash"
@@ -111,12 +111,15 @@ def _unhashed(source: str, what: str, allow: bool = False) -> None:
     )
 
 
-def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint", allow_unhashed: bool = False) -> None:
+def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint", allow_unhashed: bool = False,
+                      settings: bool = True) -> None:  # fmt: skip
     """Raise ``ValueError`` when a checkpoint's ``state_dict`` or settings no longer match the hashes recorded at
     saving, or when it carries no hashes (unless ``GENCNP_ALLOW_UNHASHED=1``: then a warning).
 
     A plain state dict (no ``state_dict`` key: ``torch.save(model.state_dict())``) is not a checkpoint and is not
-    checked here. ``allow_unhashed`` accepts missing hashes silently (``seal``'s command line only).
+    checked here. ``allow_unhashed`` accepts missing hashes silently (``seal``'s command line only); with
+    ``settings=False`` only the weights are checked (for hooks that see the hyper-parameters after Lightning applied
+    ``load_from_checkpoint``'s keyword overrides; the file itself was checked when it was read).
     """
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         return
@@ -131,6 +134,8 @@ def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpo
             f"(sha256 {str(recorded)[:12]} recorded, {computed[:12]} computed), so the file was altered or corrupted "
             "after saving. Restore the original file (or an earlier copy), or retrain: python train.py fit --config ..."
         )
+    if not settings:
+        return
     recorded = checkpoint.get(SETTINGS_HASH_KEY)
     if recorded is None:
         return _unhashed(source, f"carries no hash of its hyper-parameters ('{SETTINGS_HASH_KEY}': written by an "
@@ -219,6 +224,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         # weights_only is always True here: a checkpoint is data, never code.
         return read_checkpoint(str(path).removeprefix("file://"), map_location=map_location)
+
+
+class VerifiedLoading:
+    """Mixin for a ``LightningModule``: ``load_from_checkpoint(path, **overrides)`` first reads the file with
+    ``read_checkpoint`` (weights and hyper-parameters checked against their hashes, unhashed files refused), before
+    Lightning applies the keyword overrides to the stored hyper-parameters."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(checkpoint_path, (str, os.PathLike)) and _is_local(checkpoint_path):
+            read_checkpoint(str(checkpoint_path).removeprefix("file://"))
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

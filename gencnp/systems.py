@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gencnp import losses as LS
-from gencnp.checkpointing import verify_state_hash
+from gencnp.checkpointing import VerifiedLoading, verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
 from gencnp.settings import check_settings
@@ -56,7 +56,7 @@ def _check_finite(x: torch.Tensor, stage: str, batch_idx: int) -> None:
         raise ValueError(f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files).")
 
 
-class TargetClassifier(L.LightningModule):
+class TargetClassifier(VerifiedLoading, L.LightningModule):
     """Cross-entropy training of a target classifier (any name ``create_target`` accepts).
 
     Args:
@@ -120,7 +120,7 @@ class TargetClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class GenCNP(L.LightningModule):
+class GenCNP(VerifiedLoading, L.LightningModule):
     """GEN-CNP: a generator predicting each input's pathway in the frozen target, in one pass.
 
     ``L = kd + lambda_sp(t) * sparsity + lambda_swap * swap + lambda_zero * zero + lambda_cls * cls + lambda_con * con``
@@ -223,7 +223,9 @@ class GenCNP(L.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict, source: str = "this checkpoint") -> None:
         """Raise ``ValueError`` unless ``checkpoint`` is an intact GenCNP checkpoint for this target and taps."""
-        verify_state_hash(checkpoint, source)
+        # Weights only: the file's hyper-parameters were checked when it was read (read_checkpoint, VerifiedLoading);
+        # here they may already hold load_from_checkpoint's keyword overrides.
+        verify_state_hash(checkpoint, source, settings=False)
         meta = checkpoint.get("gencnp")
         if not isinstance(meta, dict):
             raise ValueError(

@@ -115,6 +115,14 @@ def test_edited_hyper_parameters_are_refused(out, synthetic_runs, tmp_path):  # 
     shutil.copy(synthetic_runs["gencnp_last"], out / "last.ckpt")  # the fixture's own check: back as it was
 
 
+def test_load_from_checkpoint_checks_the_file_before_overrides_apply(synthetic_runs, tmp_path):
+    edited = _resaved(synthetic_runs["gencnp"], tmp_path / "e.ckpt", lambda c: c["hyper_parameters"].update(lr=1000.0))
+    with pytest.raises(ValueError, match=r"its hyper-parameters .* were edited after saving"):
+        GenCNP.load_from_checkpoint(edited)
+    # An intact file with a keyword override loads: the override is the caller's, not an edit of the file.
+    assert GenCNP.load_from_checkpoint(synthetic_runs["gencnp"], lambda_con=0.2).hparams.lambda_con == 0.2
+
+
 def test_target_checkpoint_without_hash_is_refused(tmp_path, synthetic_runs):
     from gencnp.targets import create_target, load_weights
 
