@@ -40,6 +40,7 @@ leaves the previous bank intact.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
@@ -148,11 +149,19 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                err.errno,
+                f"no space left on the device (or quota exceeded) while writing '{path}' ({len(data)} bytes); the "
+                f"previous file is unchanged and no partial file was left. Free space in '{directory}', or choose "
+                "an output folder on another disk",
+                str(path),
+            ) from err
         raise
     try:  # make the rename itself durable; not every platform can open a directory
         dfd = os.open(directory, os.O_RDONLY)
@@ -453,6 +462,11 @@ class PathwayBank:
         """Raise one ``ValueError`` naming every way ``target`` differs from the one the bank was built on."""
         target = _frozen(target)
         problems = []
+        if str(target.arch) != self.target_arch:
+            problems.append(
+                f"target architecture: the bank was built on '{self.target_arch}', the given target is "
+                f"'{target.arch}'; configure target: {self.target_arch} with its checkpoint"
+            )
         if target.tensor_hash() != self.target_hash:
             problems.append(
                 f"target tensor hash: the bank was built on '{self.target_arch}' with hash {self.target_hash[:12]}, "
@@ -621,6 +635,13 @@ class PathwayBank:
         if not path.is_file():
             raise FileNotFoundError(f"pathway bank '{path}' does not exist; fix the path, or {_REEXPORT}.")
         data = path.read_bytes()
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle, never a bank
+            raise ValueError(
+                f"'{path}' is a torch checkpoint or pickle (e.g. a .ckpt), not a pathway bank (one .safetensors file "
+                "written by PathwayBankWriter); nothing was read from it. Pass the bank file (e.g. "
+                f"{DEFAULT_BANK}), or export one from this checkpoint: python train.py predict --config "
+                "configs/<data>/bank.yaml --ckpt_path <generator>.ckpt"
+            )
         damaged = f"pathway bank '{path}' is damaged"
         try:
             tensors = st_load(data)

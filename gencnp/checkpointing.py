@@ -4,7 +4,13 @@
   to a temporary file **in the checkpoint's own directory**, fsyncs and ``os.replace``-s it into place
   (``gencnp.banks.write_atomic``), so a process killed mid-save (SIGKILL, power loss) leaves the previous
   ``last.ckpt`` intact and never a truncated one. It also records ``gencnp_state_hash``, a sha256 over the
-  checkpoint's ``state_dict`` (names, dtypes, shapes, bytes). Loading always uses ``torch.load(weights_only=True)``.
+  checkpoint's ``state_dict`` (names, dtypes, shapes, bytes), and ``gencnp_settings_hash``, the same hash over the
+  ``state_dict`` together with the settings that rebuild the model (``hyper_parameters``,
+  ``datamodule_hyper_parameters``, GenCNP's ``gencnp`` section and the data's ``class_names``; ``seal``). Loading always uses
+  ``torch.load(weights_only=True)``.
+- ``verify_state_hash``: a Lightning checkpoint (a dict with a ``state_dict``) must carry both hashes and match
+  them. One without them (written by another tool, by an older gencnp, or with the hash removed) is refused unless
+  the user opts in with ``GENCNP_ALLOW_UNHASHED=1``, which loads it with a warning.
   ``gencnp.cli`` adds the plugin to every Trainer it builds unless the config names another ``CheckpointIO``.
 - ``read_checkpoint``: the one safe reader (``weights_only=True``, clear errors for missing, truncated, altered or
   code-carrying files).
@@ -23,7 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,14 +42,19 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 __all__ = [
-    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "STATE_HASH_KEY",
+    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "seal",
+    "VerifiedLoading", "STATE_HASH_KEY", "SETTINGS_HASH_KEY", "ALLOW_UNHASHED_ENV",
 ]  # fmt: skip
 
 STATE_HASH_KEY = "gencnp_state_hash"
+SETTINGS_HASH_KEY = "gencnp_settings_hash"
+SETTINGS_SECTIONS = ("hyper_parameters", "datamodule_hyper_parameters", "gencnp", "class_names")
+ALLOW_UNHASHED_ENV = "GENCNP_ALLOW_UNHASHED"
 
 
-def state_hash(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (sorted by name).
+def state_hash(state: Mapping[str, torch.Tensor], settings: Mapping[str, Any] | None = None) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (sorted by name), and, when given,
+    over ``settings`` (canonical JSON: sorted keys, ``repr`` for anything JSON cannot hold).
 
     Non-tensor entries (Lightning may store extra state objects) contribute their ``repr``.
     """
@@ -53,17 +67,66 @@ def state_hash(state: Mapping[str, torch.Tensor]) -> str:
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             h.update(repr(t).encode())
+    if settings is not None:
+        try:
+            text = json.dumps(settings, sort_keys=True, default=repr)
+        except TypeError:  # keys of mixed types cannot be sorted
+            text = repr(sorted(settings.items(), key=lambda kv: str(kv[0])))
+        h.update(b"\0settings\0" + text.encode())
     return h.hexdigest()
 
 
-def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint") -> None:
-    """Raise ``ValueError`` when a checkpoint's ``state_dict`` no longer matches the hash recorded at saving.
+def _settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: checkpoint[k] for k in SETTINGS_SECTIONS if k in checkpoint}
 
-    Checkpoints written without ``AtomicCheckpointIO`` carry no hash and pass unchecked.
+
+def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Record both integrity hashes in a checkpoint dict (``AtomicCheckpointIO`` does it on every save); returns it.
+
+    Use it after editing a checkpoint on purpose; any other change after saving is refused on loading.
     """
-    recorded = checkpoint.get(STATE_HASH_KEY) if isinstance(checkpoint, Mapping) else None
-    if recorded is None or not isinstance(checkpoint.get("state_dict"), Mapping):
+    if isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint[STATE_HASH_KEY] = state_hash(checkpoint["state_dict"])
+        checkpoint[SETTINGS_HASH_KEY] = state_hash(checkpoint["state_dict"], _settings(checkpoint))
+    return checkpoint
+
+
+def _unhashed(source: str, what: str, allow: bool = False) -> None:
+    """Refuse a checkpoint whose integrity cannot be checked, unless the user opted in (then warn)."""
+    if allow:
         return
+    if os.environ.get(ALLOW_UNHASHED_ENV, "").strip().lower() in ("1", "true", "yes"):
+        warnings.warn(
+            f"{source} {what}; loading it anyway because {ALLOW_UNHASHED_ENV} is set: alterations of its weights or "
+            "hyper-parameters cannot be detected.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    raise ValueError(
+        f"{source} {what}, so damage or edits after saving cannot be detected; nothing was run. Use a checkpoint "
+        f"written by gencnp (python train.py fit --config ...), or, if you trust this file, opt in explicitly with "
+        f"{ALLOW_UNHASHED_ENV}=1 (it is then loaded with a warning) or record its hashes once with "
+        "`python -m gencnp.checkpointing seal FILE`."
+    )
+
+
+def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint", allow_unhashed: bool = False,
+                      settings: bool = True) -> None:  # fmt: skip
+    """Raise ``ValueError`` when a checkpoint's ``state_dict`` or settings no longer match the hashes recorded at
+    saving, or when it carries no hashes (unless ``GENCNP_ALLOW_UNHASHED=1``: then a warning).
+
+    A plain state dict (no ``state_dict`` key: ``torch.save(model.state_dict())``) is not a checkpoint and is not
+    checked here. ``allow_unhashed`` accepts missing hashes silently (``seal``'s command line only); with
+    ``settings=False`` only the weights are checked (for hooks that see the hyper-parameters after Lightning applied
+    ``load_from_checkpoint``'s keyword overrides; the file itself was checked when it was read).
+    """
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        return
+    recorded = checkpoint.get(STATE_HASH_KEY)
+    if recorded is None:
+        return _unhashed(source, f"carries no integrity hash ('{STATE_HASH_KEY}': written by another tool, or the "
+                                 "hash was removed)", allow_unhashed)  # fmt: skip
     computed = state_hash(checkpoint["state_dict"])
     if computed != recorded:
         raise ValueError(
@@ -71,9 +134,24 @@ def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpo
             f"(sha256 {str(recorded)[:12]} recorded, {computed[:12]} computed), so the file was altered or corrupted "
             "after saving. Restore the original file (or an earlier copy), or retrain: python train.py fit --config ..."
         )
+    if not settings:
+        return
+    recorded = checkpoint.get(SETTINGS_HASH_KEY)
+    if recorded is None:
+        return _unhashed(source, f"carries no hash of its hyper-parameters ('{SETTINGS_HASH_KEY}': written by an "
+                                 "older gencnp, or the hash was removed)", allow_unhashed)  # fmt: skip
+    computed = state_hash(checkpoint["state_dict"], _settings(checkpoint))
+    if computed != recorded:
+        raise ValueError(
+            f"{source} is damaged: its hyper-parameters (the settings that rebuild the model: "
+            f"{', '.join(k for k in SETTINGS_SECTIONS if k in checkpoint)}) do not match the integrity hash recorded "
+            f"when it was saved (sha256 {str(recorded)[:12]} recorded, {computed[:12]} computed): they were edited "
+            "after saving. Restore the original file, or change settings through the config of a new run "
+            "(python train.py fit --config ...), not inside a checkpoint."
+        )
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", allow_unhashed: bool = False) -> dict[str, Any]:
     """Load a checkpoint safely: ``torch.load(weights_only=True)``, integrity hash checked when present.
 
     A crafted pickle (one whose ``__reduce__`` would run code) is refused before anything in it runs.
@@ -108,7 +186,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a Lightning .ckpt "
             "or a torch.save'd state dict."
         )
-    verify_state_hash(checkpoint, f"checkpoint '{path}'")
+    verify_state_hash(checkpoint, f"checkpoint '{path}'", allow_unhashed)
     return checkpoint
 
 
@@ -130,8 +208,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"AtomicCheckpointIO takes no storage_options (got {storage_options!r}); drop them, or configure "
                 "another CheckpointIO plugin that supports them."
             )
-        if isinstance(checkpoint.get("state_dict"), Mapping):
-            checkpoint[STATE_HASH_KEY] = state_hash(checkpoint["state_dict"])
+        seal(checkpoint)
         if not _is_local(path):
             return super().save_checkpoint(checkpoint, path)
         from gencnp.banks import write_atomic  # banks imports targets; keep this module import-light
@@ -147,6 +224,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         # weights_only is always True here: a checkpoint is data, never code.
         return read_checkpoint(str(path).removeprefix("file://"), map_location=map_location)
+
+
+class VerifiedLoading:
+    """Mixin for a ``LightningModule``: ``load_from_checkpoint(path, **overrides)`` first reads the file with
+    ``read_checkpoint`` (weights and hyper-parameters checked against their hashes, unhashed files refused), before
+    Lightning applies the keyword overrides to the stored hyper-parameters."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(checkpoint_path, (str, os.PathLike)) and _is_local(checkpoint_path):
+            read_checkpoint(str(checkpoint_path).removeprefix("file://"))
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -203,3 +292,37 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         self._keep_latest(trainer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gencnp.checkpointing seal FILE...``: record the integrity hashes in checkpoints you trust.
+
+    For checkpoints written by an older gencnp (weights hash only) or by another Lightning tool. A file whose
+    recorded weights hash does not match is refused (it was damaged); the file is rewritten atomically.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m gencnp.checkpointing", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["seal"])
+    p.add_argument("files", nargs="+", help="checkpoint files (.ckpt) to seal in place")
+    a = p.parse_args(argv)
+    from gencnp.banks import write_atomic
+
+    for path in a.files:
+        try:
+            # This command is the explicit opt-in; a weights hash that does not match is still refused.
+            checkpoint = read_checkpoint(path, allow_unhashed=True)
+            if not isinstance(checkpoint.get("state_dict"), Mapping):
+                raise ValueError(f"'{path}' has no 'state_dict': it is a plain state dict, which needs no seal")
+            buffer = io.BytesIO()
+            torch.save(seal(checkpoint), buffer)
+            write_atomic(path, buffer.getvalue())
+        except (OSError, ValueError) as err:
+            print(f"seal: {err}", flush=True)
+            return 2
+        print(f"sealed {path}: {checkpoint[SETTINGS_HASH_KEY][:12]} (weights and hyper-parameters)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from gencnp.settings import check_settings, init_args
+
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
@@ -204,6 +206,7 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
                  val_size: int = 5000, seed: int = 0, predict_split: str = "test"):  # fmt: skip
         super().__init__()
+        check_settings(self, init_args(self))  # this class's and the subclass's settings (gencnp.settings.RULES)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if predict_split not in ("train", "val", "test"):
@@ -411,6 +414,74 @@ class CIFAR10DataModule(ImageDataModule):
             self.test_set = self._load(False)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def _listing(paths: list, limit: int = 6) -> str:
+    return ", ".join(f"'{p}'" for p in paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_image_folders(root: Path, splits: tuple[str, ...] = ("train", "test")) -> list[str]:
+    """The class list of ``root/train`` after checking every split's class folders against it; raises on the first
+    problem, naming the folders or files.
+
+    Raises:
+        FileNotFoundError: a class folder of ``train/`` holds no images.
+        ValueError: another split lacks a class folder of ``train/``, has one ``train/`` lacks, holds a class folder
+            without images (indices would shift: class k of one split would be class k+1 of another), or holds
+            zero-byte image files.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    for split in splits:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        here = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        missing, extra = sorted(set(classes) - set(here)), sorted(set(here) - set(classes))
+        if split != "train" and (missing or extra):
+            parts = ([f"lacks the class folders {_listing([folder / c for c in missing])} that train/ has"] if missing else []) + (
+                [f"has class folders {_listing([folder / c for c in extra])} that train/ lacks"] if extra else [])  # fmt: skip
+            raise ValueError(
+                f"ImageFolder '{folder}' " + " and ".join(parts) + f": its class indices would not match train/'s "
+                f"{classes} (labels silently shifted). Give every split the same class folders (an empty class is "
+                "not allowed either), or remove the extra ones."
+            )
+        files = {c: _image_files(folder / c) for c in here}
+        empty = [folder / c for c, fs in files.items() if not fs]
+        if empty:
+            kind = FileNotFoundError if split == "train" else ValueError
+            raise kind(
+                f"ImageFolder class folders {_listing(empty)} hold no images ({', '.join(IMG_EXTENSIONS)}): every "
+                "class folder of every split needs at least one image. Add images, or remove the folder from every "
+                "split (and set num_classes to the classes that remain)."
+            )
+        zero = [f for fs in files.values() for f in fs if f.stat().st_size == 0]
+        if zero:
+            raise ValueError(
+                f"ImageFolder '{folder}' holds {len(zero)} empty (zero-byte) image file(s): {_listing(zero)}. Copy "
+                "them again or delete them; nothing was run."
+            )
+    return classes
+
+
+def _named_loader(path: str):
+    """torchvision's default image loader, with the file's name in its errors (a truncated JPEG says only
+    'Truncated File Read')."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        raise ValueError(
+            f"image file '{path}' cannot be decoded ({type(err).__name__}: {err}); replace or delete it."
+        ) from err
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Your own images: ``root/<split>/<class>/*.png`` (torchvision ``ImageFolder`` layout).
 
@@ -433,14 +504,14 @@ class ImageFolderDataModule(ImageDataModule):
                 f"ImageFolder root '{self.root}' has no 'train' folder; expected {self.root}/train/<class>/<image> "
                 "(and optionally test/<class>/<image>)."
             )
-        self.class_names = sorted(p.name for p in train.iterdir() if p.is_dir())
         n_images = sum(1 for p in train.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-        if not self.class_names or n_images == 0:
+        if not any(p.is_dir() for p in train.iterdir()) or n_images == 0:
             raise FileNotFoundError(
                 f"ImageFolder '{train}' is empty: expected one sub-folder per class with images ({', '.join(IMG_EXTENSIONS)})."
             )
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}.")
+        self.class_names = check_image_folders(self.root)  # same classes in every split, no empty folder or file
         self.num_classes = len(self.class_names)
         self.image_size = image_size
         self.in_chans = in_chans
@@ -455,7 +526,26 @@ class ImageFolderDataModule(ImageDataModule):
             tf.append(T.Grayscale(1))
         tf += [T.ToTensor(), T.Normalize([self.mean] * self.in_chans if np.isscalar(self.mean) else self.mean,
                                          [self.std] * self.in_chans if np.isscalar(self.std) else self.std)]  # fmt: skip
-        return ImageFolder(str(self.root / split), transform=T.Compose(tf))
+        return ImageFolder(str(self.root / split), transform=T.Compose(tf), loader=_named_loader)
+
+    def check_files(self, splits: tuple[str, ...] = ("train", "test")) -> None:
+        """Decode every image of ``splits`` now; raise one ``ValueError`` naming every file that fails (so a broken
+        file stops the run before training, not in the middle of an epoch)."""
+        from PIL import Image
+
+        bad = []
+        for split in splits:
+            for path in _image_files(self.root / split) if (self.root / split).is_dir() else []:
+                try:
+                    with Image.open(path) as im:
+                        im.load()
+                except Exception as err:  # noqa: BLE001  (PIL's errors for broken files have many types)
+                    bad.append(f"'{path}' ({type(err).__name__}: {err})")
+        if bad:
+            raise ValueError(
+                f"{len(bad)} image file(s) under '{self.root}' cannot be decoded: {'; '.join(bad[:6])}"
+                f"{' ...' if len(bad) > 6 else ''}. Replace or delete them; nothing was run."
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit", "validate", "predict"):

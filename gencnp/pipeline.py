@@ -28,6 +28,11 @@ constructors look for the files). When Fashion-MNIST is missing and ``data_dir``
 the Debian package ``dataset-fashion-mnist`` when ``apt-get`` exists and it runs as root; otherwise, with
 ``--download``, torchvision downloads into the module's ``torchvision_root``. When nothing works it stops with the
 data module's own error message (exit code 2) before any stage runs.
+
+**Preflight.** Then every stage that will run is checked before the first starts (``preflight_stages``): its
+inputs exist or an earlier stage writes them, and every folder it writes (outputs, stamp, ``--quiet`` log, and the
+logger, checkpoint, bank and report folders of its resolved config) is writable with names the filesystem accepts.
+A failure is one message and exit code 2; an ``OSError`` later (a full disk) is one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -204,6 +209,7 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; stamps are read like every other output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -239,6 +245,82 @@ def _why_redo(stage: Stage, workdir: Path, config_hash: str, inputs: dict[str, s
         if (stamp.get("outputs") or {}).get(name) != h:
             return f"output {name} differs from the stamp"
     return None
+
+
+# ----- preflight of the stages -----
+def _config_folders(text: str) -> list[tuple[str, str]]:
+    """``(folder, what)`` for every place a stage's resolved config writes (logger, checkpoints, bank, report)."""
+    cfg = yaml.safe_load(text) or {}
+    out: list[tuple[str, str]] = []
+    trainer = cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else {}
+    loggers = trainer.get("logger")
+    for lg in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(lg, dict) and (lg.get("init_args") or {}).get("save_dir"):
+            out.append((str(lg["init_args"]["save_dir"]), "log folder (trainer.logger save_dir)"))
+    if trainer.get("default_root_dir"):
+        out.append((str(trainer["default_root_dir"]), "run folder (trainer.default_root_dir)"))
+    for cb in trainer.get("callbacks") or []:
+        args = (cb.get("init_args") or {}) if isinstance(cb, dict) else {}
+        name = str(cb.get("class_path", "callback")).rpartition(".")[2] if isinstance(cb, dict) else "callback"
+        if args.get("dirpath"):
+            out.append((str(args["dirpath"]), f"checkpoint folder of {name}"))
+        if args.get("output_dir"):
+            out.append((str(args["output_dir"]), f"output folder of {name}"))
+        if isinstance(args.get("path"), str) and args["path"].endswith(".safetensors"):
+            out.append((str(Path(args["path"]).parent), f"folder of {name}'s file"))
+    if cfg.get("out_dir"):
+        out.append((str(cfg["out_dir"]), "report folder (out_dir)"))
+    return [(d, w) for d, w in out if "://" not in d]
+
+
+def preflight_stages(to_run: Sequence[tuple[Stage, str]], stages: Sequence[Stage], workdir: Path,
+                     quiet: bool = False) -> None:  # fmt: skip
+    """Check every stage that will run before the first one starts: each input exists or is an output of an earlier
+    stage, and every folder it writes (its outputs', its stamp's and log's, and the logger, checkpoint, bank and
+    report folders of its resolved config) can be written. Nothing is created.
+
+    Raises:
+        PipelineError: one message naming the stage, the path and the fix (exit code 2).
+    """
+    from gencnp.preflight import check_name_lengths, check_writable_dir
+
+    produced: set[str] = set()
+    order = {st.name: i for i, st in enumerate(stages)}
+    for st in stages:
+        if st.name not in {s.name for s, _ in to_run}:
+            produced |= set(st.outputs)
+    for st, text in sorted(to_run, key=lambda item: order[item[0].name]):
+        missing = [name for name in st.inputs if name not in produced and not (workdir / name).is_file()]
+        if missing:
+            raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which does not exist and no earlier "
+                                "stage produces; add the stage that writes it, or fix 'inputs'.")  # fmt: skip
+        fix = f"change the path in {st.config}, or use another --workdir."
+        folders = [(str(Path(o).parent), f"folder of the output '{o}'") for o in st.outputs]
+        folders += _config_folders(text)
+        for out in st.outputs:
+            if (workdir / out).is_dir():
+                raise PipelineError(f"stage '{st.name}': its output '{out}' is a folder, not a file; move it away or "
+                                    f"fix 'outputs'. Nothing was run.")  # fmt: skip
+        for folder, what in folders:
+            try:
+                check_name_lengths(workdir / folder, f"{what} of stage '{st.name}'", fix)
+                for out in st.outputs:
+                    check_name_lengths(workdir / out, f"output of stage '{st.name}'", fix)
+                check_writable_dir(workdir / folder, f"{what} of stage '{st.name}'", fix)
+            except (OSError, ValueError) as err:
+                raise PipelineError(f"{err} No stage was run.") from err
+        produced |= set(st.outputs)
+
+
+def _log_path(st: Stage, workdir: Path) -> Path:
+    """A new ``<output folder>/<stage>.<date-time>.<random>.log`` (created, mode 0644): two runs, concurrent or not,
+    never write the same log."""
+    folder = st.stamp_path(workdir).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{st.name}.{time.strftime('%Y%m%d-%H%M%S')}.", suffix=".log", dir=folder)
+    os.close(fd)
+    os.chmod(name, 0o644)
+    return Path(name)
 
 
 # ----- data -----
@@ -332,7 +414,8 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
         redo: names of stages to redo (with every stage after them).
         logger: a logger YAML (``configs/loggers/*.yaml``) passed as ``--trainer.logger`` to ``train.py fit``
             stages (overrides the pipeline file's ``logger``).
-        quiet: send each stage's output to ``<output folder>/<stage>.log`` instead of the terminal.
+        quiet: send each stage's output to a new ``<output folder>/<stage>.<date-time>.<random>.log`` instead of the
+            terminal (one file per run: concurrent runs never share a log).
         dry_run: only say what would run or be reused (no data step, no stage runs).
         say: progress printer (default ``print`` with flush).
 
@@ -345,7 +428,14 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
     spec = load_pipeline(config)
     stages: list[Stage] = spec["stages"]
     workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not workdir.is_dir():
+        from gencnp.preflight import check_writable_dir
+
+        try:
+            check_writable_dir(workdir, "working folder (--workdir)", "choose another --workdir.")
+            workdir.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"{err} No stage was run.") from err
     unknown = sorted(set(redo) - {s.name for s in stages})
     if unknown:
         raise PipelineError(f"--redo names unknown stages {unknown}; stages: {', '.join(s.name for s in stages)}.")
@@ -375,12 +465,9 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
         with _chdir(workdir):
             obtain_data(specs, download, say, quiet)
 
-    results, ran_before = [], None
-    n = len(stages)
-    for i, (st, argv, text) in enumerate(zip(stages, argvs, printed), 1):
-        head = f"[{i}/{n}] {st.name}"
+    plan, ran_before = [], None  # (config hash, why it runs or None) per stage; a stage that runs redoes the rest
+    for st, text in zip(stages, printed):
         config_hash = hashlib.sha256(f"{Path(st.entry).name}\n{st.command}\n{text}".encode()).hexdigest()
-        inputs = {name: file_hash(workdir / name) for name in st.inputs}
         if force:
             reason = "--force"
         elif st.name in redo:
@@ -388,7 +475,20 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
         elif ran_before is not None:
             reason = f"upstream stage '{ran_before}' ran"
         else:
-            reason = _why_redo(st, workdir, config_hash, inputs)
+            reason = _why_redo(st, workdir, config_hash, {name: file_hash(workdir / name) for name in st.inputs})
+        ran_before = st.name if reason is not None else ran_before
+        plan.append((config_hash, reason))
+    if not dry_run:
+        # Every stage that will run: inputs present or produced upstream, every folder it writes writable, before
+        # the first stage starts (a read-only report folder must not cost a rerun of training first).
+        preflight_stages([(st, text) for st, text, (_, r) in zip(stages, printed, plan) if r is not None], stages,
+                         workdir, quiet)  # fmt: skip
+
+    results = []
+    n = len(stages)
+    for i, (st, argv, (config_hash, reason)) in enumerate(zip(stages, argvs, plan), 1):
+        head = f"[{i}/{n}] {st.name}"
+        inputs = {name: file_hash(workdir / name) for name in st.inputs}  # now: upstream stages may have rewritten them
         shown = f"python {Path(st.entry).name} {st.command} --config {st.config}" + "".join(f" {a}" for a in argv[4:])
         row = {"name": st.name, "reason": reason, "seconds": 0.0, "outputs": list(st.outputs)}
         if reason is None:
@@ -398,7 +498,6 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
                 f"stamp {st.stamp_path(workdir)})")  # fmt: skip
             results.append(row)
             continue
-        ran_before = st.name
         if dry_run:
             row["status"] = "would run"
             say(f"{head}: would run ({reason}): {shown}")
@@ -410,7 +509,7 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
                                 "add the stage that writes it, or fix 'inputs'.")  # fmt: skip
         stamp_path = st.stamp_path(workdir)
         stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
-        log = stamp_path.with_name(f"{st.name}.log") if quiet else None
+        log = _log_path(st, workdir) if quiet else None
         # --quiet: the stage's own progress bars go to its log; say where, so a long stage can be followed (tail -f).
         say(f"{head}: running ({reason}): {shown}" + (f"; output in {_show(log)}" if log else ""))
         t_stage = time.perf_counter()
@@ -560,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE", help="redo STAGE and every stage after it")
     p.add_argument("--logger", default=None, help="logger YAML for the fit stages, e.g. configs/loggers/wandb.yaml")
-    p.add_argument("--quiet", action="store_true", help="stage output to <output folder>/<stage>.log")
+    p.add_argument("--quiet", action="store_true", help="stage output to a new <output folder>/<stage>.<date-time>.<random>.log")
     p.add_argument("--dry_run", action="store_true", help="say what would run or be reused, run nothing")
     a = p.parse_args(argv)
     try:
@@ -571,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"pipeline: stopped: {exc}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:  # disk full, a folder made read-only mid-run, ...: one line, not a traceback
+        where = f" ('{exc.filename}')" if exc.filename else ""
+        print(f"pipeline: stopped: {exc.strerror or exc}{where}; finished stages keep their outputs and stamps. Free "
+              "space or fix the folder, then rerun the same command (finished stages are reused).", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return 1
     return 0
 
 

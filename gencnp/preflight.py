@@ -5,6 +5,8 @@
 
 - ``check_checkpoint``: ``--ckpt_path`` (``last`` included) is read safely (``gencnp.checkpointing.read_checkpoint``)
   and must fit the model (``model.check_checkpoint`` when the system has one, then the state-dict keys and shapes).
+- ``check_class_names``: the data's class names equal those recorded in ``--ckpt_path`` and in the target
+  checkpoint (names and order).
 - ``check_outputs``: every folder the run will write (checkpoint ``dirpath``, logger ``save_dir``, bank and
   prediction writers' paths) must be writable.
 - ``check_inputs``: the first images of every split the command reads have the shape the model expects and
@@ -37,7 +39,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
 
 __all__ = [
-    "preflight", "check_checkpoint", "check_outputs", "check_writable_dir", "check_inputs", "check_wandb_online",
+    "preflight", "check_checkpoint", "check_class_names", "check_outputs", "check_writable_dir", "check_name_lengths", "check_inputs", "check_wandb_online",
     "config_hint", "ConfigHintParser", "ConfigHintArgumentParser", "resolve_ckpt_path",
 ]  # fmt: skip
 
@@ -107,18 +109,86 @@ def check_checkpoint(trainer: Any, model: Any, ckpt_path: str | None) -> None:
         )
 
 
+# ----- class lists -----
+def _recorded_classes(path: Path) -> list[str] | None:
+    from gencnp.targets import read_state_dict
+
+    try:
+        meta = read_state_dict(path)[1]
+    except (OSError, ValueError):  # unreadable files are refused with their own message elsewhere
+        return None
+    names = meta.get("class_names")
+    return [str(c) for c in names] if isinstance(names, (list, tuple)) else None
+
+
+def check_class_names(trainer: Any, model: Any, datamodule: Any, ckpt_path: str | None = None) -> None:
+    """The data's class list must equal the one recorded in ``--ckpt_path`` and in the model's target checkpoint
+    (``target_checkpoint``, or ``checkpoint`` of a ``TargetClassifier``), names and order, when they record one.
+
+    Raises:
+        ValueError: naming both lists and the first differences.
+    """
+    names = getattr(datamodule, "class_names", None)
+    if not names:
+        return
+    names = [str(c) for c in names]
+    hp = getattr(model, "hparams", None) or {}
+    paths = [(resolve_ckpt_path(trainer, ckpt_path), "--ckpt_path")]
+    paths += [(Path(hp[k]), k) for k in ("target_checkpoint", "checkpoint") if isinstance(hp.get(k), (str, Path))]
+    for path, what in paths:
+        if path is None or not path.is_file() or path.suffix == ".safetensors":
+            continue
+        recorded = _recorded_classes(path)
+        if recorded is not None and recorded != names:
+            from gencnp.banks import _diff_names
+
+            raise ValueError(
+                f"{what} '{path}' was trained on the classes {recorded}, but the data ({type(datamodule).__name__}) "
+                f"has {names} (differences: {_diff_names(recorded, names)}); class indices would mean other classes. "
+                "Use the data it was trained on (same class folders, same order), or train on this data; nothing "
+                "was run."
+            )
+
+
 # ----- output folders -----
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG and the like: it cannot exist
+        return False
+
+
+def check_name_lengths(path: str | Path, what: str, fix: str, existing: Path | None = None) -> None:
+    """Raise ``ValueError`` when a component of ``path`` is longer than the filesystem allows (``NAME_MAX``, 255
+    bytes on most), which would fail only when the first file is written."""
+    existing = existing or Path("/")
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    long = [part for part in Path(path).parts if len(os.fsencode(part)) > limit]
+    if long:
+        shown = long[0] if len(long[0]) <= 40 else f"{long[0][:20]}...{long[0][-12:]}"
+        raise ValueError(
+            f"cannot write the {what} '{shown}': the path has a component of {len(os.fsencode(long[0]))} bytes, "
+            f"longer than the filesystem's limit of {limit}; nothing was written. Use shorter folder or file names: "
+            f"{fix}"
+        )
+
+
 def check_writable_dir(directory: str | Path, what: str, fix: str) -> None:
     """Raise when ``directory`` (existing, or to be created under its nearest existing parent) cannot be written.
 
-    Nothing is created. Raises ``PermissionError`` (not writable) or ``NotADirectoryError`` (a parent is a file).
+    Nothing is created. Raises ``PermissionError`` (not writable), ``NotADirectoryError`` (a parent is a file) or
+    ``ValueError`` (a name longer than the filesystem allows).
     """
     directory = Path(directory)
     probe = directory
-    while not probe.exists():
+    while not _exists(probe):
         if probe.parent == probe:
             break
         probe = probe.parent
+    check_name_lengths(directory, what, fix, probe)
     if not probe.is_dir():
         raise NotADirectoryError(
             f"cannot write the {what} '{directory}': '{probe}' is a file, not a folder; nothing was written. Move "
@@ -186,6 +256,9 @@ def check_inputs(model: Any, datamodule: Any, stage: str | None, n: int = 64) ->
     if not callable(split) or stage is None:
         return
     names = _STAGE_SPLITS.get(stage) or (getattr(datamodule, "predict_split", None),)
+    check_files = getattr(datamodule, "check_files", None)
+    if callable(check_files):  # every image file decodes (ImageFolder), not only the first n
+        check_files(tuple(dict.fromkeys("test" if nm == "test" else "train" for nm in names if nm)))
     expected = _expected_shape(model)
     what = f"the model ({type(model).__name__})"
     for name in (nm for nm in names if nm):
@@ -298,6 +371,7 @@ def preflight(trainer: Any, model: Any, ckpt_path: str | None = None, wandb_time
     check_checkpoint(trainer, model, ckpt_path)
     check_outputs(trainer)
     if datamodule is not None:
+        check_class_names(trainer, model, datamodule, ckpt_path)
         check_inputs(model, datamodule, stage)
     check_wandb_online(getattr(trainer, "loggers", []) or [], timeout=wandb_timeout)
 

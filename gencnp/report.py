@@ -417,7 +417,7 @@ def _report(
     overrides = {"target_checkpoint": target_checkpoint} if target_checkpoint else {}
     from gencnp.checkpointing import read_checkpoint
 
-    read_checkpoint(generator)  # weights_only: refuses truncated, altered or code-carrying files with a clear message
+    recorded = read_checkpoint(generator).get("class_names")  # refuses truncated, altered or code-carrying files
     model = GenCNP.load_from_checkpoint(generator, map_location="cpu", weights_only=True, **overrides).to(dev).eval()
     target = model.target
     taps, chans = target.tap_names, target.tap_channels
@@ -433,6 +433,12 @@ def _report(
         dataset = Subset(dataset, list(range(min(limit, len(dataset)))))
     n_all = len(dataset)
     class_names = list(getattr(data, "class_names", [str(k) for k in range(model.num_classes)]))
+    if recorded is not None and [str(c) for c in recorded] != [str(c) for c in class_names]:
+        raise ValueError(
+            f"generator checkpoint '{generator}' was trained on the classes {list(recorded)}, but the data has "
+            f"{class_names}; class indices would mean other classes. Evaluate on the data it was trained on, or "
+            "train a generator on this data."
+        )
     if int((model.probe_class >= 0).sum()) == 0:  # a checkpoint saved before setup(): pick swap probes now
         model.build_probes(data.split("train"))
     fills = model.fills()

@@ -17,9 +17,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from gencnp import losses as LS
 from gencnp import nulls as NL
 from gencnp.baselines import tap_counts, topk_per_tap
-from gencnp.checkpointing import state_hash, verify_state_hash
+from gencnp.checkpointing import VerifiedLoading, state_hash, verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
+from gencnp.settings import check_settings
 from gencnp.taps import channel_means
 from gencnp.targets import SPEC_KEY, FrozenTarget, build_target, check_input_size, load_target, make_target_spec
 
@@ -86,12 +87,19 @@ def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) 
     rank_zero_warn(f"classes {', '.join(names)} have no swap probes; their images are never swap partners ({fix}).")
 
 
+def _record_classes(module: L.LightningModule, checkpoint: dict) -> None:
+    """Store the data's class names in the checkpoint, so later data can be checked against them (preflight)."""
+    names = getattr(getattr(module._trainer, "datamodule", None), "class_names", None) if module._trainer else None
+    if names:
+        checkpoint["class_names"] = [str(c) for c in names]
+
+
 def _check_finite(x: torch.Tensor, stage: str, batch_idx: int) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files).")
 
 
-class TargetClassifier(L.LightningModule):
+class TargetClassifier(VerifiedLoading, L.LightningModule):
     """Cross-entropy training of a target classifier (any name ``create_target`` accepts).
 
     Args:
@@ -106,6 +114,7 @@ class TargetClassifier(L.LightningModule):
                  pretrained: bool = False, checkpoint: str | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  label_smoothing: float = 0.0, schedule: str = "cosine", model_kwargs: dict | None = None):  # fmt: skip
         super().__init__()
+        check_settings(self, locals())  # types and ranges of every setting (gencnp.settings.RULES)
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got '{schedule}'.")
         self.save_hyperparameters()
@@ -123,6 +132,7 @@ class TargetClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         h = self.hparams  # how to rebuild the model (GenCNP reads it from target_checkpoint)
         checkpoint[SPEC_KEY] = make_target_spec(h.arch, h.num_classes, h.in_chans, h.image_size, h.model_kwargs)
+        _record_classes(self, checkpoint)
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
@@ -158,7 +168,7 @@ class TargetClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class GenCNP(L.LightningModule):
+class GenCNP(VerifiedLoading, L.LightningModule):
     """GEN-CNP: a generator predicting each input's pathway in the frozen target, in one pass.
 
     ``L = kd + lambda_sp(t) * sparsity + lambda_swap * swap + lambda_zero * zero + lambda_cls * cls + lambda_con * con``
@@ -241,6 +251,10 @@ class GenCNP(L.LightningModule):
                                      ("swap_partner", swap_partner, ("roll", "hard"))):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
+        # Types and ranges of every setting (gencnp.settings.RULES); the target's shape settings may be unset here
+        # (read from the spec the target checkpoint records) and are checked once resolved.
+        spec_keys = ("target", "num_classes", "in_chans", "image_size")
+        check_settings(self, {k: v for k, v in locals().items() if not (k in spec_keys and v is None)})
         self.null_eval = NL.check_families(DEFAULT_NULL_FAMILIES if null_families is None else null_families, "null_families")
         self.null_train = NL.check_families(null_train, "null_train")
         if lambda_null > 0 and not self.null_train:
@@ -256,6 +270,7 @@ class GenCNP(L.LightningModule):
         target, num_classes, in_chans, image_size = spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"]
         self.hparams.update(target=target, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                             target_kwargs=spec["kwargs"], target_spec=spec)  # fmt: skip
+        check_settings(self, {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size})
         self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target,
                                    channels_last=channels_last)  # fmt: skip
         if not loaded:  # built from the recorded spec; the weights come with the GEN-CNP checkpoint (load_state_dict)
@@ -320,13 +335,16 @@ class GenCNP(L.LightningModule):
             "target_checkpoint": str(self.hparams.target_checkpoint), "target_hash": self.target.tensor_hash(),
             "taps": self.target.tap_names, "tap_channels": self.target.tap_channels,
         }  # fmt: skip
+        _record_classes(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
 
     def check_checkpoint(self, checkpoint: dict, source: str = "this checkpoint") -> None:
         """Raise ``ValueError`` unless ``checkpoint`` is an intact GenCNP checkpoint for this target and taps."""
-        verify_state_hash(checkpoint, source)
+        # Weights only: the file's hyper-parameters were checked when it was read (read_checkpoint, VerifiedLoading);
+        # here they may already hold load_from_checkpoint's keyword overrides.
+        verify_state_hash(checkpoint, source, settings=False)
         meta = checkpoint.get("gencnp")
         if not isinstance(meta, dict):
             raise ValueError(

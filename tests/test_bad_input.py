@@ -31,6 +31,7 @@ from conftest import QUIET, ROOT, cli
 
 from gencnp import losses as LS
 from gencnp.banks import PathwayBank
+from gencnp.checkpointing import seal
 from gencnp.data import SyntheticDataModule
 
 GENCNP, TARGET = str(ROOT / "configs/synthetic/gencnp.yaml"), str(ROOT / "configs/synthetic/target.yaml")
@@ -231,7 +232,7 @@ def test_generator_checkpoint_for_another_target(out, synthetic_runs, other_targ
     shutil.copy(synthetic_runs["target"], target)
     ckpt = torch.load(out / "best.ckpt", map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["target_checkpoint"] = str(target)
-    torch.save(ckpt, tmp_path / "generator.ckpt")
+    torch.save(seal(ckpt), tmp_path / "generator.ckpt")  # an edit made on purpose, sealed again
     shutil.copy(other_target, target)
     refused(out, ValueError, rf"generator checkpoint was trained for target 'tiny_cnn' from '.*' \(tensor hash \w+\), "
             rf"but the configured target \('tiny_cnn' from '{target}'\) has hash \w+; {fix}",
@@ -246,7 +247,7 @@ def test_generator_checkpoint_for_another_target(out, synthetic_runs, other_targ
     # A checkpoint without the class it was written by (a bare torch.save of a Lightning checkpoint): GenCNP checks.
     ckpt = torch.load(synthetic_runs["target"], map_location="cpu", weights_only=True)
     ckpt.pop("hyper_parameters")
-    torch.save(ckpt, tmp_path / "bare_target.ckpt")
+    torch.save(seal(ckpt), tmp_path / "bare_target.ckpt")
     refused(out, ValueError, r"has no 'gencnp' section: it is not a GenCNP generator checkpoint \(a target checkpoint "
             r"goes to target_checkpoint, not --ckpt_path\)",
             *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "bare_target.ckpt")))  # fmt: skip
@@ -275,8 +276,9 @@ def damaged_checkpoint(good: Path, how: str) -> bytes:
     if how == "altered_weights":  # edited and re-saved by hand: the recorded integrity hash no longer holds
         key = next(k for k in ckpt["state_dict"] if k.startswith("generator."))
         ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
-    elif how == "wrong_version":
+    elif how == "wrong_version":  # written by another gencnp version: intact, with its own hashes
         ckpt["gencnp"]["format_version"] = 99
+        seal(ckpt)
     import io
 
     buffer = io.BytesIO()
@@ -375,7 +377,8 @@ def test_bank_for_another_target_or_class_list(out, report_inputs, tmp_path):
     from gencnp.targets import FrozenTarget, create_target
 
     torch.manual_seed(1)
-    other = FrozenTarget(create_target("tiny_cnn", num_classes=4), report_inputs["target"].tap_names, (1, 16, 16))
+    other = FrozenTarget(create_target("tiny_cnn", num_classes=4), report_inputs["target"].tap_names, (1, 16, 16),
+                         arch="tiny_cnn")  # same architecture, other weights
     path = report_inputs["bank_for"](other, NAMES).save(tmp_path / "other_target.safetensors")
     report_refuses(out, report_inputs, path, r"does not fit the given target: target tensor hash: .*"
                    r"load the target checkpoint the bank was exported .*re-export the bank")  # fmt: skip

@@ -13,6 +13,7 @@ from jsonargparse import ArgumentParser
 from gencnp import GenCNP, SyntheticDataModule
 from gencnp.banks import PathwayBank
 from gencnp.baselines import tap_counts, topk_per_tap
+from gencnp.checkpointing import seal
 from gencnp.metrics import KEYS
 from gencnp.report import CI_KEYS, paired_bootstrap, report
 
@@ -91,7 +92,7 @@ def sparse_run(synthetic_runs, tmp_path_factory) -> dict[str, Path]:
     for key in [k for k in ckpt["state_dict"] if k.startswith("generator.rpd.heads.")]:
         t = ckpt["state_dict"][key]
         ckpt["state_dict"][key] = 1.5 * torch.randn(t.shape, generator=g) if key.endswith("bias") else 4 * t
-    ckpt.pop("gencnp_state_hash", None)  # deliberately edited weights: the save-time integrity hash no longer holds
+    seal(ckpt)  # deliberately edited weights: record the integrity hashes of the edited checkpoint
     gen = out / "sparse.ckpt"
     torch.save(ckpt, gen)
     model = GenCNP.load_from_checkpoint(gen)

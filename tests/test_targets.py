@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gencnp.checkpointing import seal
 from gencnp.targets import FrozenTarget, create_target, list_targets, load_weights, register_target, tensor_hash
 
 
@@ -87,7 +88,7 @@ def test_checkpoint_formats_round_trip(tmp_path):
     src = create_target("tiny_cnn")
     state = src.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tmp_path / "w.ckpt")
+    torch.save(seal({"state_dict": {f"model.{k}": v for k, v in state.items()}}), tmp_path / "w.ckpt")
     for name in ("w.safetensors", "w.ckpt"):
         dst = create_target("tiny_cnn")
         load_weights(dst, tmp_path / name)

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gencnp.banks import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, check_writable, choose_tau
 from gencnp.metrics import per_sample
+from gencnp.settings import check_settings
 from gencnp.targets import FrozenTarget
 
 __all__ = ["PathwayBankWriter"]
@@ -80,6 +81,7 @@ class PathwayBankWriter(L.Callback):
             raise ValueError(f"val_batches must be >= 1 or None (all), got {val_batches}.")
         if not str(path).endswith(".safetensors"):
             raise ValueError(f"bank path '{path}' must end with '.safetensors' (the bank is one safetensors file).")
+        check_settings(self, {**locals(), "taus": taus})  # types and ranges (gencnp.settings.RULES)
         self.path = str(path)
         self.taus = sorted({float(t) for t in taus})
         self.min_agreement = float(min_agreement)
