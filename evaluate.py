@@ -3,12 +3,9 @@
 - ``report``: GEN-CNP, transferred class pathways and the baselines on the test split (``gencnp.report``).
 - ``inspect``: a bank's metadata, per-class summary and heatmap, without model or data (``gencnp.banks``).
 - ``diffusion``: pixel diffusion pathways (``gencnp.diffusion``).
-<<<<<<< HEAD
 - ``lookup``: GEN-CNP's score ranking against the class lookup at shares of its counts, on validation
   (``gencnp.lookup``).
-=======
 - ``taps``: a model's candidate taps with channels, and what ``taps: auto`` picks (``gencnp.taps.list_taps``).
->>>>>>> issue14
 """
 
 from jsonargparse import CLI
@@ -22,10 +19,7 @@ from gencnp.report import report
 from gencnp.taps import list_taps
 
 if __name__ == "__main__":
-<<<<<<< HEAD
-    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "lookup": lookup_frontier}, as_positional=False,
-=======
     importable_cwd()  # targets given by class path resolve from the working directory
-    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "taps": list_taps}, as_positional=False,
->>>>>>> issue14
+    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "lookup": lookup_frontier, "taps": list_taps},
+        as_positional=False,
         parser_class=ConfigHintArgumentParser)  # "did you mean" for config keys that do not exist
