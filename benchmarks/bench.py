@@ -1,4 +1,4 @@
-"""Speed benchmarks of gencnp on one target and one batch (issue 6), written to ``benchmarks/results.md``.
+"""Speed benchmarks of gencnp on one target and one batch, written to ``benchmarks/results.md``.
 
 Every figure comes from one run: the same frozen target, the same in-memory batch, the same threads. Each
 measurement is repeated ``--repeats`` times, rounds interleaved (every measurement once per round, in a rotating
@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 DEFAULT_CONFIG = ROOT / "configs/fashion_mnist/gencnp.yaml"
 DEFAULT_OUT = ROOT / "benchmarks/results.md"
 
-# Must-show figures (issue 6): (row key, comparison, bound, what it says).
+# Must-show figures: (row key, comparison, bound, what it says).
 TARGETS = {
     "explain_ratio": ("<=", 2.5, "GEN-CNP explanation <= 2.5 x t_fwd"),
     "train_kd_sparsity_ratio": ("<=", 1.5, "training step (kd + sparsity) <= 1.5 x t_floor"),
@@ -325,7 +325,7 @@ def write_report(path: Path, rows: list[tuple], info: dict, args: argparse.Names
     lines = [
         "# gencnp benchmarks",
         "",
-        f"Written by `benchmarks/bench.py` (issue 6). Command: `{command}`",
+        f"Written by `benchmarks/bench.py`. Command: `{command}`",
         "",
         f"- machine: {info['cpu']}, {info['cores']} cores, torch threads {info['threads']}; load average before the "
         f"run {info['load_before']}, after {info['load']} (1/5/15 min; other processes share the cores)",

@@ -1,4 +1,4 @@
-"""Input attributions through a fixed pathway (DESIGN section 7): pathway gradient and Grad-CAM of ``H(.; m)``.
+"""Input attributions through a fixed pathway (docs/design.md section 7): pathway gradient and Grad-CAM of ``H(.; m)``.
 
 Both run on the shared masking backend (``FrozenTarget.forward(x, masks=..., fill=...)``), are batched, and
 accept pathways as per-tap masks ``[B, C_l]``, a flat ``[B, D]`` pathway, or ``None`` (the unmasked target).

@@ -1,4 +1,4 @@
-"""Pathway banks (DESIGN section 6): per-class selection frequencies of channels, saved as one safetensors file.
+"""Pathway banks (docs/design.md section 6): per-class selection frequencies of channels, saved as one safetensors file.
 
 A bank holds, for every class ``c`` of a frozen target, how many of its samples kept each of the ``D`` tap
 channels in their pathway (``counts [K, D]``) and how many samples it saw (``n [K]``). The selection frequency

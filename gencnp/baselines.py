@@ -1,6 +1,6 @@
 """Baseline pathway methods on the shared masking backend ``FrozenTarget.forward(x, masks=..., fill=...)``.
 
-DESIGN section 7. Every function is batched (no per-sample Python loop); loops run over taps or optimisation
+docs/design.md section 7. Every function is batched (no per-sample Python loop); loops run over taps or optimisation
 steps only. Pathways are boolean ``[B, D]`` in tap order (``D = sum(tap_channels)``).
 
 | name | source | pathway |

@@ -1,5 +1,5 @@
 """Pixel diffusion pathways (Lyu, Pang, Wang, "Understanding the Role of Pathways in a Deep Neural Network",
-Neural Networks 2024, arXiv 2402.18132; DESIGN section 9). Plain PyTorch: no Lightning at import time.
+Neural Networks 2024, arXiv 2402.18132; docs/design.md section 9). Plain PyTorch: no Lightning at import time.
 
 Method (every step is a [decision] of gencnp; the paper's own algorithm uses rotated diffusion kernels on VGG-16):
 
@@ -1130,7 +1130,7 @@ def diffusion(
     out_dir: str = "runs/fashion_mnist/eval",
     progress: bool = True,
 ) -> dict:
-    """Pixel diffusion pathways of a frozen CNN (DESIGN section 9; method in this module's docstring).
+    """Pixel diffusion pathways of a frozen CNN (docs/design.md section 9; method in this module's docstring).
 
     Writes ``diffusion.json``, ``diffusion.md`` and ``diffusion_*.png`` into ``out_dir``.
 

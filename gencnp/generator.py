@@ -1,6 +1,6 @@
 """The pathway generator of GEN-CNP (Lin et al., arXiv 2309.09887): RFE, PDN, RPD and DAQ.
 
-Module roles follow the paper; their internals are gencnp's reconstruction (DESIGN section 5). No Lightning
+Module roles follow the paper; their internals are gencnp's reconstruction (docs/design.md section 5). No Lightning
 import here: the generator is a plain ``nn.Module`` that maps tap features to per-tap channel masks.
 """
 

@@ -1,4 +1,4 @@
-"""GEN-CNP losses as pure functions (DESIGN section 5). Shapes: ``B`` batch, ``K`` classes, ``D`` channels.
+"""GEN-CNP losses as pure functions (docs/design.md section 5). Shapes: ``B`` batch, ``K`` classes, ``D`` channels.
 
 All terms are computed in float32 (float64 inputs stay float64), whatever the autocast dtype.
 """

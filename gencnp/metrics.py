@@ -1,4 +1,4 @@
-"""Pathway metrics (DESIGN section 8): pure per-sample functions plus one torchmetrics ``Metric``.
+"""Pathway metrics (docs/design.md section 8): pure per-sample functions plus one torchmetrics ``Metric``.
 
 ``c = y_hat(x)``, ``Y = p_c``, ``O = p^m_c``, computed from float64 log-probabilities. Per-sample values are
 kept as ``cat`` states and reduced order-independently, so results are exact across processes.
@@ -142,7 +142,7 @@ def _mean(x: torch.Tensor) -> float:
 
 def summarize(values: dict[str, torch.Tensor], pathways: torch.Tensor, classes: torch.Tensor,
               tap_names: Sequence[str] | None = None, tap_channels: Sequence[int] | None = None) -> dict[str, float]:  # fmt: skip
-    """The keys of DESIGN section 8 from per-sample values (see ``per_sample``) and the pathways."""
+    """The keys of docs/design.md section 8 from per-sample values (see ``per_sample``) and the pathways."""
     kept = values["kept"]
     out = {
         "n": int(len(kept)),
@@ -175,7 +175,7 @@ def summarize(values: dict[str, torch.Tensor], pathways: torch.Tensor, classes: 
 
 
 class PathwayMetrics(Metric):
-    """Every key of DESIGN section 8 for one method, exact across processes (per-sample ``cat`` states).
+    """Every key of docs/design.md section 8 for one method, exact across processes (per-sample ``cat`` states).
 
     ``update`` takes the arguments of ``per_sample``; ``compute`` returns a dict of floats (``summarize``).
     ``null_families`` names the null-input families whose ``null_forcing/<family>`` and ``null_chance/<family>``

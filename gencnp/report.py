@@ -5,7 +5,7 @@
 - ``report.json``: ``provenance``, ``methods`` (every method at GEN-CNP's per-sample and per-tap kept counts),
   ``methods_native`` (each baseline at its own setting), ``transfer`` (class pathways ``M_c`` of the bank) and
   ``subset`` (every method again on one seeded common subset). Every entry holds ``n``, ``images``,
-  ``seconds_per_image`` and all keys of DESIGN section 8 (unprefixed, ``kept/<tap>`` included); comparisons
+  ``seconds_per_image`` and all keys of docs/design.md section 8 (unprefixed, ``kept/<tap>`` included); comparisons
   carry paired bootstrap 95% intervals of the difference to GEN-CNP on the same images (``vs_gencnp``).
 - ``report.md``: tables, provenance, intervals and one sentence per comparison saying who wins.
 - figures: ``agreement_vs_kept.png``, ``kept_hist.png``, ``bank_heatmap.png``, ``attribution_grid.png``.
@@ -966,7 +966,7 @@ def _markdown(r: dict) -> str:
     }  # fmt: skip
     for k, f in r["figures"].items():
         L += [f"### {k}", "", captions.get(k, ""), "", f"![{k}]({f})", ""]
-    L += ["## Metric keys", "", "Keys of DESIGN section 8: agreement (masked argmax = class source), masked_accuracy, mDC "
+    L += ["## Metric keys", "", "Keys of docs/design.md section 8: agreement (masked argmax = class source), masked_accuracy, mDC "
           "(100·mean max(0, Y−O)/Y), mIC, kept_mean/std, kept_class_std, acIOU / between_class_iou (pathway Jaccard within / "
           "between classes), necessity (agreement of the complement), swap_forcing (another class's probe image through the "
           "pathway gives the pathway's class), zero_forcing (all-zero image through the pathway gives its class), "

@@ -172,7 +172,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     """GEN-CNP: a generator predicting each input's pathway in the frozen target, in one pass.
 
     ``L = kd + lambda_sp(t) * sparsity + lambda_swap * swap + lambda_zero * zero + lambda_cls * cls + lambda_con * con``
-    (DESIGN section 5). ``zero`` is gencnp's addition: the all-zero image through a pathway must not give its
+    (docs/design.md section 5). ``zero`` is gencnp's addition: the all-zero image through a pathway must not give its
     class (the ``zero_forcing`` control as a loss; 0 disables it).
 
     Args:

@@ -68,7 +68,7 @@ class ConvBlockNet(nn.Module):
 
 @register_target("fmnist_cnn")
 def fmnist_cnn(num_classes: int = 10, in_chans: int = 1, pretrained: bool = False) -> nn.Module:
-    """Default target (DESIGN section 4): 32-64-64-128 channels, pools after blocks 1 and 3; D = 288."""
+    """Default target (docs/design.md section 4): 32-64-64-128 channels, pools after blocks 1 and 3; D = 288."""
     _no_pretrained("fmnist_cnn", pretrained)
     return ConvBlockNet((32, 64, 64, 128), (0, 2), num_classes, in_chans)
 

@@ -1,4 +1,4 @@
-"""The bad-input matrix of issue 7: every item fails with one message that names the problem and the fix, leaves
+"""The bad-input matrix: every item fails with one message that names the problem and the fix, leaves
 every file that existed before byte-for-byte unchanged, and writes nothing (no folder, no partial file).
 
 Each case runs the real entry point (``train.py`` through ``gencnp.cli.main``, or ``gencnp.report.report`` for

@@ -1,4 +1,4 @@
-"""Pathway banks (DESIGN section 6): accumulation, the file format, its validation, transfer and the writers."""
+"""Pathway banks (docs/design.md section 6): accumulation, the file format, its validation, transfer and the writers."""
 
 from __future__ import annotations
 

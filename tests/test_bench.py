@@ -1,4 +1,4 @@
-"""The benchmark script (issue 6) runs end to end in a tiny configuration, so it cannot rot. Nothing is timed here."""
+"""The benchmark script runs end to end in a tiny configuration, so it cannot rot. Nothing is timed here."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Two processes on CPU (``strategy: ddp``, gloo) give what one process gives: training with zero-weight losses,
-validation/test metrics and the bank export, on odd sample counts (DESIGN sections 6 and 8).
+validation/test metrics and the bank export, on odd sample counts (docs/design.md sections 6 and 8).
 
 One DDP launch runs every command (``python tests/test_ddp.py SPEC.json``: this file is also the script that
 Lightning's launcher starts again for rank 1); the single-process references run in the test process.

@@ -1,4 +1,4 @@
-"""Speed paths (issue 6) against the slow paths they replace: same numbers, same hooks, same errors."""
+"""Speed paths against the slow paths they replace: same numbers, same hooks, same errors."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_relu_mean_max_pooling_equals_autograd_of_the_plain_ops():
 
 # ----- acIOU -----
 def slow_class_iou(p: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:
-    """Loops over pairs in float64: the definition of DESIGN section 8."""
+    """Loops over pairs in float64: the definition of docs/design.md section 8."""
 
     def j(u, v):
         inter, union = float((u & v).sum()), float((u | v).sum())

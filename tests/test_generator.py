@@ -7,7 +7,7 @@ from gencnp.generator import PathwayGenerator, daq, straight_through
 
 
 def _daq_reference(a: torch.Tensor, sigma: float = 2.0, t0: float = 2.0) -> torch.Tensor:
-    """Slow float64 soft-argmax of DESIGN section 5, element by element."""
+    """Slow float64 soft-argmax of docs/design.md section 5, element by element."""
     out = torch.empty_like(a)
     off = 1 / (math.exp(t0) - 1)
     levels = torch.tensor([-off, 1 + off], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Hardening (issue 15): integrity that cannot be stripped, settings checked at construction, class lists compared
+"""Hardening: integrity that cannot be stripped, settings checked at construction, class lists compared
 between splits and against checkpoints and banks, image files checked before training, the pipeline's preflight of
 every stage, and the small ones (stamp mode, per-run logs, a bank's target architecture).
 

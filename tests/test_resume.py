@@ -1,4 +1,4 @@
-"""Crash and resume, and determinism (issue 7): ``python train.py fit`` killed with SIGKILL mid-epoch and rerun with
+"""Crash and resume, and determinism: ``python train.py fit`` killed with SIGKILL mid-epoch and rerun with
 ``--ckpt_path last`` ends with exactly the weights, optimiser state and bank of an uninterrupted run; two seeded
 runs of the same config are bitwise equal.
 

@@ -1,4 +1,4 @@
-"""``PathwayBankWriter``: export a pathway bank from ``trainer.predict`` of a ``GenCNP`` model (DESIGN section 6).
+"""``PathwayBankWriter``: export a pathway bank from ``trainer.predict`` of a ``GenCNP`` model (docs/design.md section 6).
 
 The callback only observes: it feeds each predicted batch to a ``gencnp.banks.PathwayBank``, sums the counts
 across processes, measures transferred class pathways on the **validation** split for a grid of ``tau`` values

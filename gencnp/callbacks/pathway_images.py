@@ -1,7 +1,7 @@
 """``PathwayImageLogger``: pathway pictures during training and validation, sent to whichever logger is active.
 
 Every ``every_n_val``-th validation run (the first included; every ``trainer.validate`` call) the callback
-explains up to ``max_samples`` validation images with the model's own ``explain`` and ``controls`` (DESIGN
+explains up to ``max_samples`` validation images with the model's own ``explain`` and ``controls`` (docs/design.md
 sections 5 and 8), and logs:
 
 - ``pathway_frequency``: per tap, a class-by-channel heatmap of how often each channel is in the pathway;
