@@ -171,7 +171,9 @@ class TargetClassifier(VerifiedLoading, L.LightningModule):
 class GenCNP(VerifiedLoading, L.LightningModule):
     """GEN-CNP: a generator predicting each input's pathway in the frozen target, in one pass.
 
-    ``L = kd + lambda_sp(t) * sparsity + lambda_swap * swap + lambda_zero * zero + lambda_cls * cls + lambda_con * con``
+    ``L = kd + lambda_sp(t) sparsity + lambda_swap swap + lambda_zero zero + lambda_null null + lambda_cls cls
+    + lambda_con con (+ lambda_lookup lookup + lambda_nested nested)``. The defaults are the recommended
+    configuration (``configs/fashion_mnist/gencnp.yaml``, chosen on the validation split).
     (docs/design.md section 5). ``zero`` is gencnp's addition: the all-zero image through a pathway must not give its
     class (the ``zero_forcing`` control as a loss; 0 disables it).
 
@@ -230,18 +232,19 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     def __init__(self, target: str | dict | None = None, target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
                  num_classes: int | None = None, in_chans: int | None = None, image_size: int | None = None, taps: str | list[str] = "auto",
                  shallow_taps: int | list[str] | None = None, d: int = 64, groups: int = 8, init_score: float = 0.9,
-                 binarizer: str = "daq", ablation: str = "zero", ablation_batches: int = 20, class_source: str = "pred",
-                 lambda_sp: float = 1.0, lambda_swap: float = 1.0, lambda_zero: float = 0.0, lambda_cls: float = 1.0,
-                 lambda_con: float = 0.1, temperature: float = 4.0, kappa: float = 0.9,
-                 sparsity_ramp_epochs: float = 1.0, tap_weights: list[float] | None = None, sparsity_per: str = "tap",
-                 dependence_gate: float | None = None,
-                 proto_momentum: float = 0.9, swap_probes_per_class: int = 4, swap_partner: str = "roll", lr: float = 1e-3,
+                 binarizer: str = "daq", ablation: str = "mean", ablation_batches: int = 20, class_source: str = "pred",
+                 lambda_sp: float = 14.0, lambda_swap: float = 6.0, lambda_zero: float = 1.0, lambda_cls: float = 1.0,
+                 lambda_con: float = 0.1, temperature: float = 1.0, kappa: float = 0.7,
+                 sparsity_ramp_epochs: float = 0.25, tap_weights: list[float] | None = None, sparsity_per: str = "channel",
+                 dependence_gate: float | None = 0.15,
+                 proto_momentum: float = 0.9, swap_probes_per_class: int = 4, swap_partner: str = "roll", lr: float = 5e-3,
                  weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = 1.0, w_zero: float = 0.5,
                  w_kept: float = 0.25, target_kwargs: dict | None = None, control_fraction: float = 1.0,
                  channels_last: bool = False, null_families: list[str] | None = None,
-                 null_train: list[str] | None = None, lambda_null: float = 0.0, lambda_lookup: float = 0.0,
-                 lookup_margin: float = 0.0, freq_momentum: float = 0.98, lambda_nested: float = 0.0,
-                 nested_min: float = 0.5, gate_top_margin: float | None = None, class_prior: float = 0.0,
+                 null_train: Sequence[str] | None = ("uniform", "smooth", "constant"), lambda_null: float = 2.0,
+                 lambda_lookup: float = 0.0, lookup_margin: float = 0.0, freq_momentum: float = 0.98,
+                 lambda_nested: float = 0.0, nested_min: float = 0.5, gate_top_margin: float | None = None,
+                 class_prior: float = 4.0,
                  embed_target: bool = True, target_spec: dict | None = None):  # fmt: skip
         super().__init__()
         if not 0 < control_fraction <= 1:

@@ -104,7 +104,7 @@ def test_gencnp_step_and_explain_equal_the_paths_without_reuse(ablation):
     for reuse in (True, False):
         torch.manual_seed(0)
         model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, ablation=ablation,
-                       lambda_zero=1.0, dependence_gate=0.5, swap_probes_per_class=1)  # fmt: skip
+                       lambda_zero=1.0, dependence_gate=0.5, swap_probes_per_class=1, lambda_null=0.0, class_prior=0.0)  # fmt: skip
         if ablation == "mean":
             model.compute_fill([(torch.randn(16, 1, 16, 16), None)])
         model.target.hooks.can_skip_first = reuse
@@ -143,7 +143,8 @@ def test_control_fraction_runs_the_controls_on_the_first_part_of_the_batch():
     def loss(x, fraction):
         torch.manual_seed(0)
         model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, lambda_zero=1.0,
-                       dependence_gate=0.5, swap_probes_per_class=1, control_fraction=fraction)  # fmt: skip
+                       dependence_gate=0.5, swap_probes_per_class=1, control_fraction=fraction, ablation="zero",
+                       lambda_null=0.0, class_prior=0.0)  # fmt: skip
         return model.training_step((x, torch.zeros(len(x), dtype=torch.long)), 0)
 
     assert torch.allclose(loss(torch.cat([a, a]), 0.5), loss(a, 1.0), rtol=1e-6, atol=1e-7)
@@ -211,7 +212,7 @@ def test_channels_last_target_and_training_step_agree_with_the_default_layout():
     for cl in (False, True):
         torch.manual_seed(0)
         model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, lambda_zero=1.0,
-                       swap_probes_per_class=1, channels_last=cl)  # fmt: skip
+                       swap_probes_per_class=1, channels_last=cl, ablation="zero", lambda_null=0.0, class_prior=0.0)  # fmt: skip
         loss = model.training_step((x, y), 0)
         loss.backward()
         out.append((loss.detach(), model.generator.rpd.heads[0].bias.grad.clone(), model.explain(x)))

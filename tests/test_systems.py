@@ -8,6 +8,9 @@ from conftest import QUIET, ROOT, cli
 from gencnp import GenCNP
 from gencnp.targets import channel_toy_batch, load_target, tensor_hash
 
+# A GEN-CNP built without data: zero ablation, no null inputs, no class prior (they need the data's statistics).
+NO_DATA = {"ablation": "zero", "lambda_null": 0.0, "class_prior": 0.0}
+
 
 def test_target_classifier_fast_dev_run(tmp_path):
     cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET, "--trainer.fast_dev_run", "2",
@@ -74,7 +77,8 @@ def test_explain_returns_masks_kept_and_prediction(synthetic_runs):
 
 
 def test_masks_get_gradients_through_the_frozen_target():
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=1)
+    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=1,
+                   **NO_DATA)
     x = torch.randn(16, 1, 16, 16)
     loss = model.training_step((x, torch.randint(0, 4, (16,))), 0)
     loss.backward()
@@ -88,7 +92,8 @@ def test_toy_target_pathways_find_the_deciding_channel():
     torch.manual_seed(0)
     k = 4
     model = GenCNP(target="channel_toy", target_checkpoint=None, num_classes=k, in_chans=k, image_size=4, d=16,
-                   lambda_sp=1.0, lambda_swap=1.0, lambda_con=0.0, sparsity_ramp_epochs=0.0, swap_probes_per_class=1)
+                   lambda_sp=1.0, lambda_swap=1.0, lambda_con=0.0, sparsity_ramp_epochs=0.0, swap_probes_per_class=1,
+                   temperature=4.0, kappa=0.9, sparsity_per="tap", dependence_gate=None, lambda_zero=0.0, **NO_DATA)
     opt = torch.optim.Adam(model.generator.parameters(), lr=5e-3)
     for step in range(200):
         x, y = channel_toy_batch(64, k, size=4, seed=step)
@@ -131,7 +136,7 @@ def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
 
 def test_null_settings_are_checked():
     with pytest.raises(ValueError, match="null_train is empty"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, lambda_null=1.0)
+        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, lambda_null=1.0, null_train=[])
     with pytest.raises(ValueError, match="unknown null families"):
         GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, null_families=["pink"])
     with pytest.raises(ValueError, match="nested_min"):
@@ -140,7 +145,8 @@ def test_null_settings_are_checked():
 
 def test_class_prior_shifts_score_logits_by_the_class_frequencies():
     torch.manual_seed(0)
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, class_prior=4.0).eval()
+    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, class_prior=4.0,
+                   ablation="zero").eval()
     x = torch.randn(3, 1, 16, 16)
     assert model.prior(torch.tensor([0, 1, 2])) is None  # no class frequencies learnt yet
     model.class_freq.copy_(torch.rand(model.class_freq.shape))
