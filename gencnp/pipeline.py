@@ -428,7 +428,9 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
     spec = load_pipeline(config)
     stages: list[Stage] = spec["stages"]
     workdir = Path(workdir).resolve()
-    if not workdir.is_dir():
+    from gencnp.preflight import _exists
+
+    if not (_exists(workdir) and workdir.is_dir()):  # _exists: a name too long to stat is reported below
         from gencnp.preflight import check_writable_dir
 
         try:

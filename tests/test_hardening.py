@@ -335,6 +335,8 @@ def test_pipeline_read_only_workdir_exits_2(tmp_path, monkeypatch, capsys):
     blocker.write_text("")
     assert P.main(["--config", str(pipe), "--workdir", str(blocker / "work")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert P.main(["--config", str(pipe), "--workdir", str(tmp_path / ("w" * 300))]) == 2
+    assert "a component of 300 bytes, longer than the filesystem's limit" in capsys.readouterr().err
 
 
 def test_pipeline_input_no_stage_produces_is_refused_before_the_first_stage(tmp_path, capsys):
