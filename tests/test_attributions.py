@@ -11,8 +11,19 @@ import yaml
 from conftest import ROOT
 
 from gencnp.attributions import (
-    ATTRIBUTION_METHODS, AttributionModel, attribute, auc, bootstrap, cascade_layers, deletion_insertion, normalise,
-    pointing_game, randomised, relevance_mass, spearman, ssim,
+    ATTRIBUTION_METHODS,
+    AttributionModel,
+    attribute,
+    auc,
+    bootstrap,
+    cascade_layers,
+    deletion_insertion,
+    normalise,
+    pointing_game,
+    randomised,
+    relevance_mass,
+    spearman,
+    ssim,
 )  # fmt: skip
 from gencnp.targets import FrozenTarget, channel_toy_batch, create_target
 

@@ -222,6 +222,10 @@ def test_pipeline_outputs_match_the_stage_configs(name):
     assert out["bank"].outputs == [bank_path] == [r["bank"]]
     assert out["report"].outputs[0] == f"{r['out_dir']}/report.json" == spec["report"]
     assert set(out["report"].inputs) == {ckpt(t), ckpt(g), bank_path}
+    if "attribution" in cfg:  # optional stage (synthetic: on; Fashion-MNIST: commented out)
+        a = cfg["attribution"]
+        assert out["attribution"].outputs[0] == f"{a['out_dir']}/attribution.json" and a["generator"] == ckpt(g)
+        assert set(out["attribution"].inputs) == {ckpt(t), ckpt(g), bank_path} and a["bank"] == bank_path
 
 
 def test_a_failing_stage_stops_the_run_with_its_exit_code_and_leaves_no_stamp(tmp_path, capsys):
