@@ -88,11 +88,16 @@ def _reduce_colour(a: torch.Tensor) -> torch.Tensor:
     return a.gather(1, idx)[:, 0]
 
 
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy that requires grad (call inside ``grad_enabled``; Captum then does not warn)."""
+    return plain(x).requires_grad_(True)
+
+
 def _saliency(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, abs_: bool) -> torch.Tensor:
     from captum.attr import Saliency
 
     with grad_enabled():
-        return Saliency(forward).attribute(plain(x), target=y, abs=abs_).detach()
+        return Saliency(forward).attribute(_leaf(x), target=y, abs=abs_).detach()
 
 
 def _gradient(am: AttributionModel, x, y):
@@ -107,7 +112,7 @@ def _integrated_gradients(am: AttributionModel, x, y):
     from captum.attr import IntegratedGradients
 
     with grad_enabled():
-        a = IntegratedGradients(am.target).attribute(plain(x), baselines=0.0, target=y, n_steps=am.ig_steps,
+        a = IntegratedGradients(am.target).attribute(_leaf(x), baselines=0.0, target=y, n_steps=am.ig_steps,
                                                      internal_batch_size=am.ig_internal_batch)  # fmt: skip
     return _reduce_colour(a.detach())
 
@@ -124,7 +129,7 @@ def _grad_cam(am: AttributionModel, x, y):
     from captum.attr import LayerAttribution, LayerGradCam
 
     with grad_enabled():
-        cam = LayerGradCam(target, target.model.get_submodule(last)).attribute(plain(x), target=y, relu_attributions=True)
+        cam = LayerGradCam(target, target.model.get_submodule(last)).attribute(_leaf(x), target=y, relu_attributions=True)
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
 
