@@ -6,10 +6,12 @@
 - ``lookup``: GEN-CNP's score ranking against the class lookup at shares of its counts, on validation
   (``gencnp.lookup``).
 - ``taps``: a model's candidate taps with channels, and what ``taps: auto`` picks (``gencnp.taps.list_taps``).
+- ``attribution``: input attributions against ground truth, sanity checks and deletion curves (``gencnp.attributions``).
 """
 
 from jsonargparse import CLI
 
+from gencnp.attributions.evaluate import attribution
 from gencnp.banks import inspect_bank
 from gencnp.cli import importable_cwd
 from gencnp.diffusion import diffusion
@@ -20,6 +22,6 @@ from gencnp.taps import list_taps
 
 if __name__ == "__main__":
     importable_cwd()  # targets given by class path resolve from the working directory
-    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "lookup": lookup_frontier, "taps": list_taps},
-        as_positional=False,
+    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "lookup": lookup_frontier, "taps": list_taps,
+         "attribution": attribution}, as_positional=False,
         parser_class=ConfigHintArgumentParser)  # "did you mean" for config keys that do not exist

@@ -29,8 +29,9 @@ def _fit(out: Path, *extra: str):
 
 
 def _validate(out: Path, *extra: str):
+    # Zero ablation: an untrained model under `validate` has no mean-ablation fill (that is computed at fit start).
     return cli("validate", "--config", GENCNP, *QUIET, "--model.init_args.target_checkpoint", "null",
-               "--trainer.limit_val_batches", "2", "--trainer.logger.init_args.save_dir", str(out), *extra)  # fmt: skip
+               "--model.init_args.ablation", "zero", "--trainer.limit_val_batches", "2", "--trainer.logger.init_args.save_dir", str(out), *extra)  # fmt: skip
 
 
 def _image_logger(run) -> PathwayImageLogger:
@@ -191,7 +192,7 @@ def test_wandb_offline_run_gets_pictures_metrics_and_config_in_fit_and_validate(
     assert len(frequency) == 1 and (run / "files" / frequency[0]).is_file()
     assert history["pathway_per_class/_type"] == ["table-file"]
     # Hyper-parameters (Lightning) and the resolved config (ConfigSaver) are the run's config.
-    assert config["lambda_sp"] == 1.0
+    assert config["lambda_sp"] == yaml.safe_load(Path(GENCNP).read_text())["model"]["init_args"]["lambda_sp"] == 10.0
     resolved = config["config"]
     assert resolved["model"]["class_path"] == "gencnp.GenCNP" and resolved["trainer"]["logger"]["init_args"]["offline"]
     assert yaml.safe_load((run / "files/resolved_config.yaml").read_text()) == resolved

@@ -22,6 +22,8 @@ FAST = {
 
 def _pipeline(tmp_path: Path, name: str = "pipeline.yaml", **changes) -> Path:
     spec = yaml.safe_load((ROOT / "configs/synthetic/pipeline.yaml").read_text())
+    # The four core stages (the attribution stage reads their outputs; tests/test_attributions.py covers it).
+    spec["stages"] = [st for st in spec["stages"] if st["name"] != "attribution"]
     for st in spec["stages"]:
         st["args"] = list(st.get("args") or []) + FAST.get(st["name"], [])
         st.update(changes.get(st["name"], {}))
@@ -220,6 +222,10 @@ def test_pipeline_outputs_match_the_stage_configs(name):
     assert out["bank"].outputs == [bank_path] == [r["bank"]]
     assert out["report"].outputs[0] == f"{r['out_dir']}/report.json" == spec["report"]
     assert set(out["report"].inputs) == {ckpt(t), ckpt(g), bank_path}
+    if "attribution" in cfg:  # optional stage (synthetic: on; Fashion-MNIST: commented out)
+        a = cfg["attribution"]
+        assert out["attribution"].outputs[0] == f"{a['out_dir']}/attribution.json" and a["generator"] == ckpt(g)
+        assert set(out["attribution"].inputs) == {ckpt(t), ckpt(g), bank_path} and a["bank"] == bank_path
 
 
 def test_a_failing_stage_stops_the_run_with_its_exit_code_and_leaves_no_stamp(tmp_path, capsys):

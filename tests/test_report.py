@@ -169,7 +169,7 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
     x = torch.stack([dm.split("test")[i][0] for i in range(limit)])
     ex = model.explain(x)
     assert gen["agreement"] == pytest.approx(float((ex["prediction"] == ex["y_hat"]).double().mean()))
-    transfer_agree = (bank.apply(model.target, x, ex["y_hat"]).argmax(1) == ex["y_hat"]).double().mean()
+    transfer_agree = (bank.apply(model.target, x, ex["y_hat"], fill=model.fills()).argmax(1) == ex["y_hat"]).double().mean()
     assert r["transfer"]["agreement"] == pytest.approx(float(transfer_agree))
     assert gen["kept_mean"] == pytest.approx(float(ex["kept"].double().mean()))
     # The class lookup: the bank's f_c ranking of the predicted class at GEN-CNP's own per-tap counts.
