@@ -11,13 +11,14 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gencnp import losses as LS
 from gencnp import nulls as NL
 from gencnp.baselines import tap_counts, topk_per_tap
-from gencnp.checkpointing import VerifiedLoading, state_hash, verify_state_hash
+from gencnp.checkpointing import VerifiedLoading, seal, state_hash, verify_state_hash
 from gencnp.generator import PathwayGenerator
 from gencnp.metrics import PathwayMetrics
 from gencnp.settings import check_settings
@@ -133,6 +134,7 @@ class TargetClassifier(VerifiedLoading, L.LightningModule):
         h = self.hparams  # how to rebuild the model (GenCNP reads it from target_checkpoint)
         checkpoint[SPEC_KEY] = make_target_spec(h.arch, h.num_classes, h.in_chans, h.image_size, h.model_kwargs)
         _record_classes(self, checkpoint)
+        seal(checkpoint)  # the last hook of any Trainer's save: plain L.Trainer checkpoints are hashed too
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
@@ -339,6 +341,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             "taps": self.target.tap_names, "tap_channels": self.target.tap_channels,
         }  # fmt: skip
         _record_classes(self, checkpoint)
+        seal(checkpoint)  # the last hook of any Trainer's save: plain L.Trainer checkpoints are hashed too
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
@@ -392,6 +395,9 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         if dm is not None and int((self.probe_class >= 0).sum()) == 0:
             self.build_probes(dm.split("train"))
             check_probes(self.probe_class, self.num_classes, getattr(dm, "class_names", None))
+        if dm is not None and stage != "fit" and not bool(self.input_ready) and self.null_eval:
+            # validate/test/predict of a model that never ran fit: null inputs need the data's statistics.
+            self.compute_fill(DataLoader(dm.split("train"), batch_size=128, shuffle=False))
 
     @torch.no_grad()
     def build_probes(self, dataset) -> None:
@@ -432,7 +438,9 @@ class GenCNP(VerifiedLoading, L.LightningModule):
 
     @torch.no_grad()
     def compute_fill(self, loader, batches: int | None = None) -> None:
-        """Mean ablation: the dataset-mean activation of every tap channel over ``batches`` train batches."""
+        """Mean ablation: the dataset-mean activation of every tap channel over ``batches`` train batches; also the
+        per-channel mean and std of the inputs (null inputs are drawn with them). Values already computed (a trained
+        model's) are kept."""
         total, n = torch.zeros_like(self.fill), 0
         c = self.input_mean.shape[0]
         moments = torch.zeros(2 * c, dtype=torch.float64, device=self.fill.device)
@@ -452,8 +460,11 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         if self._trainer is not None and self._trainer.world_size > 1:
             packed = self._trainer.strategy.reduce(packed, reduce_op="sum")
         total, moments, n, pixels = packed[: len(total)], packed[len(total) : -2], float(packed[-2]), float(packed[-1])
-        self.fill.copy_((total / max(n, 1)).to(self.fill.dtype))
-        self.fill_ready.fill_(True)
+        if not bool(self.fill_ready):
+            self.fill.copy_((total / max(n, 1)).to(self.fill.dtype))
+            self.fill_ready.fill_(True)
+        if bool(self.input_ready):
+            return
         mean = moments[:c] / max(pixels, 1)
         var = (moments[c:] / max(pixels, 1) - mean * mean).clamp_min(0)
         self.input_mean.copy_(mean.to(self.input_mean.dtype))

@@ -247,7 +247,7 @@ def test_token_taps_mask_per_embedding_channel_on_every_token(one_thread):
     spec = {"class_path": "torchvision.models.VisionTransformer",
             "init_args": {"image_size": 16, "patch_size": 8, "num_layers": 3, "num_heads": 2, "hidden_dim": 16,
                           "mlp_dim": 32}}  # fmt: skip
-    model = GenCNP(target=spec, target_checkpoint=None, num_classes=4, in_chans=3, image_size=16, d=8)
+    model = GenCNP(target=spec, target_checkpoint=None, num_classes=4, in_chans=3, image_size=16, d=8, ablation="zero")
     names = model.target.tap_names
     assert names == [f"encoder.layers.encoder_layer_{i}" for i in range(3)] and model.target.tap_channels == [16] * 3
     x = torch.randn(3, 3, 16, 16)

@@ -135,7 +135,8 @@ def test_generator_reads_the_randomised_targets_features():
     from gencnp.systems import GenCNP
 
     torch.manual_seed(0)
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, in_chans=1, image_size=16, d=8).eval()
+    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, in_chans=1, image_size=16, d=8,
+                   ablation="zero").eval()
     x = torch.randn(4, 1, 16, 16)
     before = model.explain(x)["scores"]
     with randomised(model.target, cascade_layers(model.target)[1][1]):

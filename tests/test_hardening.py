@@ -39,7 +39,7 @@ SMALL = {"target": "tiny_cnn", "target_checkpoint": None, "num_classes": 4, "ima
         (GenCNP, {"kappa": 5.0}, ValueError, r"kappa=5.0 is out of range: expected a number in \[0, 1\]"),
         (GenCNP, {"temperature": 0.0}, ValueError, r"temperature=0.0 is out of range: expected a number > 0"),
         (GenCNP, {"d": 0}, ValueError, r"d=0 is out of range: expected an integer >= 1"),
-        (GenCNP, {"lr": -1.0}, ValueError, r"lr=-1.0 is out of range.*Set lr to a number > 0, e.g. 0.001"),
+        (GenCNP, {"lr": -1.0}, ValueError, r"lr=-1.0 is out of range.*Set lr to a number > 0, e.g. 0.005"),
         (GenCNP, {"init_score": 7.0}, ValueError, r"init_score=7.0 is out of range: expected a number in \(0, 1\)"),
         (GenCNP, {"lr": "fast"}, TypeError, r"lr='fast' is a str, not a number"),
         (GenCNP, {"d": 2.5}, TypeError, r"d=2.5 is not an integer"),

@@ -57,7 +57,7 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_redoes_itself_and_downstre
     assert 0 <= s["target_accuracy"] <= 1 and 0 <= s["gencnp"]["agreement"] <= 1 and s["transfer"]["tau"] is not None
     assert s["dgr_speed_ratio"] > 0
     assert (
-        set(s["matched"]) == {"random", "neuron_mct", "neuron_intgrad", "dgr"}
+        set(s["matched"]) == {"random", "neuron_mct", "neuron_intgrad", "dgr", "class_lookup"}
         and "agreement_vs_kept.png" in s["figures"]
     )
     assert "baselines at GEN-CNP's kept counts" in text and "figures (.png)       agreement_vs_kept" in text
