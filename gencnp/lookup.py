@@ -85,13 +85,14 @@ def lookup_frontier(
         x = batch[0]
         ex = model.explain(x)
         counts = tap_counts(ex["pathway"], chans)
+        inputs = model.control_inputs(x, ex["y_hat"])
         for i, f in enumerate(fr):
             c = torch.round(counts.double() * f).long()
             own = topk_per_tap(ex["scores"], c, chans)
             look = topk_per_tap(freq[ex["y_hat"]], c, chans)
             hits = [(model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == ex["y_hat"])
                     .double().sum() for p in (own, look)]  # fmt: skip
-            ctrl = [model.controls(x, {"pathway": p, "y_hat": ex["y_hat"]}) for p in (own, look)]
+            ctrl = [model.controls(x, {"pathway": p, "y_hat": ex["y_hat"]}, inputs=inputs) for p in (own, look)]
             swaps = [float(((c["swap_logits"].argmax(1) == ex["y_hat"]) & c["swap_valid"]).double().sum()) for c in ctrl]
             sums[i] += torch.tensor([len(x), float(hits[0]), float(hits[1]), float(own.double().mean(1).sum()), *swaps])
             for fam in model.null_eval:

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -463,14 +464,15 @@ def _report(
         with torch.no_grad():
             return target(x, masks=split_pathway(pathway.to(x.dtype), chans), fill=fills)
 
-    def measure(res: _Results, pos, x, labels, logits, y_hat, pathway, seconds: float, masked=None) -> None:
-        """Masked prediction (timed into ``seconds`` unless given), controls, per-sample metrics."""
+    def measure(res: _Results, pos, x, labels, logits, y_hat, pathway, seconds: float, masked=None, inputs=None) -> None:
+        """Masked prediction (timed into ``seconds`` unless given), controls, per-sample metrics. ``inputs``: the
+        batch's ``model.control_inputs``, shared by every method's pathways of the batch."""
         if masked is None:
             with _Timer(dev) as tm:
                 masked = masked_forward(x, pathway)
             seconds += tm.seconds
         with torch.no_grad():
-            ctrl = model.controls(x, {"pathway": pathway, "y_hat": y_hat}, necessity=True)
+            ctrl = model.controls(x, {"pathway": pathway, "y_hat": y_hat}, necessity=True, inputs=inputs)
         vals = per_sample(logits, masked, y_hat, pathway, labels, **ctrl)
         res.add(pos, vals, pathway, y_hat, seconds)
 
@@ -498,7 +500,8 @@ def _report(
         with _Timer(dev) as tm:
             ex = model.explain(x, labels)
         g_res, masked = res["gencnp", "matched"], ex["masked_logits"]
-        measure(g_res, pos, x, labels, ex["logits"], ex["y_hat"], ex["pathway"], tm.seconds, masked)
+        inputs = model.control_inputs(x, ex["y_hat"])
+        measure(g_res, pos, x, labels, ex["logits"], ex["y_hat"], ex["pathway"], tm.seconds, masked, inputs)
         logits_all.append(ex["logits"].cpu())
         yhat_all.append(ex["y_hat"].cpu())
         labels_all.append(labels.cpu())
@@ -536,19 +539,20 @@ def _report(
         pos = torch.arange(start, start + len(x))
         start += len(x)
         logits, y_hat, counts = logits_all[pos].to(dev), yhat_all[pos].to(dev), counts_all[pos].to(dev)
+        meas = partial(measure, inputs=model.control_inputs(x, y_hat))
         for m in full_methods:
             scores = _run_baseline(
-                m, res, measure, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, {}, dev
+                m, res, meas, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, {}, dev
             )
             if m == "neuron_mct":
                 mct_scores[pos] = scores.float().cpu()
         if bank_obj is not None:
             with _Timer(dev) as tm:
                 p = class_paths[y_hat]
-            measure(res["transfer", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
+            meas(res["transfer", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
             with _Timer(dev) as tm:
                 p = topk_per_tap(class_freq[y_hat], counts, chans)
-            measure(res["class_lookup", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
+            meas(res["class_lookup", "matched"], pos, x, labels, logits, y_hat, p, tm.seconds)
             for f in fractions:  # both rankings at a share of GEN-CNP's own per-sample, per-tap counts
                 c = torch.round(counts.double() * f).long()
                 own = topk_per_tap(scores_all[pos].to(dev), c, chans)
@@ -572,10 +576,11 @@ def _report(
         done += len(x)
         x_sub.append(x.cpu())
         logits, y_hat, counts = logits_all[pos].to(dev), yhat_all[pos].to(dev), counts_all[pos].to(dev)
+        meas = partial(measure, inputs=model.control_inputs(x, y_hat))
         for m in sub_methods:
             opts = {"steps": intgrad_steps} if m == "neuron_intgrad" else dgr_opts
             scores = _run_baseline(
-                m, res, measure, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, opts, dev
+                m, res, meas, target, pos, x, labels, logits, y_hat, counts, keep_fraction, fills, g_rand, opts, dev
             )
             extra_scores[m][rows] = scores.float().cpu()
 

@@ -653,25 +653,37 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----- evaluation -----
-    def controls(self, x: torch.Tensor, ex: dict, necessity: bool = False) -> dict[str, torch.Tensor]:
-        """Input-dependence controls for pathways ``ex['pathway']``: probe swap, zero image, the null families of
-        ``null_families`` (with the unmasked target's logits on them: the chance level), (complement)."""
-        b = x.shape[0]
-        partners, valid = self.partner_images(x, ex["y_hat"])
-        masks = ex["pathway"].float()
+    @torch.no_grad()
+    def control_inputs(self, x: torch.Tensor, y_hat: torch.Tensor) -> dict:
+        """The inputs every pathway of ``x`` is checked on (``controls``): the swap probes, the null families of
+        ``null_eval`` and the unmasked target's logits on those (chance). They depend on ``x`` and ``y_hat`` only, so
+        callers that check several pathways of one batch compute them once and pass them to ``controls``."""
+        partners, valid = self.partner_images(x, y_hat)
         nulls = [self.null_inputs(f, x) for f in self.null_eval]
-        xs, ms = [partners, torch.zeros_like(x), *nulls], [masks] * (2 + len(nulls))
+        chance = torch.split(self.target(torch.cat(nulls)), x.shape[0]) if nulls else []
+        return {"partners": partners, "valid": valid, "nulls": nulls, "chance": list(chance)}
+
+    def controls(self, x: torch.Tensor, ex: dict, necessity: bool = False, inputs: dict | None = None) -> dict:
+        """Input-dependence controls for pathways ``ex['pathway']``: probe swap, zero image, the null families of
+        ``null_eval`` (with the unmasked target's logits on them: the chance level), (complement).
+
+        ``inputs``: ``control_inputs(x, ex['y_hat'])`` when already computed for this batch."""
+        b = x.shape[0]
+        if inputs is None:
+            inputs = self.control_inputs(x, ex["y_hat"])
+        masks = ex["pathway"].float()
+        nulls = inputs["nulls"]
+        xs, ms = [inputs["partners"], torch.zeros_like(x), *nulls], [masks] * (2 + len(nulls))
         if necessity:
             xs.append(x)
             ms.append(1.0 - masks)
         with torch.no_grad():
             logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills())
-            chance = self.target(torch.cat(nulls)) if nulls else None
         chunks = torch.split(logits, b)
-        out = {"swap_logits": chunks[0], "zero_logits": chunks[1], "swap_valid": valid}
+        out = {"swap_logits": chunks[0], "zero_logits": chunks[1], "swap_valid": inputs["valid"]}
         if nulls:
             out["null_logits"] = dict(zip(self.null_eval, chunks[2 : 2 + len(nulls)]))
-            out["null_chance_logits"] = dict(zip(self.null_eval, torch.split(chance, b)))
+            out["null_chance_logits"] = dict(zip(self.null_eval, inputs["chance"]))
         if necessity:
             out["necessity_logits"] = chunks[-1]
         return out

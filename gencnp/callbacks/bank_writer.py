@@ -213,10 +213,11 @@ class PathwayBankWriter(L.Callback):
                 labels = batch[1].to(device) if len(batch) > 1 else None
                 logits = target(x)
                 y_hat = class_of(logits, labels)
+                inputs = pl_module.control_inputs(x, y_hat)
                 for j, tau in first.items():
                     p = pathways[j][y_hat]
                     masked = bank.apply(target, x, y_hat, fill=fills, tau=tau)
-                    ctrl = pl_module.controls(x, {"pathway": p, "y_hat": y_hat})
+                    ctrl = pl_module.controls(x, {"pathway": p, "y_hat": y_hat}, inputs=inputs)
                     v = per_sample(logits, masked, y_hat, p, labels, **ctrl)
                     sums[j] += torch.tensor(
                         [
