@@ -40,12 +40,9 @@ leaves the previous bank intact.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gencnp.fileio import check_writable, write_atomic  # noqa: F401 (the bank format writes through them)
 from gencnp.targets import FrozenTarget
 
 __all__ = [
@@ -85,93 +83,6 @@ def _check_tau(tau: float | None, what: str = "tau") -> float | None:
             "it on the validation split."
         )
     return tau
-
-
-def check_writable(path: str | Path) -> Path:
-    """Fail early, before any work or write, when ``path`` cannot be written; creates its directory if missing.
-
-    Raises:
-        PermissionError: the directory is not writable.
-        FileNotFoundError / NotADirectoryError: the directory cannot be created or is not a directory.
-        IsADirectoryError: ``path`` is a directory.
-    """
-    path = Path(path)
-    directory = path.parent
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"cannot write '{path}': it is a directory; give a file path such as '{path}/bank.safetensors'."
-        )
-    if not directory.exists():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            kind = PermissionError if isinstance(err, PermissionError) else FileNotFoundError
-            raise kind(
-                f"cannot create the directory '{directory}' for '{path.name}' ({err.strerror or err}); nothing was "
-                "written. Create it yourself, fix the parent's permissions, or choose a writable path."
-            ) from err
-    if not directory.is_dir():
-        raise NotADirectoryError(f"cannot write '{path}': '{directory}' is not a directory; choose another path.")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"cannot write '{path}': the directory '{directory}' is not writable; nothing was written. Fix its "
-            "permissions (chmod u+w) or choose another output path."
-        )
-    return path
-
-
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, then ``os.replace``.
-
-    The directory is created when missing. Whatever goes wrong (no permission, full disk, an exception or
-    ``KeyboardInterrupt`` mid-write), an existing file at ``path`` is left as it was and the temporary file is
-    removed.
-
-    Raises:
-        PermissionError: the directory cannot be written (checked before anything is touched).
-        FileNotFoundError / NotADirectoryError: the directory cannot be created or is not a directory.
-        IsADirectoryError: ``path`` is a directory.
-    """
-    path = check_writable(path)
-    directory = path.parent
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as err:
-        kind = PermissionError if isinstance(err, PermissionError) else OSError
-        raise kind(
-            f"cannot write '{path}': creating a temporary file in '{directory}' failed ({err.strerror or err}); "
-            "nothing was written. Fix the directory's permissions or free space, or choose another output path."
-        ) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(
-                err.errno,
-                f"no space left on the device (or quota exceeded) while writing '{path}' ({len(data)} bytes); the "
-                f"previous file is unchanged and no partial file was left. Free space in '{directory}', or choose "
-                "an output folder on another disk",
-                str(path),
-            ) from err
-        raise
-    try:  # make the rename itself durable; not every platform can open a directory
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
 
 
 def _checksum(meta_json: str, counts: np.ndarray, n: np.ndarray) -> str:

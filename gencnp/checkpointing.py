@@ -2,7 +2,7 @@
 
 - ``AtomicCheckpointIO``: a Lightning ``CheckpointIO`` plugin. Saving serialises the checkpoint in memory, writes it
   to a temporary file **in the checkpoint's own directory**, fsyncs and ``os.replace``-s it into place
-  (``gencnp.banks.write_atomic``), so a process killed mid-save (SIGKILL, power loss) leaves the previous
+  (``gencnp.fileio.write_atomic``), so a process killed mid-save (SIGKILL, power loss) leaves the previous
   ``last.ckpt`` intact and never a truncated one. It also records ``gencnp_state_hash``, a sha256 over the
   checkpoint's ``state_dict`` (names, dtypes, shapes, bytes), and ``gencnp_settings_hash``, the same hash over the
   ``state_dict`` together with the settings that rebuild the model (``hyper_parameters``,
@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+from gencnp.fileio import write_atomic
 
 __all__ = [
     "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "seal",
@@ -211,7 +213,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         seal(checkpoint)
         if not _is_local(path):
             return super().save_checkpoint(checkpoint, path)
-        from gencnp.banks import write_atomic  # banks imports targets; keep this module import-light
 
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
@@ -306,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["seal"])
     p.add_argument("files", nargs="+", help="checkpoint files (.ckpt) to seal in place")
     a = p.parse_args(argv)
-    from gencnp.banks import write_atomic
 
     for path in a.files:
         try:

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gencnp.fileio import save_figure, write_atomic
 
 __all__ = [
     "PixelDiffusion", "FrozenPattern", "Window", "UnsupportedModuleError", "SUPPORTED_MODULES", "select_pixels",
@@ -900,34 +900,6 @@ def _auroc(neg: np.ndarray, pos: np.ndarray) -> float:
 PERTURBATIONS = ("noise", "occlusion", "fgsm")
 
 
-def _atomic_write(path: Path, payload: str | bytes) -> None:
-    """Write through a temporary file in the same folder, then rename (readers never see a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload.encode() if isinstance(payload, str) else payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _save_fig(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    _atomic_write(path, buf.getvalue())
-
-
 def _make_data(data: dict | None, data_dir: str | None):
     """A data module from a ``{class_path, init_args}`` dict, or Fashion-MNIST (``data_dir`` or the defaults)."""
     import importlib
@@ -1312,8 +1284,8 @@ def diffusion(
         "perturbations": pert,
         "seconds": times,
     }  # fmt: skip
-    _atomic_write(out / "diffusion.json", json.dumps(summary, indent=2))
-    _atomic_write(out / "diffusion.md", _markdown(summary, class_names))
+    write_atomic(out / "diffusion.json", json.dumps(summary, indent=2))
+    write_atomic(out / "diffusion.md", _markdown(summary, class_names))
     _figures(out, summary, consistency, clean, x, pix, labels, y_hat, agreement_drop, cross, class_names, stats, engine)
     return summary
 
@@ -1518,7 +1490,7 @@ def _figures(out: Path, s: dict, consistency: dict, clean: dict, x: torch.Tensor
     fig.suptitle(
         f"Large pathways (top {s['settings']['top_k']} per pixel) crossing each feature map, {s['settings']['n']} images"
     )
-    _save_fig(fig, out / "diffusion_crossings.png")
+    save_figure(fig, out / "diffusion_crossings.png", dpi=120, pad_inches=0.1)
 
     # 2. One pixel's top pathways across the layers.
     i_img, i_pix = 0, 0
@@ -1567,7 +1539,7 @@ def _figures(out: Path, s: dict, consistency: dict, clean: dict, x: torch.Tensor
     ax1.set_title("top pathways of this pixel (dots: every channel, coloured by impulse mass)", fontsize=9)
     ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, title="pathway: channel per tap")
     fig.colorbar(cm.ScalarMappable(norm=mnorm, cmap="magma"), ax=ax1, label="log10 impulse mass Σ|response|")
-    _save_fig(fig, out / "diffusion_pixel_pathways.png")
+    save_figure(fig, out / "diffusion_pixel_pathways.png", dpi=120, pad_inches=0.1)
 
     # 3. Within- vs between-class similarity.
     fig, (ax0, ax1) = plt.subplots(
@@ -1600,7 +1572,7 @@ def _figures(out: Path, s: dict, consistency: dict, clean: dict, x: torch.Tensor
     ax1.set_ylim(0, 1.1)
     ax1.set_title("per-tap crossing profiles: within vs between classes", fontsize=9)
     ax1.legend(fontsize=7, loc="lower right")
-    _save_fig(fig, out / "diffusion_similarity.png")
+    save_figure(fig, out / "diffusion_similarity.png", dpi=120, pad_inches=0.1)
 
     # 4. Clean vs perturbed.
     kinds = ["clean", *PERTURBATIONS]
@@ -1620,4 +1592,4 @@ def _figures(out: Path, s: dict, consistency: dict, clean: dict, x: torch.Tensor
         ax.set_xlabel("input")
         ax.set_ylabel(label)
         ax.set_title(f"{label}: clean vs perturbed", fontsize=9)
-    _save_fig(fig, out / "diffusion_perturbations.png")
+    save_figure(fig, out / "diffusion_perturbations.png", dpi=120, pad_inches=0.1)

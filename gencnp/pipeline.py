@@ -58,6 +58,8 @@ from typing import Any
 
 import yaml
 
+from gencnp.fileio import write_json
+
 __all__ = ["Stage", "load_pipeline", "run_pipeline", "obtain_data", "resolved_config", "summary", "main",
            "PipelineError", "DataUnavailable", "StageFailed"]  # fmt: skip
 
@@ -201,20 +203,6 @@ def file_hash(path: Path) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; stamps are read like every other output
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_stamp(path: Path) -> dict | None:
@@ -529,7 +517,7 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
                                 f"'outputs' match the paths in {st.config}.")  # fmt: skip
         from gencnp import __version__
 
-        _write_json_atomic(stamp_path, {
+        write_json(stamp_path, {
             "format": STAMP_FORMAT, "stage": st.name, "entry": Path(st.entry).name, "command": st.command,
             "config": st.config, "args": st.args, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
             "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "gencnp": __version__,

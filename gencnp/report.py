@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from gencnp.baselines import METHODS, global_percentile, split_pathway, tap_counts, topk_per_tap
 from gencnp.data import ImageDataModule
+from gencnp.fileio import json_safe, save_figure, write_atomic
 from gencnp.metrics import null_families_of, per_sample, summarize
 
 __all__ = ["report", "paired_bootstrap", "CI_KEYS", "BASELINES"]
@@ -180,45 +179,6 @@ def _compare(entries: dict[str, tuple[_Results, _Results]], n_boot: int, seed: i
 
 
 # ----- helpers -----
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, torch.Tensor):
-        return _json_safe(obj.tolist())
-    return obj
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temporary file in the same directory, then ``os.replace``: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _save_figure(fig, path: Path, dpi: int) -> None:
-    """``fig.savefig`` into memory, then an atomic write: an interrupted report never leaves a half-written PNG."""
-    import io
-
-    from gencnp.banks import write_atomic
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
-    write_atomic(path, buf.getvalue())
-
-
 def _git_commit() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -696,9 +656,9 @@ def _report(
     lap("figures")
     result["seconds_total"] = time.perf_counter() - t_start
     result["seconds_by_phase"] = phases
-    result = _json_safe(result)
-    _write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
-    _write_atomic(out / "report.md", _markdown(result))
+    result = json_safe(result)
+    write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
+    write_atomic(out / "report.md", _markdown(result))
     print(_screen(result, out))
     return result
 
@@ -1083,7 +1043,7 @@ def _plot_null(path: Path, r: dict) -> str:
     axes[0].invert_yaxis()
     fig.suptitle(f"Null-input forcing ({r['provenance']['split']} split; black tick: chance, the unmasked target on the "
                  "same inputs)", fontsize=10)  # fmt: skip
-    _save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -1158,7 +1118,7 @@ def _plot_curves(path: Path, r: dict) -> str:
     ax2.set_title(f"Input-dependence controls ({r['provenance']['split']} split; n images per bar)", fontsize=10)
     ax2.grid(alpha=0.3, axis="x")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    _save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -1184,7 +1144,7 @@ def _plot_kept_hist(path: Path, res: dict, keep_fraction: float) -> str:
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
     fig.suptitle("Kept fraction per image (matched baselines use GEN-CNP's counts exactly)", fontsize=11)
-    _save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -1215,7 +1175,7 @@ def _plot_bank(path: Path, bank) -> str:
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
     cb.set_label("selection frequency f_c[j] (red: tau)")  # class pathway: f_c >= tau
     cb.ax.axhline(bank.tau, color="red", lw=1.5)
-    _save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return str(path)
 
 
@@ -1288,5 +1248,5 @@ def _plot_attribution(path: Path, model, dataset, y_hat: torch.Tensor, labels: t
         "GEN-CNP pathway vs class pathway",
         fontsize=10,
     )
-    _save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100)
     return str(path)

@@ -41,6 +41,7 @@ from gencnp.attributions.metrics import (
     ssim,
 )
 from gencnp.data import ImageDataModule
+from gencnp.fileio import json_safe, save_figure, write_atomic
 
 __all__ = ["attribution", "OURS"]
 
@@ -288,23 +289,12 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
         "figures": figures,
         "seconds": time.perf_counter() - t0,
     }
-    from gencnp.banks import write_atomic
 
-    write_atomic(out / "attribution.json", json.dumps(_json_safe(report), indent=1).encode())
+    write_atomic(out / "attribution.json", json.dumps(json_safe(report), indent=1).encode())
     write_atomic(out / "attribution.md", _markdown(report, names).encode())
     say(f"attribution: wrote {out / 'attribution.json'}, {out / 'attribution.md'} and {len(figures)} figures "
         f"in {report['seconds']:.1f}s")  # fmt: skip
     return report
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # ----- Markdown -----
@@ -363,13 +353,7 @@ def _markdown(r: dict, names: list[str]) -> str:
 
 # ----- figures -----
 def _save(fig, path: Path) -> str:
-    import io
-
-    from gencnp.banks import write_atomic
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.15)
-    write_atomic(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)
     return str(path)
 
 

@@ -12,14 +12,14 @@ sample is counted twice::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from gencnp.banks import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, check_writable, choose_tau
+from gencnp.banks import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, choose_tau
+from gencnp.fileio import check_writable, json_safe
 from gencnp.metrics import per_sample
 from gencnp.settings import check_settings
 from gencnp.targets import FrozenTarget
@@ -165,7 +165,7 @@ class PathwayBankWriter(L.Callback):
         hp = getattr(pl_module, "hparams", {})
         bank.info = {
             "tau_rule": rule,
-            "tau_search": _json_safe(table),
+            "tau_search": json_safe(table),
             "min_agreement": self.min_agreement,
             "max_kept": self.max_kept,
             "weights": {"w_swap": self.w_swap, "w_zero": self.w_zero, "w_kept": self.w_kept},
@@ -287,14 +287,3 @@ def _nansum(v: torch.Tensor) -> float:
 
 def _count(v: torch.Tensor) -> float:
     return float((~torch.isnan(v)).sum())
-
-
-def _json_safe(table: dict[str, Any]) -> dict[str, Any]:
-    def fix(v):
-        if isinstance(v, float) and v != v:
-            return None
-        if isinstance(v, Sequence) and not isinstance(v, str):
-            return [fix(x) for x in v]
-        return v
-
-    return {k: fix(v) for k, v in table.items()}

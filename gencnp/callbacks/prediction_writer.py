@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from gencnp.banks import check_writable, write_atomic
+from gencnp.fileio import check_writable, write_atomic
 
 __all__ = ["PathwayPredictionWriter", "load_predictions", "SHARD_GLOB"]
 
