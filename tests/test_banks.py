@@ -14,6 +14,7 @@ import torch
 from conftest import QUIET, ROOT, cli
 
 from gencnp import banks as banks_module
+from gencnp import fileio
 from gencnp.banks import PathwayBank, choose_tau, inspect_bank
 from gencnp.targets import FrozenTarget, create_target
 
@@ -293,7 +294,7 @@ def test_save_into_a_non_writable_directory_fails_clearly_and_keeps_the_old_file
         with monkeypatch.context() as mp:
             if os.geteuid() == 0:  # root ignores permission bits: report the directory as read-only as a user sees it
                 real = os.access
-                mp.setattr(banks_module.os, "access", lambda p, m: False if Path(p) == folder else real(p, m))
+                mp.setattr(fileio.os, "access", lambda p, m: False if Path(p) == folder else real(p, m))
             with pytest.raises(PermissionError, match=f"directory '{folder}' is not writable; nothing was written"):
                 filled_bank(target, batches=3).save(folder / "bank.safetensors")
     finally:
@@ -303,7 +304,7 @@ def test_save_into_a_non_writable_directory_fails_clearly_and_keeps_the_old_file
     def no_temp_file(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(banks_module.tempfile, "mkstemp", no_temp_file)
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", no_temp_file)
     with pytest.raises(PermissionError, match="creating a temporary file .* failed .*nothing was written"):
         filled_bank(target, batches=3).save(folder / "bank.safetensors")
     assert old.read_bytes() == before
@@ -317,7 +318,7 @@ def test_interrupted_save_leaves_the_previous_bank_intact(tmp_path, target, monk
     def crash(*a, **k):
         raise KeyboardInterrupt("interrupted mid-save")
 
-    monkeypatch.setattr(banks_module.os, where, crash)
+    monkeypatch.setattr(fileio.os, where, crash)
     with pytest.raises(KeyboardInterrupt):
         filled_bank(target, batches=3).save(path)
     monkeypatch.undo()

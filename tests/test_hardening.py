@@ -364,7 +364,7 @@ def test_pipeline_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch, c
     def full(path, payload):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(P, "_write_json_atomic", full)
+    monkeypatch.setattr(P, "write_json", full)
     assert P.main(["--config", str(pipe), "--workdir", str(work)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "train.stamp.json" in err and "Traceback" not in err

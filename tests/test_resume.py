@@ -229,7 +229,7 @@ def test_a_checkpoint_save_interrupted_mid_write_leaves_the_previous_last_ckpt_i
     """What a kill during ``trainer.save_checkpoint`` leaves: the previous ``last.ckpt``, whole, and no temp file."""
     import shutil
 
-    from gencnp import banks
+    from gencnp import fileio
     from gencnp.checkpointing import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
@@ -241,7 +241,7 @@ def test_a_checkpoint_save_interrupted_mid_write_leaves_the_previous_last_ckpt_i
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(banks.os, where, crash)
+    monkeypatch.setattr(fileio.os, where, crash)
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint(newer, path)
     monkeypatch.undo()
