@@ -1,5 +1,6 @@
-"""Pixel diffusion pathways (Lyu, Pang, Wang, "Understanding the Role of Pathways in a Deep Neural Network",
-Neural Networks 2024, arXiv 2402.18132; docs/design.md section 9). Plain PyTorch: no Lightning at import time.
+"""The pixel diffusion engine (Lyu, Pang, Wang, "Understanding the Role of Pathways in a Deep Neural Network",
+Neural Networks 2024, arXiv 2402.18132; docs/design.md section 9): ``PixelDiffusion`` and its kernels. Plain
+PyTorch: no Lightning, data or bank imports here.
 
 Method (every step is a [decision] of gencnp; the paper's own algorithm uses rotated diffusion kernels on VGG-16):
 
@@ -36,7 +37,7 @@ Method (every step is a [decision] of gencnp; the paper's own algorithm uses rot
 Supported targets are plain chains of ``Conv2d`` (zero padding), ``BatchNorm2d`` (eval), ``ReLU``, ``MaxPool2d``,
 ``AdaptiveAvgPool2d``, ``Flatten``, ``Linear``, ``Dropout`` (eval) and ``Identity`` modules, each run once, with
 nothing but flattening between them (``ConvBlockNet``, i.e. ``fmnist_cnn``, ``small_cnn`` and ``tiny_cnn``).
-Anything else is refused with the module's name and type.
+Anything else is refused with the module's name and type (``chain.trace_chain``).
 """
 
 from __future__ import annotations

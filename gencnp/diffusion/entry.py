@@ -112,33 +112,15 @@ class _Inputs:
 
 
 def diffusion(
-    arch: str = "fmnist_cnn",
-    checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
-    taps: str | list[str] = "auto",
-    target_kwargs: dict | None = None,
-    data: dict | None = None,
-    data_dir: str | None = None,
-    split: str = "test",
-    n_images: int = 1000,
-    pixels: int = 32,
-    pixel_rule: str = "saliency",
-    top_k: int = 5,
-    beam_width: int = 16,
-    overlap_fraction: float = 0.125,
-    class_source: str = "pred",
-    large_quantile: float = 0.9,
-    noise_std: float = 0.2,
-    occlusion_size: int = 8,
-    fgsm_eps: float = 0.05,
-    perturbed_pathways: int = 1000,
-    permutations: int = 1000,
-    bank: str | None = "runs/fashion_mnist/bank.safetensors",
-    batch_images: int = 32,
-    seed: int = 0,
-    threads: int | None = None,
-    out_dir: str = "runs/fashion_mnist/eval",
+    arch: str = "fmnist_cnn", checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt", taps: str | list[str] = "auto",
+    target_kwargs: dict | None = None, data: dict | None = None, data_dir: str | None = None, split: str = "test",
+    n_images: int = 1000, pixels: int = 32, pixel_rule: str = "saliency", top_k: int = 5, beam_width: int = 16,
+    overlap_fraction: float = 0.125, class_source: str = "pred", large_quantile: float = 0.9,
+    noise_std: float = 0.2, occlusion_size: int = 8, fgsm_eps: float = 0.05, perturbed_pathways: int = 1000,
+    permutations: int = 1000, bank: str | None = "runs/fashion_mnist/bank.safetensors",
+    batch_images: int = 32, seed: int = 0, threads: int | None = None, out_dir: str = "runs/fashion_mnist/eval",
     progress: bool = True,
-) -> dict:
+) -> dict:  # fmt: skip
     """Pixel diffusion pathways of a frozen CNN (docs/design.md section 9; method in ``gencnp.diffusion.engine``).
 
     Writes ``diffusion.json``, ``diffusion.md`` and ``diffusion_*.png`` into ``out_dir``.
