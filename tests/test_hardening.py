@@ -2,7 +2,7 @@
 between splits and against checkpoints and banks, image files checked before training, the pipeline's preflight of
 every stage, and the small ones (stamp mode, per-run logs, a bank's target architecture).
 
-Every case would pass silently, or fail late with a raw error, on the code before the issue; here each is refused
+Every case would pass silently, or fail late with a raw error, on earlier versions of gencnp; here each is refused
 before anything is written, with one message naming the fix. Matches are on the error type and a key phrase.
 """
 
@@ -98,6 +98,7 @@ def test_checkpoint_with_its_hash_stripped_is_refused(out, synthetic_runs, tmp_p
         assert "state_dict" in read_checkpoint(bad)
 
 
+@pytest.mark.resume
 def test_edited_hyper_parameters_are_refused(out, synthetic_runs, tmp_path):  # noqa: F811
     def edit(ckpt):
         ckpt["hyper_parameters"].update(lr=1000.0, lambda_sp=-50.0)

@@ -28,6 +28,8 @@ from conftest import QUIET, ROOT, cli
 from gencnp.banks import PathwayBank
 from gencnp.checkpointing import read_checkpoint
 
+pytestmark = pytest.mark.resume
+
 GENCNP, BANK = str(ROOT / "configs/synthetic/gencnp.yaml"), str(ROOT / "configs/synthetic/bank.yaml")
 # 1000 train images, batch 64, drop_last: 15 batches an epoch. Validating every 4 batches puts every checkpoint but the
 # final one mid-epoch (after batches 4, 8 and 12 of each epoch), so the kill always leaves a mid-epoch last.ckpt.
@@ -144,6 +146,7 @@ def runs(synthetic_runs, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 @pytest.mark.timeout(420)
 def test_sigkilled_run_resumed_with_ckpt_path_last_ends_with_the_uninterrupted_weights_and_bank(runs):
     assert runs["killed_returncode"] == -signal.SIGKILL
@@ -172,6 +175,7 @@ def test_sigkilled_run_resumed_with_ckpt_path_last_ends_with_the_uninterrupted_w
     assert resumed == {s: first[s] for s in resumed}
 
 
+@pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 def test_two_seeded_runs_give_identical_weights_and_banks(runs):
     assert_same_weights(runs["first"], runs["second"])
     assert_same_bank(runs["first_bank"], runs["second_bank"])
@@ -215,6 +219,7 @@ def test_last_ckpt_is_the_newest_state_even_when_the_monitored_metric_stops_impr
     assert last["global_step"] == (2 if cls == "lightning" else 7)  # 7: after the validation at 6, at the end
 
 
+@pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 def test_the_cli_puts_gencnp_model_checkpoint_in_place_of_lightnings(runs):
     from gencnp.checkpointing import ModelCheckpoint
 
