@@ -362,10 +362,10 @@ def test_pipeline_stamps_are_0644_and_quiet_runs_get_their_own_logs(tmp_path):
 def test_pipeline_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     pipe, work = fake_pipeline(tmp_path), tmp_path / "work"
 
-    def full(path, payload):
+    def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(P, "_write_json_atomic", full)
+    monkeypatch.setattr(P, "write_json", full)  # the stamp writer gencnp.pipeline uses
     assert P.main(["--config", str(pipe), "--workdir", str(work)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "train.stamp.json" in err and "Traceback" not in err
