@@ -293,7 +293,7 @@ def test_save_into_a_non_writable_directory_fails_clearly_and_keeps_the_old_file
         with monkeypatch.context() as mp:
             if os.geteuid() == 0:  # root ignores permission bits: report the directory as read-only as a user sees it
                 real = os.access
-                mp.setattr(banks_module.os, "access", lambda p, m: False if Path(p) == folder else real(p, m))
+                mp.setattr(os, "access", lambda p, m: False if Path(p) == folder else real(p, m))
             with pytest.raises(PermissionError, match=f"directory '{folder}' is not writable; nothing was written"):
                 filled_bank(target, batches=3).save(folder / "bank.safetensors")
     finally:
@@ -317,7 +317,7 @@ def test_interrupted_save_leaves_the_previous_bank_intact(tmp_path, target, monk
     def crash(*a, **k):
         raise KeyboardInterrupt("interrupted mid-save")
 
-    monkeypatch.setattr(banks_module.os, where, crash)
+    monkeypatch.setattr(os, where, crash)  # whichever module writes the file
     with pytest.raises(KeyboardInterrupt):
         filled_bank(target, batches=3).save(path)
     monkeypatch.undo()

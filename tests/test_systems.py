@@ -96,6 +96,7 @@ def test_masks_get_gradients_through_the_frozen_target():
     assert all(p.grad is None for p in model.target.parameters())
 
 
+@pytest.mark.slow
 def test_toy_target_pathways_find_the_deciding_channel():
     """Class k is decided only by channel k of tap 'route'; the generator must keep exactly it there."""
     torch.manual_seed(0)
@@ -119,6 +120,7 @@ def test_toy_target_pathways_find_the_deciding_channel():
     assert float((out["prediction"] == out["y_hat"]).float().mean()) >= 0.95
 
 
+@pytest.mark.slow
 def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
     """The input-specificity losses run end to end: logged terms, null metrics per family, the lookup comparison."""
     cli("fit", "--config", str(ROOT / "configs/synthetic/gencnp.yaml"), *QUIET, "--trainer.max_epochs", "1",
