@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +304,7 @@ def test_save_into_a_non_writable_directory_fails_clearly_and_keeps_the_old_file
     def no_temp_file(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(banks_module.tempfile, "mkstemp", no_temp_file)
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp_file)
     with pytest.raises(PermissionError, match="creating a temporary file .* failed .*nothing was written"):
         filled_bank(target, batches=3).save(folder / "bank.safetensors")
     assert old.read_bytes() == before
