@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,12 @@ def fit_synthetic(out: Path, epochs: int = 2, extra_target: tuple = (), extra_ge
 def synthetic_runs(tmp_path_factory) -> dict[str, Path]:
     """A trained synthetic target and generator, shared by the tests that only read them."""
     return fit_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+def says(*phrases: str) -> str:
+    """A ``match=`` pattern for ``pytest.raises``: every phrase (literal text) appears in the message, in any order.
+    Tests match the error type and a few distinctive words, so rewording the rest of a message breaks nothing."""
+    return "(?s)" + "".join(f"(?=.*{re.escape(p)})" for p in phrases)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

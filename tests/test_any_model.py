@@ -50,6 +50,7 @@ def _gencnp_config(path, target_checkpoint, out, **init_args):
     return path
 
 
+@pytest.mark.slow
 def test_own_module_by_class_path_through_the_cli_and_a_self_contained_generator(user_folder, one_thread):
     tdir, gdir = user_folder / "runs" / "target", user_folder / "runs" / "gencnp"
     cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET, "--trainer.max_epochs", "3",
@@ -202,6 +203,7 @@ def test_weak_target_is_refused_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
+@pytest.mark.slow
 def test_readme_python_api_block_runs(tmp_path, monkeypatch, one_thread):
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Python API") :]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch
 from conftest import QUIET, ROOT, cli
 
 from gencnp import banks as banks_module
-from gencnp import fileio
 from gencnp.banks import PathwayBank, choose_tau, inspect_bank
 from gencnp.targets import FrozenTarget, create_target
 
@@ -294,7 +294,7 @@ def test_save_into_a_non_writable_directory_fails_clearly_and_keeps_the_old_file
         with monkeypatch.context() as mp:
             if os.geteuid() == 0:  # root ignores permission bits: report the directory as read-only as a user sees it
                 real = os.access
-                mp.setattr(fileio.os, "access", lambda p, m: False if Path(p) == folder else real(p, m))
+                mp.setattr(os, "access", lambda p, m: False if Path(p) == folder else real(p, m))
             with pytest.raises(PermissionError, match=f"directory '{folder}' is not writable; nothing was written"):
                 filled_bank(target, batches=3).save(folder / "bank.safetensors")
     finally:
@@ -304,7 +304,7 @@ def test_save_into_a_non_writable_directory_fails_clearly_and_keeps_the_old_file
     def no_temp_file(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(fileio.tempfile, "mkstemp", no_temp_file)
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp_file)
     with pytest.raises(PermissionError, match="creating a temporary file .* failed .*nothing was written"):
         filled_bank(target, batches=3).save(folder / "bank.safetensors")
     assert old.read_bytes() == before
@@ -318,7 +318,7 @@ def test_interrupted_save_leaves_the_previous_bank_intact(tmp_path, target, monk
     def crash(*a, **k):
         raise KeyboardInterrupt("interrupted mid-save")
 
-    monkeypatch.setattr(fileio.os, where, crash)
+    monkeypatch.setattr(os, where, crash)  # whichever module writes the file
     with pytest.raises(KeyboardInterrupt):
         filled_bank(target, batches=3).save(path)
     monkeypatch.undo()

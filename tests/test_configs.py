@@ -1,44 +1,159 @@
-"""Every YAML under configs/ parses and instantiates (LightningCLI configs through the CLI parser)."""
+"""Every YAML under configs/ is read by the parser of the command that uses it: ``train.py`` (LightningCLI) for
+target, generator and bank configs, ``evaluate.py`` (jsonargparse ``CLI``) for report, attribution and diffusion
+configs, ``gencnp.pipeline.load_pipeline`` for pipelines (each stage's config and arguments then through its entry
+point), ``gencnp.sweep`` points as the overrides ``train.py`` receives, and logger configs as ``--trainer.logger``.
+Parsing checks every key and type against the constructors and functions; nothing is instantiated (most configs
+need the checkpoints of earlier stages)."""
 
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import runpy
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT
+from jsonargparse import capture_parser
 
-CLI_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" in (yaml.safe_load(p.read_text()) or {}))
-OTHER = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p not in CLI_CONFIGS)
+from gencnp import pipeline as P
+from gencnp import sweep
+from gencnp.cli import GenCNPCLI, main
 
-
-@pytest.mark.parametrize("path", CLI_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_lightning_configs_parse(path):
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from gencnp.cli import GenCNPCLI
-
-    cli = GenCNPCLI.__new__(GenCNPCLI)
-    parser = LightningArgumentParser()
-    parser.add_lightning_class_args(__import__("lightning").LightningModule, "model", subclass_mode=True)
-    parser.add_lightning_class_args(__import__("lightning").LightningDataModule, "data", subclass_mode=True)
-    parser.add_lightning_class_args(__import__("lightning").Trainer, "trainer")
-    parser.add_argument("--seed_everything", type=int | bool, default=True)
-    parser.add_argument("--return_predictions", type=bool | None, default=None)
-    parser.add_argument("--ckpt_path", type=str | None, default=None)
-    cfg = parser.parse_path(str(path), defaults=True)
-    assert cfg.model.class_path.startswith("gencnp.") and cfg.data.class_path.startswith("gencnp.")
-    assert cli is not None
-
-
-def test_synthetic_config_instantiates():
-    from gencnp.data import SyntheticDataModule
-    from gencnp.systems import TargetClassifier
-
-    cfg = yaml.safe_load((ROOT / "configs/synthetic/target.yaml").read_text())
-    model = TargetClassifier(**cfg["model"]["init_args"])
-    data = SyntheticDataModule(**cfg["data"]["init_args"])
-    model.check_data(data)
+CONFIGS = ROOT / "configs"
+# (entry point, sub-command) reading each kind of config, by file name.
+READERS = {
+    "target.yaml": ("train.py", "fit"),
+    "gencnp.yaml": ("train.py", "fit"),
+    "bank.yaml": ("train.py", "predict"),
+    "evaluate.yaml": ("evaluate.py", "report"),
+    "attribution.yaml": ("evaluate.py", "attribution"),
+    "diffusion.yaml": ("evaluate.py", "diffusion"),
+}
+ALL = sorted(CONFIGS.rglob("*.yaml"))
+PIPELINES = [p for p in ALL if p.name == "pipeline.yaml"]
+SWEEPS = [p for p in ALL if p.name == "sweep.yaml"]
+LOGGERS = sorted((CONFIGS / "loggers").glob("*.yaml"))
+COMMAND_CONFIGS = [p for p in ALL if p.name in READERS]
 
 
-@pytest.mark.parametrize("path", OTHER, ids=lambda p: str(p.relative_to(ROOT)))
-def test_other_configs_are_valid_yaml(path):
-    assert yaml.safe_load(Path(path).read_text()) is not None
+def _id(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+@pytest.fixture(scope="module")
+def parsers() -> dict:
+    """The parsers ``train.py`` and ``evaluate.py`` build, captured before they parse anything."""
+    return {"train.py": capture_parser(lambda: main(args=[])),
+            "evaluate.py": capture_parser(lambda: runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__"))}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def from_the_repository(monkeypatch):
+    """Run from the repository root, as the configs' comments say (``examples.mynet.MyNet`` resolves from there)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def parse(parsers: dict, entry: str, command: str, *args: str):
+    """``python ENTRY COMMAND ARGS`` parsed (not run); a parse error fails the test with the parser's message."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cfg = parsers[Path(entry).name].parse_args([command, *map(str, args)])
+    except SystemExit:
+        pytest.fail(f"`{entry} {command} {' '.join(map(str, args))}` does not parse:\n{err.getvalue()[-3000:]}")
+    return cfg[command]
+
+
+def importable(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_every_config_has_a_reader():
+    kinds = set(COMMAND_CONFIGS) | set(PIPELINES) | set(SWEEPS) | set(LOGGERS)
+    assert kinds == set(ALL), sorted(_id(p) for p in set(ALL) - kinds)
+    assert len(PIPELINES) >= 6 and SWEEPS and len(LOGGERS) == 3
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=_id)
+def test_pipeline_stages_use_the_reader_of_their_config(path):
+    stages = P.load_pipeline(path)["stages"]
+    assert [s.name for s in stages[:3]] == ["target", "gencnp", "bank"]
+    for st in stages:
+        assert (st.entry, st.command) == READERS[Path(st.config).name], st.name
+        assert (ROOT / st.config).is_file() and Path(st.config).parent == path.parent.relative_to(ROOT), st.config
+
+
+@pytest.mark.parametrize("path", [p for p in COMMAND_CONFIGS if READERS[p.name][0] == "train.py"], ids=_id)
+def test_train_configs_parse(parsers, path):
+    cfg = parse(parsers, *READERS[path.name], "--config", path)
+    model, data = importable(cfg.model.class_path), importable(cfg.data.class_path)
+    assert model.__module__.startswith("gencnp.") and data.__module__.startswith("gencnp.")
+    callbacks = [c.class_path for c in cfg.trainer.callbacks or []]
+    if path.name == "bank.yaml":
+        assert cfg.model.class_path == "gencnp.GenCNP" and "gencnp.callbacks.PathwayBankWriter" in callbacks
+        assert cfg.return_predictions is False
+    else:
+        assert any(c.endswith("ModelCheckpoint") for c in callbacks)
+        assert cfg.model.class_path == ("gencnp.TargetClassifier" if path.name == "target.yaml" else "gencnp.GenCNP")
+
+
+@pytest.mark.parametrize("path", [p for p in COMMAND_CONFIGS if READERS[p.name][0] == "evaluate.py"], ids=_id)
+def test_evaluate_configs_parse(parsers, path):
+    cfg = parse(parsers, *READERS[path.name], "--config", path)
+    data = cfg.data if isinstance(cfg.data, dict) else vars(cfg.data)
+    assert importable(data["class_path"]).__module__.startswith("gencnp.")
+    assert cfg.out_dir.startswith(f"runs/{path.parent.name}/")
+    if path.name != "diffusion.yaml":
+        assert cfg.generator == f"runs/{path.parent.name}/gencnp/best.ckpt"
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=_id)
+def test_pipeline_stage_commands_parse(parsers, path):
+    """What the pipeline runs: each stage's entry point, sub-command, config and extra arguments."""
+    spec = P.load_pipeline(path)
+    for st in spec["stages"]:
+        cfg = parse(parsers, st.entry, st.command, "--config", ROOT / st.config, *st.args)
+        assert cfg.config, st.name
+    assert spec["report"] in [o for st in spec["stages"] for o in st.outputs]
+
+
+@pytest.mark.parametrize("path", LOGGERS, ids=_id)
+def test_logger_configs_parse_as_trainer_logger(parsers, path):
+    cfg = parse(parsers, "train.py", "fit", "--config", CONFIGS / "synthetic/gencnp.yaml", "--trainer.logger", path)
+    logger = cfg.trainer.logger
+    assert logger.class_path == yaml.safe_load(path.read_text())["class_path"]
+    assert logger.init_args.save_dir == "runs/synthetic/gencnp"  # kept from the base config
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=_id)
+def test_sweep_points_parse_as_train_overrides(parsers, path):
+    """Each point's overrides as ``gencnp.sweep.run_point`` passes them to ``train.py fit`` (its base config: the
+    generator config next to the sweep file)."""
+    points = yaml.safe_load(path.read_text())
+    assert len({p["name"] for p in points}) == len(points) > 0
+    for point in points:
+        assert set(point) <= {"name", "model", "trainer"}, point["name"]
+        args = [a for k, v in (point.get("model") or {}).items() for a in sweep._flag(f"model.init_args.{k}", v)]
+        args += [a for k, v in (point.get("trainer") or {}).items() for a in sweep._flag(f"trainer.{k}", v)]
+        cfg = parse(parsers, "train.py", "fit", "--config", path.parent / "gencnp.yaml", *args)
+        for k, v in (point.get("model") or {}).items():
+            assert getattr(cfg.model.init_args, k) == v, (point["name"], k)
+
+
+def test_synthetic_target_config_instantiates(tmp_path):
+    """The one config that needs no earlier output builds its model, data and trainer (nothing is run)."""
+    from gencnp import SyntheticDataModule, TargetClassifier
+
+    path = CONFIGS / "synthetic/target.yaml"
+    cli = GenCNPCLI(args=["--config", str(path), "--trainer.logger.init_args.save_dir",
+                          str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path)], run=False)  # fmt: skip
+    assert isinstance(cli.model, TargetClassifier) and isinstance(cli.datamodule, SyntheticDataModule)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 4
+    assert cli.trainer.max_epochs == yaml.safe_load(path.read_text())["trainer"]["max_epochs"]
+    cli.model.check_data(cli.datamodule)
+    assert list(tmp_path.iterdir()) == []  # nothing written before a run

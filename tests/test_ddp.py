@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, cli
 
-pytestmark = pytest.mark.ddp
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]  # two processes per run
 
 GENCNP, BANK = str(ROOT / "configs/synthetic/gencnp.yaml"), str(ROOT / "configs/synthetic/bank.yaml")
 ODD = ["--data.init_args.val_size", "201", "--data.init_args.n_test", "401", "--data.init_args.eval_batch_size", "50"]

@@ -2,7 +2,7 @@
 between splits and against checkpoints and banks, image files checked before training, the pipeline's preflight of
 every stage, and the small ones (stamp mode, per-run logs, a bank's target architecture).
 
-Every case would pass silently, or fail late with a raw error, on the code before the issue; here each is refused
+Every case would pass silently, or fail late with a raw error, on earlier versions of gencnp; here each is refused
 before anything is written, with one message naming the fix. Matches are on the error type and a key phrase.
 """
 
@@ -98,6 +98,7 @@ def test_checkpoint_with_its_hash_stripped_is_refused(out, synthetic_runs, tmp_p
         assert "state_dict" in read_checkpoint(bad)
 
 
+@pytest.mark.resume
 def test_edited_hyper_parameters_are_refused(out, synthetic_runs, tmp_path):  # noqa: F811
     def edit(ckpt):
         ckpt["hyper_parameters"].update(lr=1000.0, lambda_sp=-50.0)
@@ -361,10 +362,10 @@ def test_pipeline_stamps_are_0644_and_quiet_runs_get_their_own_logs(tmp_path):
 def test_pipeline_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     pipe, work = fake_pipeline(tmp_path), tmp_path / "work"
 
-    def full(path, payload):
+    def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(P, "write_json", full)
+    monkeypatch.setattr(P, "write_json", full)  # the stamp writer gencnp.pipeline uses
     assert P.main(["--config", str(pipe), "--workdir", str(work)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "train.stamp.json" in err and "Traceback" not in err

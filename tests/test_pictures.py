@@ -53,6 +53,7 @@ def _check_rows(rows: list[dict], num_classes: int = 4) -> None:
             assert 0.0 <= float(r[key]) <= 1.0, (key, r)
 
 
+@pytest.mark.slow
 # ----- CSV -----
 def test_csv_logger_gets_pictures_and_tables_in_fit_and_validate(tmp_path):
     run = _fit(tmp_path / "fit")
@@ -154,6 +155,7 @@ def wandb_no_network(monkeypatch):
     wandb.finish()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_wandb_offline_run_gets_pictures_metrics_and_config_in_fit_and_validate(tmp_path, wandb_no_network):
     logger = ["--trainer.logger", str(ROOT / "configs/loggers/wandb.yaml")]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, snapshot
+from test_hardening import fake_pipeline
 
 from gencnp import pipeline as P
 
@@ -36,6 +37,7 @@ def _status(result: dict) -> list[str]:
     return [s["status"] for s in result["stages"]]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_rerun_reuses_every_stage_and_a_changed_stage_redoes_itself_and_downstream(tmp_path):
     work, lines = tmp_path / "work", []
@@ -107,6 +109,35 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_redoes_itself_and_downstre
     plan = P.run_pipeline(pipe2, work, dry_run=True, say=lambda _: None)
     assert _status(plan) == ["would run"] * 4
     assert plan["stages"][0]["reason"] == "output runs/synthetic/target/best.ckpt differs from the stamp"
+
+
+def test_reuse_and_redo_rules_on_stand_in_stages(tmp_path):
+    """The rules of the slow test above on two stand-in stages that take a fraction of a second."""
+    pipe, work = fake_pipeline(tmp_path), tmp_path / "work"
+    assert _status(P.run_pipeline(pipe, work, quiet=True, say=lambda _: None)) == ["ran", "ran"]
+    before = snapshot(work)
+    assert _status(P.run_pipeline(pipe, work, quiet=True, say=lambda _: None)) == ["reused", "reused"]
+    assert snapshot(work) == before
+    # A changed downstream config redoes that stage only; a changed upstream one redoes everything after it.
+    (tmp_path / "report.yaml").write_text(yaml.safe_dump({"write": ["eval/report.json"], "out_dir": "eval", "x": 1}))
+    plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
+    assert _status(plan) == ["would reuse", "would run"] and plan["stages"][1]["reason"] == "resolved config changed"
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"write": ["a/model.ckpt"], "out_dir": "a", "x": 1}))
+    plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
+    assert [r["reason"] for r in plan["stages"]] == ["resolved config changed", "upstream stage 'train' ran"]
+    assert _status(P.run_pipeline(pipe, work, dry_run=True, redo=["report"], say=lambda _: None)) == [
+        "would run", "would run"]  # fmt: skip
+    assert snapshot(work) == before  # dry runs write nothing
+    assert _status(P.run_pipeline(pipe, work, quiet=True, say=lambda _: None)) == ["ran", "ran"]
+    # A replaced upstream output invalidates its stage and everything after it; a missing output its own stage.
+    (work / "a/model.ckpt").write_text("replaced")
+    plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
+    assert _status(plan) == ["would run"] * 2 and plan["stages"][0]["reason"] == "output a/model.ckpt differs from the stamp"
+    assert _status(P.run_pipeline(pipe, work, quiet=True, say=lambda _: None)) == ["ran", "ran"]
+    (work / "eval/report.json").unlink()
+    plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
+    assert _status(plan) == ["would reuse", "would run"]
+    assert plan["stages"][1]["reason"] == "output eval/report.json missing"
 
 
 def test_missing_data_stops_before_any_stage_with_the_data_modules_message(tmp_path, monkeypatch, capsys):
@@ -228,6 +259,7 @@ def test_pipeline_outputs_match_the_stage_configs(name):
         assert set(out["attribution"].inputs) == {ckpt(t), ckpt(g), bank_path} and a["bank"] == bank_path
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_the_run_with_its_exit_code_and_leaves_no_stamp(tmp_path, capsys):
     stage = {"name": "report", "entry": "evaluate.py", "command": "report",
              "config": str(ROOT / "configs/synthetic/evaluate.yaml"), "outputs": ["runs/synthetic/eval/report.json"]}  # fmt: skip

@@ -106,6 +106,7 @@ def sparse_run(synthetic_runs, tmp_path_factory) -> dict[str, Path]:
     return {"generator": gen, "bank": out / "bank.safetensors", "dir": out}
 
 
+@pytest.mark.slow
 def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
     from jsonargparse import CLI
 

@@ -28,6 +28,8 @@ from conftest import QUIET, ROOT, cli
 from gencnp.banks import PathwayBank
 from gencnp.checkpointing import read_checkpoint
 
+pytestmark = pytest.mark.resume
+
 GENCNP, BANK = str(ROOT / "configs/synthetic/gencnp.yaml"), str(ROOT / "configs/synthetic/bank.yaml")
 # 1000 train images, batch 64, drop_last: 15 batches an epoch. Validating every 4 batches puts every checkpoint but the
 # final one mid-epoch (after batches 4, 8 and 12 of each epoch), so the kill always leaves a mid-epoch last.ckpt.
@@ -144,6 +146,7 @@ def runs(synthetic_runs, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 @pytest.mark.timeout(420)
 def test_sigkilled_run_resumed_with_ckpt_path_last_ends_with_the_uninterrupted_weights_and_bank(runs):
     assert runs["killed_returncode"] == -signal.SIGKILL
@@ -172,6 +175,7 @@ def test_sigkilled_run_resumed_with_ckpt_path_last_ends_with_the_uninterrupted_w
     assert resumed == {s: first[s] for s in resumed}
 
 
+@pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 def test_two_seeded_runs_give_identical_weights_and_banks(runs):
     assert_same_weights(runs["first"], runs["second"])
     assert_same_bank(runs["first_bank"], runs["second_bank"])
@@ -215,6 +219,31 @@ def test_last_ckpt_is_the_newest_state_even_when_the_monitored_metric_stops_impr
     assert last["global_step"] == (2 if cls == "lightning" else 7)  # 7: after the validation at 6, at the end
 
 
+def test_resuming_from_last_ckpt_continues_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """The fast counterpart of the SIGKILL test: a toy run stopped after 3 of 7 steps and resumed from its
+    ``last.ckpt`` (gencnp's ModelCheckpoint and AtomicCheckpointIO) ends where an uninterrupted run ends."""
+    from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint
+
+    def fit(folder: Path, max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(torch.randn(8, 1), batch_size=1)
+        trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                            callbacks=[ModelCheckpoint(dirpath=folder, filename="best", monitor="val/m", mode="max",
+                                                       save_last=True)], plugins=[AtomicCheckpointIO()])  # fmt: skip
+        trainer.fit(_FallingMetric(), loader, loader, ckpt_path=ckpt_path)
+        return trainer
+
+    fit(tmp_path / "whole", 7)
+    fit(tmp_path / "cut", 3)
+    assert read_checkpoint(tmp_path / "cut/last.ckpt")["global_step"] == 3
+    assert fit(tmp_path / "cut", 7, ckpt_path=str(tmp_path / "cut/last.ckpt")).global_step == 7
+    whole, resumed = (read_checkpoint(tmp_path / f"{n}/last.ckpt") for n in ("whole", "cut"))
+    assert whole["global_step"] == resumed["global_step"] == 7
+    assert torch.equal(whole["state_dict"]["w"], resumed["state_dict"]["w"]) and float(whole["state_dict"]["w"]) > 0
+
+
+@pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 def test_the_cli_puts_gencnp_model_checkpoint_in_place_of_lightnings(runs):
     from gencnp.checkpointing import ModelCheckpoint
 
@@ -229,7 +258,6 @@ def test_a_checkpoint_save_interrupted_mid_write_leaves_the_previous_last_ckpt_i
     """What a kill during ``trainer.save_checkpoint`` leaves: the previous ``last.ckpt``, whole, and no temp file."""
     import shutil
 
-    from gencnp import fileio
     from gencnp.checkpointing import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
@@ -241,7 +269,7 @@ def test_a_checkpoint_save_interrupted_mid_write_leaves_the_previous_last_ckpt_i
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(fileio.os, where, crash)
+    monkeypatch.setattr(os, where, crash)  # whichever module writes the file
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint(newer, path)
     monkeypatch.undo()
