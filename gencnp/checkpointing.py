@@ -12,8 +12,9 @@
   them. One without them (written by another tool, by an older gencnp, or with the hash removed) is refused unless
   the user opts in with ``GENCNP_ALLOW_UNHASHED=1``, which loads it with a warning.
   ``gencnp.cli`` adds the plugin to every Trainer it builds unless the config names another ``CheckpointIO``.
-- ``read_checkpoint``: the one safe reader (``weights_only=True``, clear errors for missing, truncated, altered or
-  code-carrying files).
+- ``read_checkpoint``: the one safe reader of checkpoints (``weights_only=True``, clear errors for missing, truncated,
+  altered or code-carrying files); ``read_state_dict``, the reader of target weights, takes safetensors files and
+  plain state dicts too, checking Lightning checkpoints' hashes the same way.
 - ``ModelCheckpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the newest state, so that
   ``--ckpt_path last`` resumes where a crashed run stopped. ``gencnp.cli`` upgrades every plain Lightning
   ``ModelCheckpoint`` of a config to it.
@@ -27,6 +28,7 @@ does not notice altered tensor bytes on load either, hence the hash.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -40,11 +42,13 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from safetensors import safe_open
 
 from gencnp.fileio import write_atomic
 
 __all__ = [
-    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "state_hash", "verify_state_hash", "seal",
+    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "read_state_dict", "state_hash", "verify_state_hash", "seal",
     "VerifiedLoading", "STATE_HASH_KEY", "SETTINGS_HASH_KEY", "ALLOW_UNHASHED_ENV",
 ]  # fmt: skip
 
@@ -192,6 +196,38 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", allow_unhashed:
     return checkpoint
 
 
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a checkpoint: safetensors, Lightning ``.ckpt`` or a plain ``torch.save`` dict.
+
+    The reader of target weights (``read_checkpoint`` reads whole Lightning checkpoints): it also takes safetensors
+    files and plain state dicts, and its messages speak of re-saving weights. Every ``torch.load`` uses ``weights_only=True``: a crafted pickle is refused, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; train one (python train.py fit --config ...) or fix the path.")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:
+            raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({err}); re-export it.") from err
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint '{path}' could not be loaded safely (weights_only=True): {str(err).splitlines()[0]}. "
+            "It is truncated, altered, or holds arbitrary Python objects; gencnp never unpickles code. "
+            "Re-save it with torch.save(model.state_dict(), path) or as safetensors."
+        ) from err
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        verify_state_hash(obj, f"checkpoint '{path}'")  # altered tensor bytes load silently otherwise
+        meta = {k: v for k, v in obj.items() if k != "state_dict" and k not in ("optimizer_states", "lr_schedulers")}
+        return obj["state_dict"], meta
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise ValueError(f"checkpoint '{path}' holds {type(obj).__name__}, not a state dict of tensors.")
+
+
 def _is_local(path: Any) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
@@ -272,8 +308,6 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._latest_step = trainer.global_step
 
     def _keep_latest(self, trainer: Any) -> None:
-        from lightning.pytorch.trainer.states import TrainerFn
-
         if self.save_last is not True or trainer.fast_dev_run or trainer.sanity_checking:
             return
         if trainer.state.fn != TrainerFn.FITTING or self._latest_step == trainer.global_step:
@@ -301,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     For checkpoints written by an older gencnp (weights hash only) or by another Lightning tool. A file whose
     recorded weights hash does not match is refused (it was damaged); the file is rewritten atomically.
     """
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m gencnp.checkpointing", description=main.__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["seal"])
     p.add_argument("files", nargs="+", help="checkpoint files (.ckpt) to seal in place")
