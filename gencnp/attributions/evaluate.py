@@ -394,7 +394,7 @@ def _save(fig, path: Path) -> str:
 
 
 def _plot_grid(path: Path, x, y_hat, labels, maps, names, regions, class_names, k) -> str:
-    from matplotlib import cm
+    from matplotlib import cm  # matplotlib only when a figure is drawn
     from matplotlib import colors as mcolors
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -447,7 +447,7 @@ def _styles(names):
 
 
 def _plot_sanity(path: Path, res: dict, names, layers, k: int) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -475,7 +475,7 @@ def _plot_sanity(path: Path, res: dict, names, layers, k: int) -> str:
 
 
 def _plot_curves(path: Path, curves: dict, res: dict, names, n: int, baseline: float) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from gencnp.attribution import grad_cam
 from gencnp.baselines import grad_enabled, neuron_mct_scores, plain, split_pathway, tap_counts, topk_per_tap
 from gencnp.targets import FrozenTarget
 
@@ -94,7 +95,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 def _saliency(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, abs_: bool) -> torch.Tensor:
-    from captum.attr import Saliency
+    from captum.attr import Saliency  # captum only for its methods (a slow import)
 
     with grad_enabled():
         return Saliency(forward).attribute(_leaf(x), target=y, abs=abs_).detach()
@@ -109,7 +110,7 @@ def _abs_saliency(am: AttributionModel, x, y):
 
 
 def _integrated_gradients(am: AttributionModel, x, y):
-    from captum.attr import IntegratedGradients
+    from captum.attr import IntegratedGradients  # captum only for its methods (a slow import)
 
     with grad_enabled():
         a = IntegratedGradients(am.target).attribute(_leaf(x), baselines=0.0, target=y, n_steps=am.ig_steps,
@@ -123,10 +124,8 @@ def _grad_cam(am: AttributionModel, x, y):
     if len(target.tap_shapes[-1]) != 3:
         # Token outputs [B, N, C]: Captum's LayerGradCam averages gradients over every non-batch dimension but the
         # second, which is the token axis here; gencnp's own Grad-CAM reshapes the tokens to their square grid.
-        from gencnp.attribution import grad_cam
-
         return grad_cam(target, x, None, y)
-    from captum.attr import LayerAttribution, LayerGradCam
+    from captum.attr import LayerAttribution, LayerGradCam  # captum only for its methods (a slow import)
 
     with grad_enabled():
         cam = LayerGradCam(target, target.model.get_submodule(last)).attribute(_leaf(x), target=y, relu_attributions=True)
