@@ -6,29 +6,12 @@ The hooks themselves live in ``gencnp.hooks`` (re-exported here); this module ad
 
 from __future__ import annotations
 
-from gencnp.hooks import (
-    FeatureTaps,
-    MaskedForward,
-    TapHooks,
-    apply_mask,
-    channel_dim,
-    channel_means,
-    discover_taps,
-    feature_info_taps,
-    forward_hooked,
-    resolve_taps,
-    space_reduce,
-    split_shallow_deep,
-    trace_modules,
-    unknown_tap_message,
-)
+from gencnp import hooks
+from gencnp.hooks import *  # noqa: F403  (taps re-exports every name of the hooks)
+from gencnp.hooks import resolve_taps, trace_modules
 from gencnp.targets import build_target
 
-__all__ = [
-    "TapHooks", "FeatureTaps", "MaskedForward", "resolve_taps", "split_shallow_deep", "apply_mask", "trace_modules",
-    "discover_taps", "feature_info_taps", "channel_dim", "channel_means", "space_reduce", "forward_hooked",
-    "unknown_tap_message", "list_taps",
-]  # fmt: skip
+__all__ = [*hooks.__all__, "list_taps"]
 
 
 def list_taps(target: str | dict = "fmnist_cnn", target_checkpoint: str | None = None, num_classes: int | None = None,

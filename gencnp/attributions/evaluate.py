@@ -29,17 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gencnp.attributions import metrics as AM
 from gencnp.attributions.methods import ATTRIBUTION_METHODS, AttributionModel, attribute, cascade_layers, randomised
-from gencnp.attributions.metrics import (
-    auc,
-    bootstrap,
-    deletion_insertion,
-    normalise,
-    pointing_game,
-    relevance_mass,
-    spearman,
-    ssim,
-)
 from gencnp.banks import PathwayBank
 from gencnp.checkpointing import read_checkpoint
 from gencnp.data import FashionMNISTDataModule, ImageDataModule
@@ -258,11 +249,11 @@ def _subset(dataset, n: int, subset_seed: int, dev: torch.device):
 def _ground_truth(maps, regions, names, boot, res, per_image) -> None:
     """Relevance mass and pointing game of every method on the ground-truth regions (intervals into ``res``)."""
     for m in names:
-        rm, pg = relevance_mass(maps[m], regions), pointing_game(maps[m], regions)
+        rm, pg = AM.relevance_mass(maps[m], regions), AM.pointing_game(maps[m], regions)
         per_image.setdefault("relevance_mass", {})[m] = rm
         per_image.setdefault("pointing", {})[m] = pg
-        res[f"relevance_mass/{m}"] = bootstrap(rm, **boot)
-        res[f"pointing/{m}"] = bootstrap(pg, **boot)
+        res[f"relevance_mass/{m}"] = AM.bootstrap(rm, **boot)
+        res[f"pointing/{m}"] = AM.bootstrap(pg, **boot)
 
 
 def _comparisons(per_image: dict, names: list[str], boot: dict) -> dict[str, Any]:
@@ -272,7 +263,7 @@ def _comparisons(per_image: dict, names: list[str], boot: dict) -> dict[str, Any
     for metric, vals in per_image.items():
         for m in names:
             if m != OURS:
-                d = bootstrap(vals[OURS] - vals[m], **boot)
+                d = AM.bootstrap(vals[OURS] - vals[m], **boot)
                 d["better"] = better[metric]
                 comparisons[f"{metric}/{OURS}-{m}"] = d
     return comparisons
@@ -300,16 +291,16 @@ def _deletion_insertion(target, x, y_hat, maps, names, batch_size, deletion_step
     curves = {}
     say("  deletion and insertion curves")
     for m in names:
-        parts = [deletion_insertion(target, x[i : i + batch_size], maps[m][i : i + batch_size].to(x.device),
+        parts = [AM.deletion_insertion(target, x[i : i + batch_size], maps[m][i : i + batch_size].to(x.device),
                                     y_hat[i : i + batch_size], deletion_steps, deletion_baseline)
                  for i in range(0, n, batch_size)]  # fmt: skip
         fr = parts[0]["fractions"]
         dele, ins = torch.cat([p["deletion"] for p in parts]), torch.cat([p["insertion"] for p in parts])
         curves[m] = {"fractions": fr.tolist(), "deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist()}
-        per_image.setdefault("deletion_auc", {})[m] = auc(dele, fr)
-        per_image.setdefault("insertion_auc", {})[m] = auc(ins, fr)
-        res[f"deletion_auc/{m}"] = bootstrap(per_image["deletion_auc"][m], **boot)
-        res[f"insertion_auc/{m}"] = bootstrap(per_image["insertion_auc"][m], **boot)
+        per_image.setdefault("deletion_auc", {})[m] = AM.auc(dele, fr)
+        per_image.setdefault("insertion_auc", {})[m] = AM.auc(ins, fr)
+        res[f"deletion_auc/{m}"] = AM.bootstrap(per_image["deletion_auc"][m], **boot)
+        res[f"insertion_auc/{m}"] = AM.bootstrap(per_image["insertion_auc"][m], **boot)
     return curves
 
 
@@ -318,17 +309,17 @@ def _sanity(target, maps, maps_of, names, k, sanity_seed, ssim_window, boot, res
     returns the layers randomised, in order."""
     layers, sanity = [], {}
     groups = cascade_layers(target)
-    ref = {m: normalise(maps[m][:k]) for m in names}
+    ref = {m: AM.normalise(maps[m][:k]) for m in names}
     say(f"  sanity checks: {len(groups)} layers from the top ({', '.join(name for name, _ in groups)}), {k} images")
     for i, (layer, _) in enumerate(groups):
         layers.append(layer)
         modules = [mod for _, mods in groups[: i + 1] for mod in mods]
         with randomised(target, modules, seed=sanity_seed):
             for m in names:
-                after = normalise(maps_of(m, slice(0, k)))
-                s, r = ssim(ref[m], after, window=ssim_window), spearman(ref[m], after)
-                res[f"sanity_ssim/{m}/{layer}"] = bootstrap(s, **boot)
-                res[f"sanity_spearman/{m}/{layer}"] = bootstrap(r, **boot)
+                after = AM.normalise(maps_of(m, slice(0, k)))
+                s, r = AM.ssim(ref[m], after, window=ssim_window), AM.spearman(ref[m], after)
+                res[f"sanity_ssim/{m}/{layer}"] = AM.bootstrap(s, **boot)
+                res[f"sanity_spearman/{m}/{layer}"] = AM.bootstrap(r, **boot)
                 sanity.setdefault(m, {})[layer] = (float(s.mean()), float(r.mean()))
     return layers
 

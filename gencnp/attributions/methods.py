@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from gencnp.attribution import grad_cam
 from gencnp.baselines import grad_enabled, neuron_mct_scores, plain, split_pathway, tap_counts, topk_per_tap
+from gencnp.hooks import forward_hooked
 from gencnp.targets import FrozenTarget
 
 __all__ = ["ATTRIBUTION_METHODS", "AttributionModel", "attribute", "cascade_layers", "randomised"]
@@ -216,16 +217,9 @@ def cascade_layers(target: FrozenTarget) -> list[tuple[str, list[nn.Module]]]:
     own. Groups are ordered by when they first run in a forward pass, then reversed.
     """
     order: list[str] = []
-    handles = []
-    for name, mod in target.model.named_modules():
-        if name and any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: order.append(name)))
-    try:
-        with torch.no_grad():
-            target.model(torch.zeros(1, *target.input_shape))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(mod, lambda m, a, o, name=name: order.append(name)) for name, mod in target.model.named_modules()
+             if name and any(True for _ in mod.parameters(recurse=False))]  # fmt: skip
+    forward_hooked(target.model, hooks, target.input_shape)
     groups: dict[str, list[nn.Module]] = {}
     for name in order:
         tap = next((t for t in target.tap_names if name == t or name.startswith(t + ".")), None)
