@@ -2,7 +2,7 @@
 classifier GEN-CNP explains.
 
 Models come from ``gencnp.zoo`` (names, timm, torchvision, class paths; every name is re-exported here);
-checkpoint files are read by ``gencnp.checkpointing.read_state_dict``.
+checkpoint files are read by ``gencnp.checkpoint_files.read_state_dict`` (no Lightning import).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gencnp.checkpointing import read_state_dict, state_hash
+from gencnp.checkpoint_files import read_state_dict, state_hash
 from gencnp.hooks import TapHooks, forward_hooked, resolve_taps, split_shallow_deep
 from gencnp.zoo import (  # noqa: F401  (re-exported: targets is where callers and configs find them)
     TARGETS,
