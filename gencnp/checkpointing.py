@@ -39,25 +39,13 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from gencnp.checkpoint_files import (  # noqa: F401  (re-exported: checkpointing is where callers find them)
-    ALLOW_UNHASHED_ENV,
-    SETTINGS_HASH_KEY,
-    SETTINGS_SECTIONS,
-    STATE_HASH_KEY,
-    _settings,
-    _unhashed,
-    read_checkpoint,
-    read_state_dict,
-    seal,
-    state_hash,
-    verify_state_hash,
-)
+from gencnp import checkpoint_files
+from gencnp.checkpoint_files import *  # noqa: F403  (checkpointing re-exports the hashes and readers)
+from gencnp.checkpoint_files import SETTINGS_HASH_KEY, read_checkpoint, seal
 from gencnp.fileio import write_atomic
 
-__all__ = [
-    "AtomicCheckpointIO", "ModelCheckpoint", "read_checkpoint", "read_state_dict", "state_hash", "verify_state_hash", "seal",
-    "VerifiedLoading", "STATE_HASH_KEY", "SETTINGS_HASH_KEY", "ALLOW_UNHASHED_ENV",
-]  # fmt: skip
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "VerifiedLoading", "main", *checkpoint_files.__all__]
+
 
 def _is_local(path: Any) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
