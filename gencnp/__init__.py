@@ -11,8 +11,7 @@ from gencnp.generator import PathwayGenerator, daq
 from gencnp.registry import Registry
 from gencnp.systems import GenCNP, TargetClassifier
 from gencnp.targets import FrozenTarget, create_target, list_targets, load_target, register_target
-
-__version__ = "0.1.0"
+from gencnp.version import __version__
 
 __all__ = [
     "CIFAR10DataModule", "FashionMNISTDataModule", "ImageFolderDataModule", "SyntheticDataModule",

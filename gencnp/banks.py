@@ -40,9 +40,10 @@ leaves the previous bank intact.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
+import io
 import math
+import os  # noqa: F401  (tests reach os and tempfile through this module to simulate failing writes)
+import tempfile  # noqa: F401
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from gencnp.bankfile import DEFAULT_BANK, FORMAT_VERSION, KIND, REEXPORT, bank_bytes, check_tensors, read_bank_file
+from gencnp.bankfile import checksum as _checksum  # noqa: F401  (the name tests use)
 from gencnp.fileio import check_writable, write_atomic  # noqa: F401 (the bank format writes through them)
+from gencnp.selection import check_tau as _check_tau
+from gencnp.selection import choose_tau
 from gencnp.targets import FrozenTarget
+from gencnp.version import __version__
 
 __all__ = [
     "PathwayBank",
@@ -63,33 +69,7 @@ __all__ = [
     "DEFAULT_TAUS",
 ]
 
-FORMAT_VERSION = 1
-KIND = "gencnp.PathwayBank"
-DEFAULT_BANK = "runs/fashion_mnist/bank.safetensors"
 DEFAULT_TAUS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
-_REEXPORT = "re-export the bank: python train.py predict --config configs/<data>/bank.yaml --ckpt_path <generator>.ckpt"
-
-
-def _check_tau(tau: float | None, what: str = "tau") -> float | None:
-    if tau is None:
-        return None
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"{what} must be a float in (0, 1], got {type(tau).__name__} {tau!r}.")
-    tau = float(tau)
-    if not (0.0 < tau <= 1.0):  # also refuses NaN
-        raise ValueError(
-            f"{what}={tau} is outside the valid range (0, 1]: M_c keeps channel j when f_c[j] >= tau, so tau <= 0 "
-            "keeps every channel and tau > 1 keeps none. Pick a value such as 0.5, or let PathwayBankWriter choose "
-            "it on the validation split."
-        )
-    return tau
-
-
-def _checksum(meta_json: str, counts: np.ndarray, n: np.ndarray) -> str:
-    h = hashlib.sha256(meta_json.encode("utf-8"))
-    h.update(np.ascontiguousarray(counts, dtype="<i8").tobytes())
-    h.update(np.ascontiguousarray(n, dtype="<i8").tobytes())
-    return h.hexdigest()
 
 
 def _diff_names(ours: Sequence[str], theirs: Sequence[str], limit: int = 4) -> str:
@@ -97,69 +77,6 @@ def _diff_names(ours: Sequence[str], theirs: Sequence[str], limit: int = 4) -> s
     if len(ours) != len(theirs):
         diffs.append(f"{len(ours)} vs {len(theirs)} entries")
     return "; ".join(diffs[:limit]) + (" ..." if len(diffs) > limit else "")
-
-
-def choose_tau(
-    taus: Sequence[float],
-    agreement: Sequence[float],
-    swap_forcing: Sequence[float],
-    zero_forcing: Sequence[float],
-    kept: Sequence[float],
-    min_agreement: float = 0.95,
-    w_swap: float = 1.0,
-    w_zero: float = 0.5,
-    w_kept: float = 0.25,
-    max_kept: float | None = None,
-) -> tuple[float, str, list[float]]:
-    """Pick ``tau`` from transfer results measured on the validation split (never test).
-
-    Rule: ``score = agreement - w_swap * swap_forcing - w_zero * zero_forcing - w_kept * kept`` (GenCNP's
-    ``val/score``; a control that was not run, NaN, counts 0). Among the taus whose transfer agreement is
-    ``>= min_agreement`` and whose kept fraction is ``<= max_kept`` (the kept budget; ``None``: no budget), take
-    the highest score; when none qualifies, the highest score among the taus within the kept budget, and when no
-    tau is within it, the highest score overall. Ties go to the larger tau (the sparser class pathways).
-
-    Args:
-        taus: ``[T]`` candidate thresholds in ``(0, 1]``.
-        agreement, swap_forcing, zero_forcing, kept: ``[T]`` transfer metrics of ``M_c = f_c >= tau`` per tau.
-
-    Returns:
-        ``(tau, rule, scores)``: the chosen threshold, a sentence stating why, and the ``[T]`` scores.
-    """
-    if not taus:
-        raise ValueError("choose_tau needs at least one candidate tau.")
-    lengths = {len(taus), len(agreement), len(swap_forcing), len(zero_forcing), len(kept)}
-    if len(lengths) != 1:
-        raise ValueError(f"choose_tau got sequences of different lengths {sorted(lengths)}; pass one value per tau.")
-    for t in taus:
-        _check_tau(t, "candidate tau")
-
-    def z(v: float) -> float:
-        return 0.0 if v != v else float(v)
-
-    scores = [
-        z(a) - w_swap * z(s) - w_zero * z(o) - w_kept * z(k)
-        for a, s, o, k in zip(agreement, swap_forcing, zero_forcing, kept)
-    ]
-    if max_kept is not None and not 0.0 < max_kept <= 1.0:
-        raise ValueError(f"max_kept must lie in (0, 1] or be None (no kept budget), got {max_kept}.")
-    in_budget = [i for i, k in enumerate(kept) if max_kept is None or (k == k and k <= max_kept)]
-    feasible = [i for i in in_budget if agreement[i] == agreement[i] and agreement[i] >= min_agreement]
-    pool = feasible or in_budget or list(range(len(taus)))
-    best = max(pool, key=lambda i: (scores[i], taus[i]))
-    weights = f"score = agreement - {w_swap:g} swap_forcing - {w_zero:g} zero_forcing - {w_kept:g} kept"
-    budget = "" if max_kept is None else f" and kept <= {max_kept:g}"
-    if feasible:
-        rule = (
-            f"highest {weights} among the {len(feasible)} of {len(taus)} taus with validation transfer "
-            f"agreement >= {min_agreement:g}{budget}"
-        )
-    elif in_budget and max_kept is not None:
-        rule = (f"no tau reached validation transfer agreement >= {min_agreement:g} with kept <= {max_kept:g}; "
-                f"highest {weights} among the {len(in_budget)} taus with kept <= {max_kept:g}")  # fmt: skip
-    else:
-        rule = f"no tau reached validation transfer agreement >= {min_agreement:g}{budget}; highest {weights} overall"
-    return float(taus[best]), rule, scores
 
 
 def _frozen(target: Any) -> FrozenTarget:
@@ -400,7 +317,7 @@ class PathwayBank:
         if target.num_classes != self.num_classes:
             problems.append(f"classes: the bank has {self.num_classes}, the target {target.num_classes}")
         if problems:
-            raise ValueError(f"{source} does not fit the given target: " + "; ".join(problems) + f"; or {_REEXPORT}.")
+            raise ValueError(f"{source} does not fit the given target: " + "; ".join(problems) + f"; or {REEXPORT}.")
 
     def check_classes(self, class_names: Sequence[str], source: str = "this bank") -> None:
         """Raise a ``ValueError`` when ``class_names`` differs from the bank's class list (order included)."""
@@ -409,7 +326,7 @@ class PathwayBank:
             raise ValueError(
                 f"{source} was built for classes {self.class_names}, but the given class list is {names} "
                 f"(differences: {_diff_names(self.class_names, names)}). Pass the class names the bank was built "
-                f"with (same order), or {_REEXPORT} on this data."
+                f"with (same order), or {REEXPORT} on this data."
             )
 
     def apply(
@@ -480,8 +397,6 @@ class PathwayBank:
 
     # ----- file -----
     def _metadata(self) -> dict[str, Any]:
-        from gencnp import __version__
-
         return {
             "format_version": FORMAT_VERSION,
             "kind": KIND,
@@ -501,17 +416,7 @@ class PathwayBank:
 
     def to_bytes(self) -> bytes:
         """The bank's file content (see the module docstring)."""
-        from safetensors.torch import save
-
-        try:
-            meta_json = json.dumps(self._metadata(), sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"bank.info must be JSON-serialisable without NaN/Inf ({err}); store plain numbers and strings."
-            ) from err
-        counts, n = self.counts.contiguous().to(torch.int64), self.n.contiguous().to(torch.int64)
-        digest = _checksum(meta_json, counts.numpy(), n.numpy())
-        return save({"counts": counts, "n": n}, metadata={"gencnp": meta_json, "sha256": digest})
+        return bank_bytes(self._metadata(), self.counts, self.n)
 
     def save(self, path: str | Path) -> Path:
         """Write the bank to ``path`` (one safetensors file) atomically; returns the path.
@@ -540,109 +445,17 @@ class PathwayBank:
                 not fit ``target`` (tensor hash, taps, channel counts) or ``class_names``; the message names every
                 mismatch and how to fix it.
         """
-        from safetensors.torch import load as st_load
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"pathway bank '{path}' does not exist; fix the path, or {_REEXPORT}.")
-        data = path.read_bytes()
-        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle, never a bank
-            raise ValueError(
-                f"'{path}' is a torch checkpoint or pickle (e.g. a .ckpt), not a pathway bank (one .safetensors file "
-                "written by PathwayBankWriter); nothing was read from it. Pass the bank file (e.g. "
-                f"{DEFAULT_BANK}), or export one from this checkpoint: python train.py predict --config "
-                "configs/<data>/bank.yaml --ckpt_path <generator>.ckpt"
-            )
+        meta, counts, n = read_bank_file(path)
         damaged = f"pathway bank '{path}' is damaged"
         try:
-            tensors = st_load(data)
-            (hlen,) = np.frombuffer(data[:8], dtype="<u8")
-            header = json.loads(data[8 : 8 + int(hlen)])
-        except Exception as err:
-            raise ValueError(
-                f"{damaged}: it is not a readable safetensors file ({err}). It was truncated or altered "
-                f"(an interrupted copy?); copy it again, or {_REEXPORT}."
-            ) from err
-        file_meta = header.get("__metadata__") or {}
-        if "gencnp" not in file_meta:
-            raise ValueError(
-                f"'{path}' is a safetensors file but not a gencnp pathway bank (no 'gencnp' metadata); "
-                "pass a file written by PathwayBank.save or PathwayBankWriter."
-            )
-        meta_json = file_meta["gencnp"]
-        try:
-            meta = json.loads(meta_json)
-            if not isinstance(meta, dict):
-                raise ValueError("metadata is not a JSON object")
-        except ValueError as err:
-            raise ValueError(
-                f"{damaged}: its 'gencnp' metadata is not valid JSON ({err}); the header was altered; {_REEXPORT}."
-            ) from err
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"pathway bank '{path}' has format_version {version!r}, but this gencnp reads format_version "
-                f"{FORMAT_VERSION} only. Upgrade gencnp to the version that wrote it "
-                f"({meta.get('gencnp_version', 'unknown')}), "
-                f"or {_REEXPORT} with this one."
-            )
-        if set(tensors) != {"counts", "n"}:
-            raise ValueError(f"{damaged}: expected tensors 'counts' and 'n', found {sorted(tensors)}; {_REEXPORT}.")
-        counts, n = tensors["counts"], tensors["n"]
-        if counts.dtype != torch.int64 or n.dtype != torch.int64:
-            raise ValueError(f"{damaged}: counts and n must be int64, found {counts.dtype} and {n.dtype}; {_REEXPORT}.")
-        digest = _checksum(meta_json, counts.numpy(), n.numpy())
-        if file_meta.get("sha256") != digest:
-            raise ValueError(
-                f"{damaged}: its checksum does not match its content (sha256 {str(file_meta.get('sha256'))[:12]} "
-                f"recorded, {digest[:12]} computed): the metadata or the counts were altered after saving. "
-                f"Restore the original file, or {_REEXPORT}."
-            )
-        required = (
-            "kind",
-            "target_arch",
-            "target_hash",
-            "taps",
-            "tap_channels",
-            "class_names",
-            "tau",
-            "class_source",
-            "split",
-            "total",
-        )
-        missing = [k for k in required if k not in meta]
-        if missing:
-            raise ValueError(f"{damaged}: its metadata lacks {missing}; {_REEXPORT}.")
-        if meta["kind"] != KIND:
-            raise ValueError(f"'{path}' holds a '{meta['kind']}', not a pathway bank ('{KIND}'); pass a bank file.")
-        try:
-            bank = cls(
-                meta["class_names"],
-                meta["taps"],
-                meta["tap_channels"],
-                meta["target_arch"],
-                meta["target_hash"],
-                meta["class_source"],
-                meta["split"],
-                meta["tau"],
-            )
+            bank = cls(meta["class_names"], meta["taps"], meta["tap_channels"], meta["target_arch"],
+                       meta["target_hash"], meta["class_source"], meta["split"], meta["tau"])  # fmt: skip
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{damaged}: its metadata is invalid ({err}); {_REEXPORT}.") from err
-        shape_problems = []
-        if tuple(counts.shape) != (bank.num_classes, bank.num_channels):
-            shape_problems.append(
-                f"counts has shape {list(counts.shape)}, "
-                f"metadata says [K, D] = [{bank.num_classes}, {bank.num_channels}]"
-            )
-        if tuple(n.shape) != (bank.num_classes,):
-            shape_problems.append(f"n has shape {list(n.shape)}, metadata says [K] = [{bank.num_classes}]")
-        if not shape_problems:
-            if bool((n < 0).any()) or bool((counts < 0).any()) or bool((counts > n[:, None]).any()):
-                shape_problems.append("counts must satisfy 0 <= counts[c, j] <= n[c]")
-            if int(n.sum()) != meta["total"]:
-                shape_problems.append(f"n sums to {int(n.sum())}, metadata total is {meta['total']}")
-        if shape_problems:
-            raise ValueError(f"{damaged}: " + "; ".join(shape_problems) + f"; {_REEXPORT}.")
+            raise ValueError(f"{damaged}: its metadata is invalid ({err}); {REEXPORT}.") from err
+        problems = check_tensors(counts, n, bank.num_classes, bank.num_channels, meta["total"])
+        if problems:
+            raise ValueError(f"{damaged}: " + "; ".join(problems) + f"; {REEXPORT}.")
         bank.counts, bank.n = counts.clone(), n.clone()
         bank.info = dict(meta.get("info") or {})
         bank.metadata = meta
@@ -654,7 +467,7 @@ class PathwayBank:
 
 
 def _draw_heatmap(bank: PathwayBank, png: Path, title_path: str) -> None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib only when a heatmap is drawn
 
     freq = bank.frequencies().numpy()
     k, d = freq.shape
@@ -685,8 +498,6 @@ def _draw_heatmap(bank: PathwayBank, png: Path, title_path: str) -> None:
     cbar.set_label("selection frequency f_c[j]" + (f"  (M_c: f_c >= {bank.tau:g})" if bank.tau is not None else ""))
     if bank.tau is not None:
         cbar.ax.axhline(bank.tau, color="red", linewidth=1.5)
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     write_atomic(png, buf.getvalue())

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gencnp.hooks import space_reduce
 from gencnp.targets import FrozenTarget
 
 __all__ = [
@@ -140,11 +141,7 @@ def plain(x: torch.Tensor) -> torch.Tensor:
 
 def _space_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over space/tokens: ``[B, C, H, W]`` -> ``[B, C]``, tokens ``[B, N, C]`` -> ``[B, C]``."""
-    if t.dim() == 4:
-        return t.sum(dim=(2, 3))
-    if t.dim() == 3:
-        return t.sum(dim=1)
-    return t
+    return space_reduce(t, "sum")
 
 
 def _class_score(logits: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:

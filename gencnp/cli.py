@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+import gencnp  # noqa: F401  (registers targets and makes class paths importable)
+from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint, read_checkpoint
 from gencnp.preflight import ConfigHintParser, preflight
+from gencnp.tracking import ConfigSaver, check_loggers  # a missing tracker package fails in check_loggers
 
 
 class GenCNPCLI(LightningCLI):
@@ -14,8 +23,6 @@ class GenCNPCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         # config.yaml in the log dir, and the resolved config into W&B/TensorBoard
-        from gencnp.tracking import ConfigSaver
-
         kwargs.setdefault("save_config_callback", ConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
@@ -28,10 +35,6 @@ class GenCNPCLI(LightningCLI):
         # Lightning reads --ckpt_path here (for the hyper-parameters it stores, which then take precedence over the
         # config) with a bare torch.load, before any gencnp check: a truncated, altered or code-carrying file must
         # fail with gencnp's message instead (gencnp.checkpointing.read_checkpoint).
-        from pathlib import Path
-
-        from gencnp.checkpointing import read_checkpoint
-
         subcommand = self.config.get("subcommand")
         cfg = (self.config.get(subcommand) or {}) if subcommand else {}
         ckpt_path = cfg.get("ckpt_path")
@@ -64,10 +67,6 @@ class GenCNPCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # Crash-safe checkpoints for every config (gencnp.checkpointing), unless one names its own CheckpointIO.
-        from lightning.fabric.plugins import CheckpointIO
-
-        from gencnp.checkpointing import AtomicCheckpointIO
-
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -75,18 +74,12 @@ class GenCNPCLI(LightningCLI):
         trainer = super()._instantiate_trainer(config, callbacks)
         # last.ckpt always holds the newest state (Lightning 2.6 leaves it at the last improvement of the monitored
         # metric, so --ckpt_path last would resume from an older state): see gencnp.checkpointing.ModelCheckpoint.
-        from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
-
-        from gencnp.checkpointing import ModelCheckpoint
-
         for cb in trainer.callbacks:
             if type(cb) is LightningModelCheckpoint:
                 cb.__class__ = ModelCheckpoint  # same state_key: checkpoints stay interchangeable
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        from gencnp.tracking import check_loggers  # a missing tracker package fails here, naming its pip extra
-
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         check_loggers((cfg.get("trainer") or {}).get("logger"))
 
@@ -116,17 +109,12 @@ def importable_cwd() -> None:
     """Put the working directory first on ``sys.path``: a target given by class path (``mynet.MyNet``) or a module
     with ``@register_target`` can live next to the configs. ``python train.py`` alone puts only the script's own
     folder there."""
-    import os
-    import sys
-
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path[:1]:
         sys.path.insert(0, cwd)
 
 
 def main(args=None) -> GenCNPCLI:
-    import gencnp  # noqa: F401  (registers targets and makes class paths importable)
-
     importable_cwd()
 
     return GenCNPCLI(args=args)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["per_sample", "class_iou", "summarize", "PathwayMetrics", "KEYS", "null_families_of"]
 
@@ -214,8 +215,6 @@ class PathwayMetrics(Metric):
 
     def values(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Synced per-sample values, pathways and classes (for bootstrap intervals)."""
-        from torchmetrics.utilities import dim_zero_cat
-
         vals = {k: dim_zero_cat(getattr(self, self._state(k))) for k in self._keys}
         return vals, dim_zero_cat(self.pathways), dim_zero_cat(self.classes)
 

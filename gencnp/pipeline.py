@@ -38,277 +38,50 @@ A failure is one message and exit code 2; an ``OSError`` later (a full disk) is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib
 import inspect
-import io
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gencnp.data import FashionMNISTDataModule
 from gencnp.fileio import write_json
+from gencnp.preflight import _exists, check_writable_dir
+from gencnp.stages import (  # noqa: F401  (re-exported: the pipeline's names stay importable from here)
+    REPO,
+    STAMP_FORMAT,
+    DataUnavailable,
+    PipelineError,
+    Stage,
+    StageFailed,
+    _chdir,
+    _find,
+    _fmt_time,
+    _log_path,
+    _read_stamp,
+    _run_stage,
+    _show,
+    _why_redo,
+    file_hash,
+    load_pipeline,
+    preflight_stages,
+    resolved_config,
+)
+from gencnp.version import __version__
 
 __all__ = ["Stage", "load_pipeline", "run_pipeline", "obtain_data", "resolved_config", "summary", "main",
            "PipelineError", "DataUnavailable", "StageFailed"]  # fmt: skip
 
-REPO = Path(__file__).resolve().parents[1]
-STAMP_FORMAT = 1
-TOP_KEYS = ("stages", "report", "logger")
-STAGE_FIELDS = ("name", "entry", "command", "config", "args", "inputs", "outputs")
-
-
-class PipelineError(RuntimeError):
-    """A pipeline or stage config that cannot run (exit code 2)."""
-
-
-class DataUnavailable(PipelineError):
-    """The data of a stage could not be found or obtained; the message is the data module's own."""
-
-
-class StageFailed(RuntimeError):
-    """A stage's process exited non-zero (the pipeline exits with that code)."""
-
-    def __init__(self, message: str, returncode: int):
-        super().__init__(message)
-        self.returncode = returncode
-
-
-@dataclass
-class Stage:
-    """One step of the pipeline: ``python <entry> <command> --config <config> <args...>``.
-
-    Args:
-        name: unique stage name (``--redo`` takes it).
-        entry: entry-point script (``train.py`` or ``evaluate.py``).
-        command: its sub-command (``fit``, ``predict``, ``report``, ...).
-        config: the stage's YAML config.
-        args: extra command-line arguments (part of the resolved config, hence of the key).
-        inputs: files the stage reads, relative to the working folder (their bytes are part of the key).
-        outputs: files the stage must write, relative to the working folder; the stamp lives next to the first.
-    """
-
-    name: str
-    entry: str
-    command: str
-    config: str
-    args: list[str] = field(default_factory=list)
-    inputs: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-
-    def stamp_path(self, workdir: Path) -> Path:
-        return (workdir / self.outputs[0]).parent / f"{self.name}.stamp.json"
-
-
-# ----- the pipeline file -----
-def load_pipeline(path: str | Path) -> dict[str, Any]:
-    """Read and check a pipeline YAML; returns ``{'stages': [Stage, ...], 'report': str | None, 'logger': ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"pipeline config '{path}' does not exist; try configs/fashion_mnist/pipeline.yaml.")
-    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(spec, dict):
-        raise PipelineError(f"pipeline config '{path}' must be a mapping with keys {', '.join(TOP_KEYS)}.")
-    unknown = sorted(set(spec) - set(TOP_KEYS))
-    if unknown:
-        raise PipelineError(f"pipeline config '{path}' has unknown keys {unknown}; allowed: {', '.join(TOP_KEYS)}.")
-    raw = spec.get("stages")
-    if not isinstance(raw, list) or not raw:
-        raise PipelineError(
-            f"pipeline config '{path}' needs a non-empty list 'stages' (fields: {', '.join(STAGE_FIELDS)})."
-        )
-    stages, names = [], set()
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise PipelineError(f"stage {i} of '{path}' must be a mapping with fields {', '.join(STAGE_FIELDS)}.")
-        bad = sorted(set(item) - set(STAGE_FIELDS))
-        missing = [k for k in ("name", "entry", "command", "config", "outputs") if not item.get(k)]
-        if bad or missing:
-            raise PipelineError(f"stage {item.get('name', i)} of '{path}': unknown fields {bad}, missing fields {missing}; "
-                                f"fields are {', '.join(STAGE_FIELDS)} (outputs must list at least one file).")  # fmt: skip
-        for key in ("args", "inputs", "outputs"):
-            value = item.get(key) or []
-            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-                raise PipelineError(
-                    f"stage '{item['name']}' of '{path}': '{key}' must be a list of strings, got {value!r}."
-                )
-            item[key] = [str(v) for v in value]
-        if item["name"] in names:
-            raise PipelineError(f"stage name '{item['name']}' appears twice in '{path}'; names must be unique.")
-        names.add(item["name"])
-        stages.append(Stage(**item))
-    return {"stages": stages, "report": spec.get("report"), "logger": spec.get("logger")}
-
-
-def _find(path: str, what: str) -> Path:
-    """A script or config: absolute, else relative to the current folder, else to gencnp's repository."""
-    p = Path(path)
-    for candidate in [p] if p.is_absolute() else [Path.cwd() / p, REPO / p]:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise PipelineError(f"{what} '{path}' not found (looked in {Path.cwd()} and {REPO}); fix the path.")
-
-
-@contextlib.contextmanager
-def _chdir(folder: Path):
-    old = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-# ----- keys -----
-def resolved_config(argv: Sequence[str]) -> str:
-    """The entry point's ``--print_config`` output for ``argv = [script, command, args...]``, run in-process.
-
-    Raises:
-        PipelineError: the arguments do not parse (the parser's message is included).
-    """
-    out, err = io.StringIO(), io.StringIO()
-    old_argv = sys.argv
-    sys.argv = [str(a) for a in argv] + ["--print_config"]
-    code: Any = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(str(argv[0]), run_name="__main__")
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = old_argv
-    if code not in (0, None) or not out.getvalue().strip():
-        tail = "\n".join(err.getvalue().strip().splitlines()[-12:])
-        raise PipelineError(f"`{' '.join(map(str, argv))} --print_config` failed (exit {code}):\n{tail}")
-    return out.getvalue()
-
-
-def file_hash(path: Path) -> str | None:
-    """sha256 of a file's bytes (``None`` when missing)."""
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_stamp(path: Path) -> dict | None:
-    try:
-        stamp = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) and stamp.get("format") == STAMP_FORMAT else None
-
-
-def _why_redo(stage: Stage, workdir: Path, config_hash: str, inputs: dict[str, str | None]) -> str | None:
-    """Why ``stage`` must run (``None``: its stamp still holds)."""
-    path = stage.stamp_path(workdir)
-    if not path.exists():
-        return "no stamp yet"
-    stamp = _read_stamp(path)
-    if stamp is None:
-        return f"stamp {path} unreadable"
-    if stamp.get("config_hash") != config_hash:
-        return "resolved config changed"
-    for name, h in inputs.items():
-        if (stamp.get("inputs") or {}).get(name) != h:
-            return f"input {name} changed"
-    for name in stage.outputs:
-        h = file_hash(workdir / name)
-        if h is None:
-            return f"output {name} missing"
-        if (stamp.get("outputs") or {}).get(name) != h:
-            return f"output {name} differs from the stamp"
-    return None
-
-
-# ----- preflight of the stages -----
-def _config_folders(text: str) -> list[tuple[str, str]]:
-    """``(folder, what)`` for every place a stage's resolved config writes (logger, checkpoints, bank, report)."""
-    cfg = yaml.safe_load(text) or {}
-    out: list[tuple[str, str]] = []
-    trainer = cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else {}
-    loggers = trainer.get("logger")
-    for lg in loggers if isinstance(loggers, list) else [loggers]:
-        if isinstance(lg, dict) and (lg.get("init_args") or {}).get("save_dir"):
-            out.append((str(lg["init_args"]["save_dir"]), "log folder (trainer.logger save_dir)"))
-    if trainer.get("default_root_dir"):
-        out.append((str(trainer["default_root_dir"]), "run folder (trainer.default_root_dir)"))
-    for cb in trainer.get("callbacks") or []:
-        args = (cb.get("init_args") or {}) if isinstance(cb, dict) else {}
-        name = str(cb.get("class_path", "callback")).rpartition(".")[2] if isinstance(cb, dict) else "callback"
-        if args.get("dirpath"):
-            out.append((str(args["dirpath"]), f"checkpoint folder of {name}"))
-        if args.get("output_dir"):
-            out.append((str(args["output_dir"]), f"output folder of {name}"))
-        if isinstance(args.get("path"), str) and args["path"].endswith(".safetensors"):
-            out.append((str(Path(args["path"]).parent), f"folder of {name}'s file"))
-    if cfg.get("out_dir"):
-        out.append((str(cfg["out_dir"]), "report folder (out_dir)"))
-    return [(d, w) for d, w in out if "://" not in d]
-
-
-def preflight_stages(to_run: Sequence[tuple[Stage, str]], stages: Sequence[Stage], workdir: Path,
-                     quiet: bool = False) -> None:  # fmt: skip
-    """Check every stage that will run before the first one starts: each input exists or is an output of an earlier
-    stage, and every folder it writes (its outputs', its stamp's and log's, and the logger, checkpoint, bank and
-    report folders of its resolved config) can be written. Nothing is created.
-
-    Raises:
-        PipelineError: one message naming the stage, the path and the fix (exit code 2).
-    """
-    from gencnp.preflight import check_name_lengths, check_writable_dir
-
-    produced: set[str] = set()
-    order = {st.name: i for i, st in enumerate(stages)}
-    for st in stages:
-        if st.name not in {s.name for s, _ in to_run}:
-            produced |= set(st.outputs)
-    for st, text in sorted(to_run, key=lambda item: order[item[0].name]):
-        missing = [name for name in st.inputs if name not in produced and not (workdir / name).is_file()]
-        if missing:
-            raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which does not exist and no earlier "
-                                "stage produces; add the stage that writes it, or fix 'inputs'.")  # fmt: skip
-        fix = f"change the path in {st.config}, or use another --workdir."
-        folders = [(str(Path(o).parent), f"folder of the output '{o}'") for o in st.outputs]
-        folders += _config_folders(text)
-        for out in st.outputs:
-            if (workdir / out).is_dir():
-                raise PipelineError(f"stage '{st.name}': its output '{out}' is a folder, not a file; move it away or "
-                                    f"fix 'outputs'. Nothing was run.")  # fmt: skip
-        for folder, what in folders:
-            try:
-                check_name_lengths(workdir / folder, f"{what} of stage '{st.name}'", fix)
-                for out in st.outputs:
-                    check_name_lengths(workdir / out, f"output of stage '{st.name}'", fix)
-                check_writable_dir(workdir / folder, f"{what} of stage '{st.name}'", fix)
-            except (OSError, ValueError) as err:
-                raise PipelineError(f"{err} No stage was run.") from err
-        produced |= set(st.outputs)
-
-
-def _log_path(st: Stage, workdir: Path) -> Path:
-    """A new ``<output folder>/<stage>.<date-time>.<random>.log`` (created, mode 0644): two runs, concurrent or not,
-    never write the same log."""
-    folder = st.stamp_path(workdir).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{st.name}.{time.strftime('%Y%m%d-%H%M%S')}.", suffix=".log", dir=folder)
-    os.close(fd)
-    os.chmod(name, 0o644)
-    return Path(name)
+_write_json_atomic = write_json  # the stamp writer (a name of its own: tests replace it to simulate a full disk)
 
 
 # ----- data -----
@@ -328,8 +101,6 @@ def obtain_data(specs: Sequence[dict], download: bool = False, say: Callable[[st
     Raises:
         DataUnavailable: nothing worked; the message is the data module's own error.
     """
-    from gencnp.data import FashionMNISTDataModule
-
     seen = set()
     for spec in specs:
         key = json.dumps(spec, sort_keys=True, default=str)
@@ -383,12 +154,6 @@ def _apt_install(package: str, quiet: bool) -> bool:
 
 
 # ----- the run -----
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
-
-
 def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool = False, force: bool = False,
                  redo: Sequence[str] = (), logger: str | None = None, quiet: bool = False, dry_run: bool = False,
                  say: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
@@ -415,23 +180,49 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
     t0 = time.perf_counter()
     spec = load_pipeline(config)
     stages: list[Stage] = spec["stages"]
-    workdir = Path(workdir).resolve()
-    from gencnp.preflight import _exists
+    workdir = _working_folder(Path(workdir).resolve())
+    unknown = sorted(set(redo) - {s.name for s in stages})
+    if unknown:
+        raise PipelineError(f"--redo names unknown stages {unknown}; stages: {', '.join(s.name for s in stages)}.")
+    logger = logger or spec["logger"]
+    argvs, printed = _stage_commands(stages, workdir, str(_find(logger, "logger config")) if logger else None)
+    if not dry_run:
+        specs = []
+        for text in printed:
+            data = (yaml.safe_load(text) or {}).get("data")
+            if isinstance(data, dict) and data.get("class_path"):
+                specs.append(data)
+        with _chdir(workdir):
+            obtain_data(specs, download, say, quiet)
+    plan = _plan(stages, printed, workdir, force, redo)
+    if not dry_run:
+        # Every stage that will run: inputs present or produced upstream, every folder it writes writable, before
+        # the first stage starts (a read-only report folder must not cost a rerun of training first).
+        preflight_stages([(st, text) for st, text, (_, r) in zip(stages, printed, plan) if r is not None], stages,
+                         workdir, quiet)  # fmt: skip
+    results = []
+    for i, (st, argv, (config_hash, reason)) in enumerate(zip(stages, argvs, plan), 1):
+        head = f"[{i}/{len(stages)}] {st.name}"
+        results.append(_run_or_reuse(st, argv, config_hash, reason, head, workdir, quiet, dry_run, say))
+    out: dict[str, Any] = {"stages": results, "summary": None, "seconds": time.perf_counter() - t0}
+    if not dry_run:
+        _finish(out, stages, spec["report"], workdir, say)
+    return out
 
+
+def _working_folder(workdir: Path) -> Path:
+    """``workdir``, created when missing (after checking it can be)."""
     if not (_exists(workdir) and workdir.is_dir()):  # _exists: a name too long to stat is reported below
-        from gencnp.preflight import check_writable_dir
-
         try:
             check_writable_dir(workdir, "working folder (--workdir)", "choose another --workdir.")
             workdir.mkdir(parents=True, exist_ok=True)
         except (OSError, ValueError) as err:
             raise PipelineError(f"{err} No stage was run.") from err
-    unknown = sorted(set(redo) - {s.name for s in stages})
-    if unknown:
-        raise PipelineError(f"--redo names unknown stages {unknown}; stages: {', '.join(s.name for s in stages)}.")
-    logger = logger or spec["logger"]
-    logger_path = str(_find(logger, "logger config")) if logger else None
+    return workdir
 
+
+def _stage_commands(stages: Sequence[Stage], workdir: Path, logger_path: str | None) -> tuple[list, list[str]]:
+    """Each stage's command line ``[entry, command, --config, config, args...]`` and its resolved config."""
     argvs, printed = [], []
     for st in stages:
         argv = [str(_find(st.entry, f"stage '{st.name}': entry")), st.command, "--config",
@@ -445,17 +236,13 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
                 printed.append(resolved_config(argv))
             except PipelineError as exc:
                 raise PipelineError(f"stage '{st.name}': its config does not parse. {exc}") from exc
+    return argvs, printed
 
-    if not dry_run:
-        specs = []
-        for text in printed:
-            data = (yaml.safe_load(text) or {}).get("data")
-            if isinstance(data, dict) and data.get("class_path"):
-                specs.append(data)
-        with _chdir(workdir):
-            obtain_data(specs, download, say, quiet)
 
-    plan, ran_before = [], None  # (config hash, why it runs or None) per stage; a stage that runs redoes the rest
+def _plan(stages: Sequence[Stage], printed: Sequence[str], workdir: Path, force: bool,
+          redo: Sequence[str]) -> list[tuple[str, str | None]]:  # fmt: skip
+    """``(config hash, why it runs or None)`` per stage; a stage that runs redoes every stage after it."""
+    plan, ran_before = [], None
     for st, text in zip(stages, printed):
         config_hash = hashlib.sha256(f"{Path(st.entry).name}\n{st.command}\n{text}".encode()).hexdigest()
         if force:
@@ -468,94 +255,66 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
             reason = _why_redo(st, workdir, config_hash, {name: file_hash(workdir / name) for name in st.inputs})
         ran_before = st.name if reason is not None else ran_before
         plan.append((config_hash, reason))
-    if not dry_run:
-        # Every stage that will run: inputs present or produced upstream, every folder it writes writable, before
-        # the first stage starts (a read-only report folder must not cost a rerun of training first).
-        preflight_stages([(st, text) for st, text, (_, r) in zip(stages, printed, plan) if r is not None], stages,
-                         workdir, quiet)  # fmt: skip
+    return plan
 
-    results = []
-    n = len(stages)
-    for i, (st, argv, (config_hash, reason)) in enumerate(zip(stages, argvs, plan), 1):
-        head = f"[{i}/{n}] {st.name}"
-        inputs = {name: file_hash(workdir / name) for name in st.inputs}  # now: upstream stages may have rewritten them
-        shown = f"python {Path(st.entry).name} {st.command} --config {st.config}" + "".join(f" {a}" for a in argv[4:])
-        row = {"name": st.name, "reason": reason, "seconds": 0.0, "outputs": list(st.outputs)}
-        if reason is None:
-            stamp = _read_stamp(st.stamp_path(workdir)) or {}
-            row["status"] = "would reuse" if dry_run else "reused"
-            say(f"{head}: reused (config and inputs unchanged since {stamp.get('finished', '?')}; "
-                f"stamp {st.stamp_path(workdir)})")  # fmt: skip
-            results.append(row)
-            continue
-        if dry_run:
-            row["status"] = "would run"
-            say(f"{head}: would run ({reason}): {shown}")
-            results.append(row)
-            continue
-        missing = [name for name, h in inputs.items() if h is None]
-        if missing:
-            raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which no earlier stage produced; "
-                                "add the stage that writes it, or fix 'inputs'.")  # fmt: skip
-        stamp_path = st.stamp_path(workdir)
-        stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
-        log = _log_path(st, workdir) if quiet else None
-        # --quiet: the stage's own progress bars go to its log; say where, so a long stage can be followed (tail -f).
-        say(f"{head}: running ({reason}): {shown}" + (f"; output in {_show(log)}" if log else ""))
-        t_stage = time.perf_counter()
-        proc = _run_stage(argv, workdir, log)
-        seconds = time.perf_counter() - t_stage
-        if proc != 0:
-            where = f"; see {log}" if log else ""
-            raise StageFailed(
-                f"stage '{st.name}' failed with exit code {proc} after {_fmt_time(seconds)}: {shown}{where}", proc
-            )
-        outputs = {name: file_hash(workdir / name) for name in st.outputs}
-        absent = [name for name, h in outputs.items() if h is None]
-        if absent:
-            raise PipelineError(f"stage '{st.name}' finished but did not write {', '.join(absent)}; make the pipeline's "
-                                f"'outputs' match the paths in {st.config}.")  # fmt: skip
-        from gencnp import __version__
 
-        write_json(stamp_path, {
-            "format": STAMP_FORMAT, "stage": st.name, "entry": Path(st.entry).name, "command": st.command,
-            "config": st.config, "args": st.args, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
-            "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "gencnp": __version__,
-        })  # fmt: skip
-        say(f"{head}: done in {_fmt_time(seconds)}")
-        row.update(status="ran", seconds=seconds)
-        results.append(row)
-
-    out: dict[str, Any] = {"stages": results, "summary": None, "seconds": time.perf_counter() - t0}
+def _run_or_reuse(st: Stage, argv: list[str], config_hash: str, reason: str | None, head: str, workdir: Path,
+                  quiet: bool, dry_run: bool, say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """Run one stage (or reuse it, or say what would happen) and write its stamp; returns its result row."""
+    inputs = {name: file_hash(workdir / name) for name in st.inputs}  # now: upstream stages may have rewritten them
+    shown = f"python {Path(st.entry).name} {st.command} --config {st.config}" + "".join(f" {a}" for a in argv[4:])
+    row = {"name": st.name, "reason": reason, "seconds": 0.0, "outputs": list(st.outputs)}
+    if reason is None:
+        stamp = _read_stamp(st.stamp_path(workdir)) or {}
+        row["status"] = "would reuse" if dry_run else "reused"
+        say(f"{head}: reused (config and inputs unchanged since {stamp.get('finished', '?')}; "
+            f"stamp {st.stamp_path(workdir)})")  # fmt: skip
+        return row
     if dry_run:
-        return out
+        row["status"] = "would run"
+        say(f"{head}: would run ({reason}): {shown}")
+        return row
+    missing = [name for name, h in inputs.items() if h is None]
+    if missing:
+        raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which no earlier stage produced; "
+                            "add the stage that writes it, or fix 'inputs'.")  # fmt: skip
+    stamp_path = st.stamp_path(workdir)
+    stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
+    log = _log_path(st, workdir) if quiet else None
+    # --quiet: the stage's own progress bars go to its log; say where, so a long stage can be followed (tail -f).
+    say(f"{head}: running ({reason}): {shown}" + (f"; output in {_show(log)}" if log else ""))
+    t_stage = time.perf_counter()
+    proc = _run_stage(argv, workdir, log)
+    seconds = time.perf_counter() - t_stage
+    if proc != 0:
+        where = f"; see {log}" if log else ""
+        raise StageFailed(f"stage '{st.name}' failed with exit code {proc} after {_fmt_time(seconds)}: {shown}{where}", proc)
+    outputs = {name: file_hash(workdir / name) for name in st.outputs}
+    absent = [name for name, h in outputs.items() if h is None]
+    if absent:
+        raise PipelineError(f"stage '{st.name}' finished but did not write {', '.join(absent)}; make the pipeline's "
+                            f"'outputs' match the paths in {st.config}.")  # fmt: skip
+    _write_json_atomic(stamp_path, {
+        "format": STAMP_FORMAT, "stage": st.name, "entry": Path(st.entry).name, "command": st.command,
+        "config": st.config, "args": st.args, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
+        "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "gencnp": __version__,
+    })  # fmt: skip
+    say(f"{head}: done in {_fmt_time(seconds)}")
+    row.update(status="ran", seconds=seconds)
+    return row
+
+
+def _finish(out: dict[str, Any], stages: Sequence[Stage], report: str | None, workdir: Path,
+            say: Callable[[str], None]) -> None:  # fmt: skip
+    """Say where every output is, and summarise the report into ``out['summary']``."""
     say(f"pipeline finished in {_fmt_time(out['seconds'])}")
-    for st, row in zip(stages, results):
+    for st, row in zip(stages, out["stages"]):
         say(f"  {st.name:<8} {', '.join(_show(workdir / o) for o in st.outputs)} ({row['status']})")
-    report = spec["report"]
     if report and (workdir / report).is_file():
         out["summary"] = summary(json.loads((workdir / report).read_text(encoding="utf-8")))
         say(summary_text(out["summary"], _show(workdir / report)))
     elif report:
         say(f"  (no summary: {_show(workdir / report)} does not exist)")
-    return out
-
-
-def _show(path: Path) -> str:
-    """A path relative to the current folder when it lies below it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _run_stage(argv: list[str], workdir: Path, log: Path | None) -> int:
-    cmd = [sys.executable, *argv]
-    if log is None:
-        return subprocess.run(cmd, cwd=workdir).returncode
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as f:
-        return subprocess.run(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
 # ----- the summary -----

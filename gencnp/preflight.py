@@ -35,8 +35,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import lightning as L
+import torch
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.loggers import WandbLogger
+
+from gencnp.banks import _diff_names
+from gencnp.checkpointing import read_checkpoint, read_state_dict
+from gencnp.targets import state_mismatch
 
 __all__ = [
     "preflight", "check_checkpoint", "check_class_names", "check_outputs", "check_writable_dir", "check_name_lengths", "check_inputs", "check_wandb_online",
@@ -60,8 +68,6 @@ def resolve_ckpt_path(trainer: Any, ckpt_path: str | None) -> Path | None:
     if ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
         return None
     if ckpt_path == "last":
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         found = []
         for cb in getattr(trainer, "callbacks", []) or []:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath and "://" not in str(cb.dirpath):
@@ -77,9 +83,6 @@ def check_checkpoint(trainer: Any, model: Any, ckpt_path: str | None) -> None:
         FileNotFoundError: the named file does not exist.
         ValueError: it is truncated, altered, holds code, or was written for another model, target or taps.
     """
-    from gencnp.checkpointing import read_checkpoint
-    from gencnp.targets import state_mismatch
-
     path = resolve_ckpt_path(trainer, ckpt_path)
     if path is None:
         return
@@ -111,8 +114,6 @@ def check_checkpoint(trainer: Any, model: Any, ckpt_path: str | None) -> None:
 
 # ----- class lists -----
 def _recorded_classes(path: Path) -> list[str] | None:
-    from gencnp.targets import read_state_dict
-
     try:
         meta = read_state_dict(path)[1]
     except (OSError, ValueError):  # unreadable files are refused with their own message elsewhere
@@ -140,8 +141,6 @@ def check_class_names(trainer: Any, model: Any, datamodule: Any, ckpt_path: str 
             continue
         recorded = _recorded_classes(path)
         if recorded is not None and recorded != names:
-            from gencnp.banks import _diff_names
-
             raise ValueError(
                 f"{what} '{path}' was trained on the classes {recorded}, but the data ({type(datamodule).__name__}) "
                 f"has {names} (differences: {_diff_names(recorded, names)}); class indices would mean other classes. "
@@ -204,8 +203,6 @@ def check_writable_dir(directory: str | Path, what: str, fix: str) -> None:
 
 def _outputs(trainer: Any) -> list[tuple[Path, str, str]]:
     """``(folder, what, how to change it)`` for every place the run writes."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     out = []
     loggers = list(getattr(trainer, "loggers", []) or [])
     for lg in loggers:
@@ -250,8 +247,6 @@ def check_inputs(model: Any, datamodule: Any, stage: str | None, n: int = 64) ->
     Raises:
         ValueError: an image of the wrong shape (C, H, W), or one holding NaN or Inf.
     """
-    import torch
-
     split = getattr(datamodule, "split", None)
     if not callable(split) or stage is None:
         return
@@ -344,8 +339,6 @@ def check_wandb_online(loggers: Iterable[Any], timeout: float = 2.0) -> None:
     Raises:
         ValueError: what is missing, and how to log offline instead.
     """
-    from lightning.pytorch.loggers import WandbLogger
-
     if not any(isinstance(lg, WandbLogger) and _wandb_online(lg) for lg in loggers or []):
         return
     host, port = _wandb_host()
@@ -413,8 +406,6 @@ def config_hint(message: str, options: Sequence[str] = ()) -> str | None:
         key = m.group(1)
         group, _, leaf = key.rpartition(".")
         if group == "trainer":
-            import lightning as L
-
             candidates = _init_parameters(f"{L.Trainer.__module__}.Trainer")
         else:
             names = [o.lstrip("-") for o in options if o.startswith("--")]

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import yaml
+from jsonargparse import CLI
+from tqdm import tqdm
 
 COLUMNS = ["agreement", "kept_mean", "swap_forcing", "zero_forcing", "acIOU", "between_class_iou", "kept_class_std", "score",
            "lookup_agreement", "lookup_gain"]  # fmt: skip
@@ -90,8 +92,6 @@ def main(config: str = "configs/fashion_mnist/gencnp.yaml", points: str = "confi
         only: names of the points to (re)run; others are kept from an existing ``frontier.json``.
         extra: extra CLI arguments passed to every run.
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load(open(points))
@@ -115,6 +115,4 @@ def main(config: str = "configs/fashion_mnist/gencnp.yaml", points: str = "confi
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
     CLI(main, as_positional=False)

@@ -1,52 +1,37 @@
-"""LightningModules: ``TargetClassifier`` (trains a target) and ``GenCNP`` (trains the pathway generator).
+"""LightningModules: ``GenCNP`` (trains the pathway generator) and ``TargetClassifier`` (trains a target;
+``gencnp.classifier``, re-exported here).
 
-Systems orchestrate: steps, logging, optimisers. The maths lives in ``generator``, ``losses`` and ``metrics``.
+Systems orchestrate: steps, logging, optimisers. The maths lives in ``generator``, ``losses`` and ``metrics``;
+the training step's parts in ``training``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from gencnp import losses as LS
 from gencnp import nulls as NL
+from gencnp import training as ST
 from gencnp.baselines import tap_counts, topk_per_tap
 from gencnp.checkpointing import VerifiedLoading, seal, state_hash, verify_state_hash
+from gencnp.classifier import TargetClassifier, _check_data, _check_finite, _record_classes
 from gencnp.generator import PathwayGenerator
+from gencnp.hooks import channel_means
 from gencnp.metrics import PathwayMetrics
+from gencnp.selection import W_KEPT, W_SWAP, W_ZERO, selection_score
 from gencnp.settings import check_settings
-from gencnp.taps import channel_means
-from gencnp.targets import SPEC_KEY, FrozenTarget, build_target, check_input_size, load_target, make_target_spec
+from gencnp.targets import FrozenTarget, build_target
 
 __all__ = ["TargetClassifier", "GenCNP", "FORMAT_VERSION", "DEFAULT_NULL_FAMILIES"]
 FORMAT_VERSION = 1
 # Null families measured in validation and test when ``null_families`` is not set.
 DEFAULT_NULL_FAMILIES = ("gaussian", "shuffle", "smooth")
-
-
-def _check_data(num_classes: int, input_shape: Sequence[int] | None, datamodule, what: str) -> None:
-    """Fail before training when the data cannot feed the model."""
-    if datamodule is None:
-        return
-    k = getattr(datamodule, "num_classes", None)
-    if k is not None and k != num_classes:
-        raise ValueError(
-            f"{what} has num_classes={num_classes} but the data has {k} classes ({type(datamodule).__name__}); "
-            f"set model num_classes: {k}, or use a checkpoint trained on this data."
-        )
-    shape = getattr(datamodule, "input_shape", None)
-    if input_shape is not None and shape is not None and tuple(shape) != tuple(input_shape):
-        raise ValueError(
-            f"{what} expects images of shape {tuple(input_shape)} (C, H, W) but the data gives {tuple(shape)}; "
-            "set in_chans/image_size to match the data, or resize the data."
-        )
 
 
 def partner_classes(h: torch.Tensor, y_hat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -83,91 +68,7 @@ def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) 
             f"the swap_forcing control needs probe images of at least two classes, but classes {', '.join(names)} have "
             f"none ({len(have)} class with probes); {fix}. Nothing was trained."
         )
-    from lightning.pytorch.utilities import rank_zero_warn
-
     rank_zero_warn(f"classes {', '.join(names)} have no swap probes; their images are never swap partners ({fix}).")
-
-
-def _record_classes(module: L.LightningModule, checkpoint: dict) -> None:
-    """Store the data's class names in the checkpoint, so later data can be checked against them (preflight)."""
-    names = getattr(getattr(module._trainer, "datamodule", None), "class_names", None) if module._trainer else None
-    if names:
-        checkpoint["class_names"] = [str(c) for c in names]
-
-
-def _check_finite(x: torch.Tensor, stage: str, batch_idx: int) -> None:
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files).")
-
-
-class TargetClassifier(VerifiedLoading, L.LightningModule):
-    """Cross-entropy training of a target classifier (any name ``create_target`` accepts).
-
-    Args:
-        arch: target name (``fmnist_cnn``, a timm or torchvision name, your registered one, or a dotted class
-            path), or ``{class_path: mynet.MyNet, init_args: {...}}`` for any importable ``nn.Module``. Checkpoints
-            record it (with the other arguments below) so GEN-CNP rebuilds the model from the checkpoint alone.
-        checkpoint: optional weights to start from (fine-tuning).
-        image_size: input side, used to check the data before training.
-    """
-
-    def __init__(self, arch: str | dict = "fmnist_cnn", num_classes: int = 10, in_chans: int = 1, image_size: int = 28,
-                 pretrained: bool = False, checkpoint: str | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
-                 label_smoothing: float = 0.0, schedule: str = "cosine", model_kwargs: dict | None = None):  # fmt: skip
-        super().__init__()
-        check_settings(self, locals())  # types and ranges of every setting (gencnp.settings.RULES)
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got '{schedule}'.")
-        self.save_hyperparameters()
-        self.model = load_target(arch, checkpoint, num_classes, in_chans, pretrained, **(model_kwargs or {}))
-        self.input_shape = (in_chans, image_size, image_size)
-        check_input_size(self.model, self.input_shape, arch)  # a model that shrinks the input to nothing fails here
-        self.num_classes = num_classes
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-
-    def check_data(self, datamodule) -> None:
-        _check_data(self.num_classes, self.input_shape, datamodule, f"target '{self.hparams.arch}'")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        h = self.hparams  # how to rebuild the model (GenCNP reads it from target_checkpoint)
-        checkpoint[SPEC_KEY] = make_target_spec(h.arch, h.num_classes, h.in_chans, h.image_size, h.model_kwargs)
-        _record_classes(self, checkpoint)
-        seal(checkpoint)  # the last hook of any Trainer's save: plain L.Trainer checkpoints are hashed too
-
-    def setup(self, stage: str) -> None:
-        self.check_data(getattr(self.trainer, "datamodule", None))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def _step(self, batch, stage: str, metric, batch_idx: int):
-        x, y = batch[0], batch[1]
-        _check_finite(x, stage, batch_idx)
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
-        metric(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=stage == "train", on_epoch=True)
-        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc, batch_idx)
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val", self.val_acc, batch_idx)
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test", self.test_acc, batch_idx)
-
-    def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if self.hparams.schedule == "constant":
-            return opt
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches,
-                                                    pct_start=0.15)  # fmt: skip
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class GenCNP(VerifiedLoading, L.LightningModule):
@@ -240,8 +141,8 @@ class GenCNP(VerifiedLoading, L.LightningModule):
                  sparsity_ramp_epochs: float = 0.25, tap_weights: list[float] | None = None, sparsity_per: str = "channel",
                  dependence_gate: float | None = 0.15,
                  proto_momentum: float = 0.9, swap_probes_per_class: int = 4, swap_partner: str = "roll", lr: float = 5e-3,
-                 weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = 1.0, w_zero: float = 0.5,
-                 w_kept: float = 0.25, target_kwargs: dict | None = None, control_fraction: float = 1.0,
+                 weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = W_SWAP, w_zero: float = W_ZERO,
+                 w_kept: float = W_KEPT, target_kwargs: dict | None = None, control_fraction: float = 1.0,
                  channels_last: bool = False, null_families: list[str] | None = None,
                  null_train: Sequence[str] | None = ("uniform", "smooth", "constant"), lambda_null: float = 2.0,
                  lambda_lookup: float = 0.0, lookup_margin: float = 0.0, freq_momentum: float = 0.98,
@@ -550,91 +451,16 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         y_hat = self.class_of(logits, labels)
         out = self.generator(feats, self.prior(y_hat))
         m = out["masks"]
-        b = x.shape[0]
-        # One masked forward over [x, swapped x, zero image]: bigger GEMMs than three small ones. The first tap's
-        # output of every part is known (x: recorded above; swapped x: its rows permuted; zero image: one image's),
-        # so the first tap's module does not run again (FrozenTarget first_tap).
-        nc = b if h.control_fraction >= 1 else max(1, math.ceil(h.control_fraction * b))
-        xs, ms, firsts = [x], [m], [feats[0]]
-        idx, valid = LS.partners(y_hat, logits if h.swap_partner == "hard" else None)
-        idx, valid = idx[:nc], valid[:nc]
-        if h.lambda_swap > 0:
-            xs.append(x[idx])
-            ms.append(m[:nc])
-            firsts.append(feats[0][idx])
-        if h.lambda_zero > 0:
-            xs.append(torch.zeros_like(x[:nc]))
-            ms.append(m[:nc])
-            with torch.no_grad():
-                zero_first = self.target(xs[-1][:1], record=True)[1][0]
-            firsts.append(zero_first.expand(nc, *zero_first.shape[1:]))
-        if h.lambda_null > 0:
-            family = self.null_train[self.global_step % len(self.null_train)]
-            null_x = self.null_inputs(family, x[:nc], salt=self.global_step + 1)
-            with torch.no_grad():
-                null_first = self.target(null_x, record=True)[1][0]
-            xs.append(null_x)
-            ms.append(m[:nc])
-            firsts.append(null_first)
-        if h.lambda_nested > 0:
-            with torch.no_grad():
-                hard = m.detach() > 0.5
-                rho = h.nested_min + (1 - h.nested_min) * torch.rand(b, 1, device=x.device, dtype=torch.float64)
-                keep = torch.round(tap_counts(hard, self.target.tap_channels).double() * rho).long()
-                sub = topk_per_tap(out["scores"].detach(), keep, self.target.tap_channels)
-            xs.append(x)
-            ms.append(m * sub.to(m.dtype))
-            firsts.append(feats[0])
-        if h.lambda_lookup > 0 and bool(self.freq_seen.all()):
-            with torch.no_grad():
-                lookup = self.class_lookup(m.detach() > 0.5, y_hat).float()
-            xs.append(x)
-            ms.append(lookup)
-            firsts.append(feats[0])
+        xs, ms, firsts, nc, valid = ST.masked_parts(self, x, logits, feats, y_hat, out)
         all_logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills(),
                                  first_tap=torch.cat(firsts))  # fmt: skip
         chunks = list(torch.split(all_logits, [len(part) for part in xs]))
-        masked_logits = chunks.pop(0)
-        terms = {"kd": LS.kd(logits, masked_logits, y_hat, h.temperature)}
-        gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa, h.gate_top_margin)
-        # Samples outside the control subset (control_fraction < 1) pass the dependence gate.
-        rest = gate.new_ones(b - nc)
-        if h.lambda_swap > 0:
-            swapped = chunks.pop(0)
-            terms["swap"] = LS.swap(swapped, y_hat[:nc], valid)
-            if h.dependence_gate is not None:
-                gate = gate * torch.cat([LS.dependence_gate(swapped, y_hat[:nc], h.dependence_gate, valid), rest])
-        if h.lambda_zero > 0:
-            zeroed = chunks.pop(0)
-            terms["zero"] = LS.swap(zeroed, y_hat[:nc])
-            if h.dependence_gate is not None:
-                gate = gate * torch.cat([LS.dependence_gate(zeroed, y_hat[:nc], h.dependence_gate), rest])
-        if h.lambda_null > 0:
-            nulled = chunks.pop(0)
-            terms["null"] = LS.swap(nulled, y_hat[:nc])
-            if h.dependence_gate is not None:
-                gate = gate * torch.cat([LS.dependence_gate(nulled, y_hat[:nc], h.dependence_gate), rest])
-        if h.lambda_nested > 0:
-            terms["nested"] = LS.kd(logits, chunks.pop(0), y_hat, h.temperature)
-        if h.lambda_lookup > 0:
-            terms["lookup"] = (LS.lookup(logits, masked_logits, chunks.pop(0).detach(), h.lookup_margin)
-                               if bool(self.freq_seen.all()) else masked_logits.sum() * 0.0)  # fmt: skip
-        terms["sparsity"] = LS.sparsity(self.generator.split(out["scores"]), gate, h.tap_weights, h.sparsity_per)
-        # cls and con always enter the graph (weight 0 included) so DDP never sees unused parameters.
-        terms["cls"] = LS.cls(logits, out["class_logits"], y_hat)
-        if not bool(self.proto_seen.all()):
-            LS.update_prototypes(self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce)
-        terms["con"] = LS.con(out["scores"], self.prototypes, y_hat)
+        terms = ST.loss_terms(self, logits, chunks, y_hat, out, nc, valid)
         weights = {"kd": 1.0, "sparsity": self.lambda_sp_now(), "swap": h.lambda_swap, "zero": h.lambda_zero,
                    "cls": h.lambda_cls, "con": h.lambda_con, "null": h.lambda_null, "lookup": h.lambda_lookup,
                    "nested": h.lambda_nested}  # fmt: skip
         result = LS.total_loss(terms, weights)
-        for name, value in result.items():
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"loss term '{name}' became non-finite ({float(value)}) at global step {self.global_step} "
-                    f"(batch {batch_idx}); lower lr, check the inputs, or disable the term."
-                )
+        ST.check_finite_losses(result, self.global_step, batch_idx)
         if bool(self.proto_seen.all()):
             LS.update_prototypes(self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce)
         LS.update_prototypes(self.class_freq, self.freq_seen, (m.detach() > 0.5).float(), y_hat, h.freq_momentum,
@@ -709,7 +535,8 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         vals = metrics.compute()
         metrics.reset()
         h = self.hparams
-        vals["score"] = vals["agreement"] - h.w_swap * vals["swap_forcing"] - h.w_zero * vals["zero_forcing"] - h.w_kept * vals["kept_mean"]
+        vals["score"] = selection_score(vals["agreement"], vals["swap_forcing"], vals["zero_forcing"], vals["kept_mean"],
+                                        h.w_swap, h.w_zero, h.w_kept)  # fmt: skip
         vals.pop("n", None)
         lookup = self.val_lookup if stage == "val" else self.test_lookup
         if lookup.update_count > 0:

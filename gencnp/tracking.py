@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 __all__ = ["check_loggers", "logger_class_paths", "ConfigSaver", "TENSORBOARD_INSTALL"]
 
@@ -82,8 +83,6 @@ class ConfigSaver(SaveConfigCallback):
     """
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
         loggers = [lg for lg in trainer.loggers if isinstance(lg, (WandbLogger, TensorBoardLogger))]
         if not loggers:
             return

@@ -29,19 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from gencnp.attributions import metrics as AM
 from gencnp.attributions.methods import ATTRIBUTION_METHODS, AttributionModel, attribute, cascade_layers, randomised
-from gencnp.attributions.metrics import (
-    auc,
-    bootstrap,
-    deletion_insertion,
-    normalise,
-    pointing_game,
-    relevance_mass,
-    spearman,
-    ssim,
-)
-from gencnp.data import ImageDataModule
+from gencnp.banks import PathwayBank
+from gencnp.checkpointing import read_checkpoint
+from gencnp.data import FashionMNISTDataModule, ImageDataModule
 from gencnp.fileio import json_safe, save_figure, write_atomic
+from gencnp.preflight import check_writable_dir
+from gencnp.systems import GenCNP
+from gencnp.threads import torch_threads
 
 __all__ = ["attribution", "OURS"]
 
@@ -106,6 +102,18 @@ def attribution(
     Returns:
         The content of ``attribution.json``.
     """
+    _check_arguments(generator, bank, split, n, methods, batch_size, ig_steps, sanity_n, ssim_window, deletion_steps,
+                     bootstrap_samples, grid_images, threads)  # fmt: skip
+    check_writable_dir(Path(out_dir), "attribution folder", "set out_dir.")
+    with torch_threads(threads):
+        return _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, subset_seed, methods,
+                            batch_size, ig_steps, sanity_n, sanity_seed, ssim_window, deletion_steps, deletion_baseline,
+                            bootstrap_samples, seed, grid_images, device, progress)  # fmt: skip
+
+
+def _check_arguments(generator, bank, split, n, methods, batch_size, ig_steps, sanity_n, ssim_window, deletion_steps,
+                     bootstrap_samples, grid_images, threads) -> None:  # fmt: skip
+    """Refuse settings ``attribution`` cannot run with, before anything is loaded."""
     for name, v, lo in (("n", n, 1), ("batch_size", batch_size, 1), ("ig_steps", ig_steps, 2), ("sanity_n", sanity_n, 0),
                         ("deletion_steps", deletion_steps, 0), ("bootstrap_samples", bootstrap_samples, 10),
                         ("grid_images", grid_images, 0)):  # fmt: skip
@@ -130,37 +138,18 @@ def attribution(
                                 f"configs/<data>/bank.yaml --ckpt_path {generator}, or pass bank: null.")  # fmt: skip
     if methods is not None and "pathway_gradient_class" in methods and bank is None:
         raise ValueError("method 'pathway_gradient_class' needs a bank; set bank, or leave the method out.")
-    from gencnp.preflight import check_writable_dir
-
-    check_writable_dir(Path(out_dir), "attribution folder", "set out_dir.")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        kwargs = {k: v for k, v in locals().items() if k not in ("threads", "previous", "name", "v", "lo", "unknown",
-                                                                 "check_writable_dir")}  # fmt: skip
-        return _attribution(**kwargs)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _load(generator: str, bank: str | None, data, target_checkpoint: str | None, dev: torch.device):
-    from gencnp.checkpointing import read_checkpoint
-    from gencnp.systems import GenCNP
-
     read_checkpoint(generator)
     overrides = {"target_checkpoint": target_checkpoint} if target_checkpoint else {}
     model = GenCNP.load_from_checkpoint(generator, map_location="cpu", weights_only=True, **overrides).to(dev).eval()
     if data is None:
-        from gencnp.data import FashionMNISTDataModule
-
         data = FashionMNISTDataModule()
     model.check_data(data)
     class_names = list(getattr(data, "class_names", [str(k) for k in range(model.num_classes)]))
     class_paths = None
     if bank is not None:
-        from gencnp.banks import PathwayBank
-
         bank_obj = PathwayBank.load(bank, target=model.target, class_names=class_names)
         if bank_obj.tau is None:
             raise ValueError(f"pathway bank '{bank}' has no tau; export it with PathwayBankWriter (it chooses tau).")
@@ -180,14 +169,8 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
         raise ValueError(f"ssim_window ({ssim_window}) exceeds the image side {min(target.input_shape[-2:])}.")
     am = AttributionModel.from_gencnp(model, class_paths, ig_steps=ig_steps)
     names = list(methods or am.methods())
-    dataset = data.split(split)
-    g = torch.Generator().manual_seed(subset_seed)
-    pos = torch.sort(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))]).values.tolist()
-    items = [dataset[i] for i in pos]
-    x = torch.stack([it[0] for it in items]).to(dev)
-    labels = torch.as_tensor([int(it[1]) for it in items])
-    regions = torch.stack([it[2][0] if it[2].dim() == 3 else it[2] for it in items]) if len(items[0]) > 2 else None
-    n = len(pos)
+    x, labels, regions = _subset(data.split(split), n, subset_seed, dev)
+    n = x.shape[0]
     with torch.no_grad():
         y_hat = torch.cat([target(x[i : i + batch_size]).argmax(1) for i in range(0, n, batch_size)])
     say(f"attribution: {n} {split} images (seed {subset_seed}), methods {', '.join(names)}")
@@ -207,72 +190,26 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
     res: dict[str, Any] = {}
     boot = dict(n_boot=bootstrap_samples, seed=seed)
     per_image: dict[str, dict[str, torch.Tensor]] = {}
-    comparisons: dict[str, Any] = {}
 
     # ----- ground truth -----
     if regions is not None:
-        for m in names:
-            rm, pg = relevance_mass(maps[m], regions), pointing_game(maps[m], regions)
-            per_image.setdefault("relevance_mass", {})[m] = rm
-            per_image.setdefault("pointing", {})[m] = pg
-            res[f"relevance_mass/{m}"] = bootstrap(rm, **boot)
-            res[f"pointing/{m}"] = bootstrap(pg, **boot)
+        _ground_truth(maps, regions, names, boot, res, per_image)
 
     # ----- deletion / insertion -----
-    curves = {}
-    if deletion_steps:
-        say("  deletion and insertion curves")
-        for m in names:
-            parts = [deletion_insertion(target, x[i : i + batch_size], maps[m][i : i + batch_size].to(dev),
-                                        y_hat[i : i + batch_size], deletion_steps, deletion_baseline)
-                     for i in range(0, n, batch_size)]  # fmt: skip
-            fr = parts[0]["fractions"]
-            dele, ins = torch.cat([p["deletion"] for p in parts]), torch.cat([p["insertion"] for p in parts])
-            curves[m] = {"fractions": fr.tolist(), "deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist()}
-            per_image.setdefault("deletion_auc", {})[m] = auc(dele, fr)
-            per_image.setdefault("insertion_auc", {})[m] = auc(ins, fr)
-            res[f"deletion_auc/{m}"] = bootstrap(per_image["deletion_auc"][m], **boot)
-            res[f"insertion_auc/{m}"] = bootstrap(per_image["insertion_auc"][m], **boot)
+    curves = _deletion_insertion(target, x, y_hat, maps, names, batch_size, deletion_steps, deletion_baseline, boot,
+                                 res, per_image, say) if deletion_steps else {}  # fmt: skip
 
     # ----- paired comparisons: GEN-CNP's pathway gradient minus each other method -----
-    better = {"relevance_mass": "higher", "pointing": "higher", "deletion_auc": "lower", "insertion_auc": "higher"}
-    if OURS in names:
-        for metric, vals in per_image.items():
-            for m in names:
-                if m != OURS:
-                    d = bootstrap(vals[OURS] - vals[m], **boot)
-                    d["better"] = better[metric]
-                    comparisons[f"{metric}/{OURS}-{m}"] = d
+    comparisons = _comparisons(per_image, names, boot) if OURS in names else {}
 
     # ----- sanity checks: cascading randomisation from the top -----
-    layers, sanity = [], {}
     k = min(sanity_n, n)
-    if k:
-        groups = cascade_layers(target)
-        ref = {m: normalise(maps[m][:k]) for m in names}
-        say(f"  sanity checks: {len(groups)} layers from the top ({', '.join(name for name, _ in groups)}), {k} images")
-        for i, (layer, _) in enumerate(groups):
-            layers.append(layer)
-            modules = [mod for _, mods in groups[: i + 1] for mod in mods]
-            with randomised(target, modules, seed=sanity_seed):
-                for m in names:
-                    after = normalise(maps_of(m, slice(0, k)))
-                    s, r = ssim(ref[m], after, window=ssim_window), spearman(ref[m], after)
-                    res[f"sanity_ssim/{m}/{layer}"] = bootstrap(s, **boot)
-                    res[f"sanity_spearman/{m}/{layer}"] = bootstrap(r, **boot)
-                    sanity.setdefault(m, {})[layer] = (float(s.mean()), float(r.mean()))
+    layers = _sanity(target, maps, maps_of, names, k, sanity_seed, ssim_window, boot, res, say) if k else []
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {}
-    if grid_images:
-        figures["attribution_grid"] = _plot_grid(out / "attribution_grid.png", x.cpu(), y_hat.cpu(), labels, maps, names,
-                                                 regions, class_names, grid_images)  # fmt: skip
-    if layers:
-        figures["sanity_curves"] = _plot_sanity(out / "sanity_curves.png", res, names, layers, k)
-    if curves:
-        figures["deletion_insertion"] = _plot_curves(out / "deletion_insertion.png", curves, res, names, n,
-                                                     deletion_baseline)  # fmt: skip
+    figures = _figures(out, x.cpu(), y_hat.cpu(), labels, maps, names, regions, class_names, grid_images, res, layers,
+                       k, curves, n, deletion_baseline)  # fmt: skip
     report = {
         **res,
         "comparisons": comparisons,
@@ -295,6 +232,96 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
     say(f"attribution: wrote {out / 'attribution.json'}, {out / 'attribution.md'} and {len(figures)} figures "
         f"in {report['seconds']:.1f}s")  # fmt: skip
     return report
+
+
+def _subset(dataset, n: int, subset_seed: int, dev: torch.device):
+    """The seeded subset of ``min(n, len(dataset))`` images (in dataset order): inputs on ``dev``, labels, and the
+    ground-truth regions when the dataset has them (else ``None``)."""
+    g = torch.Generator().manual_seed(subset_seed)
+    pos = torch.sort(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))]).values.tolist()
+    items = [dataset[i] for i in pos]
+    x = torch.stack([it[0] for it in items]).to(dev)
+    labels = torch.as_tensor([int(it[1]) for it in items])
+    regions = torch.stack([it[2][0] if it[2].dim() == 3 else it[2] for it in items]) if len(items[0]) > 2 else None
+    return x, labels, regions
+
+
+def _ground_truth(maps, regions, names, boot, res, per_image) -> None:
+    """Relevance mass and pointing game of every method on the ground-truth regions (intervals into ``res``)."""
+    for m in names:
+        rm, pg = AM.relevance_mass(maps[m], regions), AM.pointing_game(maps[m], regions)
+        per_image.setdefault("relevance_mass", {})[m] = rm
+        per_image.setdefault("pointing", {})[m] = pg
+        res[f"relevance_mass/{m}"] = AM.bootstrap(rm, **boot)
+        res[f"pointing/{m}"] = AM.bootstrap(pg, **boot)
+
+
+def _comparisons(per_image: dict, names: list[str], boot: dict) -> dict[str, Any]:
+    """Paired intervals of GEN-CNP's pathway gradient minus each other method, per measure."""
+    comparisons = {}
+    better = {"relevance_mass": "higher", "pointing": "higher", "deletion_auc": "lower", "insertion_auc": "higher"}
+    for metric, vals in per_image.items():
+        for m in names:
+            if m != OURS:
+                d = AM.bootstrap(vals[OURS] - vals[m], **boot)
+                d["better"] = better[metric]
+                comparisons[f"{metric}/{OURS}-{m}"] = d
+    return comparisons
+
+
+def _figures(out, x, y_hat, labels, maps, names, regions, class_names, grid_images, res, layers, k, curves, n,
+             deletion_baseline) -> dict[str, str]:  # fmt: skip
+    """Draw the method-by-image grid, the sanity curves and the deletion/insertion curves that apply."""
+    figures = {}
+    if grid_images:
+        figures["attribution_grid"] = _plot_grid(out / "attribution_grid.png", x, y_hat, labels, maps, names,
+                                                 regions, class_names, grid_images)  # fmt: skip
+    if layers:
+        figures["sanity_curves"] = _plot_sanity(out / "sanity_curves.png", res, names, layers, k)
+    if curves:
+        figures["deletion_insertion"] = _plot_curves(out / "deletion_insertion.png", curves, res, names, n,
+                                                     deletion_baseline)  # fmt: skip
+    return figures
+
+
+def _deletion_insertion(target, x, y_hat, maps, names, batch_size, deletion_steps, deletion_baseline, boot, res,
+                        per_image, say) -> dict[str, dict]:  # fmt: skip
+    """Deletion and insertion curves of every method (mean curves returned; AUC intervals into ``res``)."""
+    n = x.shape[0]
+    curves = {}
+    say("  deletion and insertion curves")
+    for m in names:
+        parts = [AM.deletion_insertion(target, x[i : i + batch_size], maps[m][i : i + batch_size].to(x.device),
+                                    y_hat[i : i + batch_size], deletion_steps, deletion_baseline)
+                 for i in range(0, n, batch_size)]  # fmt: skip
+        fr = parts[0]["fractions"]
+        dele, ins = torch.cat([p["deletion"] for p in parts]), torch.cat([p["insertion"] for p in parts])
+        curves[m] = {"fractions": fr.tolist(), "deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist()}
+        per_image.setdefault("deletion_auc", {})[m] = AM.auc(dele, fr)
+        per_image.setdefault("insertion_auc", {})[m] = AM.auc(ins, fr)
+        res[f"deletion_auc/{m}"] = AM.bootstrap(per_image["deletion_auc"][m], **boot)
+        res[f"insertion_auc/{m}"] = AM.bootstrap(per_image["insertion_auc"][m], **boot)
+    return curves
+
+
+def _sanity(target, maps, maps_of, names, k, sanity_seed, ssim_window, boot, res, say) -> list[str]:
+    """Cascading randomisation from the top on the first ``k`` images (SSIM and Spearman intervals into ``res``);
+    returns the layers randomised, in order."""
+    layers, sanity = [], {}
+    groups = cascade_layers(target)
+    ref = {m: AM.normalise(maps[m][:k]) for m in names}
+    say(f"  sanity checks: {len(groups)} layers from the top ({', '.join(name for name, _ in groups)}), {k} images")
+    for i, (layer, _) in enumerate(groups):
+        layers.append(layer)
+        modules = [mod for _, mods in groups[: i + 1] for mod in mods]
+        with randomised(target, modules, seed=sanity_seed):
+            for m in names:
+                after = AM.normalise(maps_of(m, slice(0, k)))
+                s, r = AM.ssim(ref[m], after, window=ssim_window), AM.spearman(ref[m], after)
+                res[f"sanity_ssim/{m}/{layer}"] = AM.bootstrap(s, **boot)
+                res[f"sanity_spearman/{m}/{layer}"] = AM.bootstrap(r, **boot)
+                sanity.setdefault(m, {})[layer] = (float(s.mean()), float(r.mean()))
+    return layers
 
 
 # ----- Markdown -----
@@ -358,7 +385,7 @@ def _save(fig, path: Path) -> str:
 
 
 def _plot_grid(path: Path, x, y_hat, labels, maps, names, regions, class_names, k) -> str:
-    from matplotlib import cm
+    from matplotlib import cm  # matplotlib only when a figure is drawn
     from matplotlib import colors as mcolors
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -411,7 +438,7 @@ def _styles(names):
 
 
 def _plot_sanity(path: Path, res: dict, names, layers, k: int) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -439,7 +466,7 @@ def _plot_sanity(path: Path, res: dict, names, layers, k: int) -> str:
 
 
 def _plot_curves(path: Path, curves: dict, res: dict, names, n: int, baseline: float) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)

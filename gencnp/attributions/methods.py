@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from gencnp.attribution import grad_cam
 from gencnp.baselines import grad_enabled, neuron_mct_scores, plain, split_pathway, tap_counts, topk_per_tap
+from gencnp.hooks import forward_hooked
 from gencnp.targets import FrozenTarget
 
 __all__ = ["ATTRIBUTION_METHODS", "AttributionModel", "attribute", "cascade_layers", "randomised"]
@@ -94,7 +96,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 def _saliency(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, abs_: bool) -> torch.Tensor:
-    from captum.attr import Saliency
+    from captum.attr import Saliency  # captum only for its methods (a slow import)
 
     with grad_enabled():
         return Saliency(forward).attribute(_leaf(x), target=y, abs=abs_).detach()
@@ -109,7 +111,7 @@ def _abs_saliency(am: AttributionModel, x, y):
 
 
 def _integrated_gradients(am: AttributionModel, x, y):
-    from captum.attr import IntegratedGradients
+    from captum.attr import IntegratedGradients  # captum only for its methods (a slow import)
 
     with grad_enabled():
         a = IntegratedGradients(am.target).attribute(_leaf(x), baselines=0.0, target=y, n_steps=am.ig_steps,
@@ -123,10 +125,8 @@ def _grad_cam(am: AttributionModel, x, y):
     if len(target.tap_shapes[-1]) != 3:
         # Token outputs [B, N, C]: Captum's LayerGradCam averages gradients over every non-batch dimension but the
         # second, which is the token axis here; gencnp's own Grad-CAM reshapes the tokens to their square grid.
-        from gencnp.attribution import grad_cam
-
         return grad_cam(target, x, None, y)
-    from captum.attr import LayerAttribution, LayerGradCam
+    from captum.attr import LayerAttribution, LayerGradCam  # captum only for its methods (a slow import)
 
     with grad_enabled():
         cam = LayerGradCam(target, target.model.get_submodule(last)).attribute(_leaf(x), target=y, relu_attributions=True)
@@ -217,16 +217,9 @@ def cascade_layers(target: FrozenTarget) -> list[tuple[str, list[nn.Module]]]:
     own. Groups are ordered by when they first run in a forward pass, then reversed.
     """
     order: list[str] = []
-    handles = []
-    for name, mod in target.model.named_modules():
-        if name and any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_hook(lambda m, a, o, name=name: order.append(name)))
-    try:
-        with torch.no_grad():
-            target.model(torch.zeros(1, *target.input_shape))
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(mod, lambda m, a, o, name=name: order.append(name)) for name, mod in target.model.named_modules()
+             if name and any(True for _ in mod.parameters(recurse=False))]  # fmt: skip
+    forward_hooked(target.model, hooks, target.input_shape)
     groups: dict[str, list[nn.Module]] = {}
     for name in order:
         tap = next((t for t in target.tap_names if name == t or name.startswith(t + ".")), None)

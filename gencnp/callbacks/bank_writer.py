@@ -17,10 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tqdm.auto import tqdm
 
 from gencnp.banks import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, choose_tau
 from gencnp.fileio import check_writable, json_safe
 from gencnp.metrics import per_sample
+from gencnp.selection import W_KEPT, W_SWAP, W_ZERO
 from gencnp.settings import check_settings
 from gencnp.targets import FrozenTarget
 
@@ -56,9 +58,9 @@ class PathwayBankWriter(L.Callback):
         path: str = DEFAULT_BANK,
         taus: list[float] | None = None,
         min_agreement: float = 0.95,
-        w_swap: float = 1.0,
-        w_zero: float = 0.5,
-        w_kept: float = 0.25,
+        w_swap: float = W_SWAP,
+        w_zero: float = W_ZERO,
+        w_kept: float = W_KEPT,
         max_kept: float | None = None,
         val_batches: int | None = None,
         progress: bool = True,
@@ -182,8 +184,6 @@ class PathwayBankWriter(L.Callback):
     @torch.no_grad()
     def tau_search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list]:
         """Transfer metrics of ``M_c = f_c >= tau`` on the validation split, per candidate tau (summed over ranks)."""
-        from tqdm.auto import tqdm
-
         bank, device, target = self.bank, pl_module.device, pl_module.target
         loader = trainer.datamodule.val_dataloader()
         total = len(loader) if self.val_batches is None else min(len(loader), self.val_batches)

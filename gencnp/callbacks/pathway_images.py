@@ -25,7 +25,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 
 from gencnp.attribution import grad_cam, pathway_gradient
 from gencnp.baselines import grad_enabled, plain
@@ -158,8 +160,6 @@ class PathwayImageLogger(L.Callback):
 
     # ----- where -----
     def _emit(self, trainer: L.Trainer, figures: dict, rows: list[list], what: str, epoch: int, step: int) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
         images = {name: _to_array(fig, self.dpi) for name, fig in figures.items()}
         file_dirs = []
         for lg in trainer.loggers:
@@ -253,7 +253,7 @@ def frequency_figure(counts: torch.Tensor, n: torch.Tensor, tap_names: list[str]
     Args:
         counts: ``[K, D]`` how many of class c's pathways keep channel j; n: ``[K]`` images per class.
     """
-    import matplotlib
+    import matplotlib  # matplotlib only when a figure is drawn
     from matplotlib.figure import Figure
 
     counts, n = counts.double(), n.double()
@@ -291,7 +291,7 @@ def gradient_figure(pl_module, picks: list[dict], class_names: list[str], title:
     Each row's two gradient maps share one signed scale (its largest magnitude), so the pathway's effect on the
     attribution is visible; Grad-CAM is scaled to its maximum.
     """
-    from matplotlib import cm
+    from matplotlib import cm  # matplotlib only when a figure is drawn
     from matplotlib import colors as mcolors
     from matplotlib.figure import Figure
 
@@ -354,8 +354,6 @@ def _pick_grid(pool: list[dict], k: int) -> list[dict]:
 
 def _to_array(fig, dpi: int) -> np.ndarray:
     """A matplotlib figure as an RGB ``uint8 [H, W, 3]`` array (PNG round trip: same look as the files)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     buf.seek(0)

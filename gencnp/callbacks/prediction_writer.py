@@ -25,6 +25,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors import safe_open
+from safetensors.torch import save
 
 from gencnp.fileio import check_writable, write_atomic
 
@@ -120,8 +122,6 @@ class PathwayPredictionWriter(BasePredictionWriter):
         return out
 
     def _write(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        from safetensors.torch import save
-
         write_atomic(self.output_dir / name, save(tensors, metadata={"gencnp": json.dumps(meta, sort_keys=True)}))
 
     def write_on_batch_end(
@@ -163,8 +163,6 @@ def load_predictions(output_dir: str | Path, dataloader_idx: int = 0) -> dict[st
         FileNotFoundError: no shard in ``output_dir``.
         ValueError: shards from different targets, taps or packings.
     """
-    from safetensors import safe_open
-
     files = sorted(Path(output_dir).glob(SHARD_GLOB))
     if not files:
         raise FileNotFoundError(
