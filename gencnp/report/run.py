@@ -42,32 +42,15 @@ __all__ = ["report"]
 
 
 def report(
-    generator: str = "runs/fashion_mnist/gencnp/best.ckpt",
-    bank: str | None = "runs/fashion_mnist/bank.safetensors",
-    data: ImageDataModule | None = None,
-    out_dir: str = "runs/fashion_mnist/eval",
-    target_checkpoint: str | None = None,
-    split: str = "test",
-    subset_n: int = 1000,
-    subset_seed: int = 0,
-    batch_size: int = 500,
-    grad_batch_size: int = 100,
-    bootstrap_samples: int = 1000,
-    seed: int = 0,
-    device: str = "cpu",
-    intgrad_steps: int = 11,
-    dgr_steps: int = 30,
-    dgr_lr: float = 0.1,
-    dgr_momentum: float = 0.9,
-    dgr_l1: float = 0.05,
-    curve_thresholds: list[float] | None = None,
-    curve_kept: list[float] | None = None,
-    samples_per_class: int = 2,
-    limit: int | None = None,
-    threads: int | None = None,
-    progress: bool = True,
+    generator: str = "runs/fashion_mnist/gencnp/best.ckpt", bank: str | None = "runs/fashion_mnist/bank.safetensors",
+    data: ImageDataModule | None = None, out_dir: str = "runs/fashion_mnist/eval", target_checkpoint: str | None = None,
+    split: str = "test", subset_n: int = 1000, subset_seed: int = 0, batch_size: int = 500, grad_batch_size: int = 100,
+    bootstrap_samples: int = 1000, seed: int = 0, device: str = "cpu",
+    intgrad_steps: int = 11, dgr_steps: int = 30, dgr_lr: float = 0.1, dgr_momentum: float = 0.9, dgr_l1: float = 0.05,
+    curve_thresholds: list[float] | None = None, curve_kept: list[float] | None = None, samples_per_class: int = 2,
+    limit: int | None = None, threads: int | None = None, progress: bool = True,
     lookup_fractions: list[float] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
 
     Every method is measured at GEN-CNP's per-sample **and** per-tap kept counts (``methods``) and at its own
