@@ -12,15 +12,17 @@ learnt during training on the train split), or a bank's when ``bank`` is given. 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from gencnp.banks import PathwayBank
 from gencnp.baselines import split_pathway, tap_counts, topk_per_tap
-from gencnp.data import ImageDataModule
+from gencnp.data import FashionMNISTDataModule, ImageDataModule
+from gencnp.fileio import write_json
+from gencnp.systems import GenCNP
 
 __all__ = ["lookup_frontier"]
 
@@ -51,8 +53,6 @@ def lookup_frontier(
     Returns:
         ``{"split", "n", "ranking", "rows": [{fraction, kept_mean, gencnp_agreement, lookup_agreement, gain}]}``.
     """
-    from gencnp.systems import GenCNP
-
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got '{split}'.")
     fr = sorted({float(f) for f in (fractions or (1.0, 0.8, 0.6, 0.4))}, reverse=True)
@@ -62,25 +62,39 @@ def lookup_frontier(
         raise FileNotFoundError(f"generator checkpoint '{generator}' does not exist; train one with python train.py fit "
                                 "--config configs/fashion_mnist/gencnp.yaml, or fix the path.")  # fmt: skip
     model = GenCNP.load_from_checkpoint(generator, map_location="cpu", weights_only=True).eval()
-    chans = model.target.tap_channels
     if bank is not None:
-        from gencnp.banks import PathwayBank
-
         freq, ranking = PathwayBank.load(bank, target=model.target).frequencies(), f"bank {bank}"
     else:
         if not bool(model.freq_seen.all()):
             raise ValueError(f"{generator} has no running class frequencies (trained before they existed); pass bank.")
         freq, ranking = model.class_freq, "running class selection frequency of training (GenCNP.class_freq)"
     if data is None:
-        from gencnp.data import FashionMNISTDataModule
-
         data = FashionMNISTDataModule(eval_batch_size=batch_size)
     model.check_data(data)
     ds = data.split(split)
     if limit is not None:
         ds = Subset(ds, list(range(min(limit, len(ds)))))
-    sums = torch.zeros(len(fr), 6, dtype=torch.float64)  # n, own agree, lookup agree, kept, own swap, lookup swap
-    nulls = {f: torch.zeros(len(fr), 2, dtype=torch.float64) for f in model.null_eval}  # own, lookup null forced
+    sums, nulls = _frontier_sums(model, ds, freq, fr, batch_size)
+    rows = [{"fraction": f, "kept_mean": float(s[3] / s[0]), "gencnp_agreement": float(s[1] / s[0]),
+             "lookup_agreement": float(s[2] / s[0]), "gain": float((s[1] - s[2]) / s[0]),
+             "gencnp_swap_forcing": float(s[4] / s[0]), "lookup_swap_forcing": float(s[5] / s[0]),
+             **{f"gencnp_null_forcing/{fam}": float(v[i, 0] / s[0]) for fam, v in nulls.items()},
+             **{f"lookup_null_forcing/{fam}": float(v[i, 1] / s[0]) for fam, v in nulls.items()}}
+            for i, (f, s) in enumerate(zip(fr, sums))]  # fmt: skip
+    result = {"generator": str(generator), "split": split, "n": len(ds), "ranking": ranking, "rows": rows}
+    _print_rows(result, list(nulls))
+    if out is not None:
+        write_json(out, result)
+    return result
+
+
+def _frontier_sums(model: GenCNP, ds: Dataset, freq: torch.Tensor, fr: list[float],
+                   batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Per share of GEN-CNP's counts: ``[n, own agree, lookup agree, kept, own swap, lookup swap]`` summed over
+    ``ds``, and per null family ``[own, lookup]`` null-forced images."""
+    chans = model.target.tap_channels
+    sums = torch.zeros(len(fr), 6, dtype=torch.float64)
+    nulls = {f: torch.zeros(len(fr), 2, dtype=torch.float64) for f in model.null_eval}
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = batch[0]
         ex = model.explain(x)
@@ -98,22 +112,14 @@ def lookup_frontier(
             for fam in model.null_eval:
                 nulls[fam][i] += torch.tensor([float((c["null_logits"][fam].argmax(1) == ex["y_hat"]).double().sum())
                                                for c in ctrl])  # fmt: skip
-    rows = [{"fraction": f, "kept_mean": float(s[3] / s[0]), "gencnp_agreement": float(s[1] / s[0]),
-             "lookup_agreement": float(s[2] / s[0]), "gain": float((s[1] - s[2]) / s[0]),
-             "gencnp_swap_forcing": float(s[4] / s[0]), "lookup_swap_forcing": float(s[5] / s[0]),
-             **{f"gencnp_null_forcing/{fam}": float(v[i, 0] / s[0]) for fam, v in nulls.items()},
-             **{f"lookup_null_forcing/{fam}": float(v[i, 1] / s[0]) for fam, v in nulls.items()}}
-            for i, (f, s) in enumerate(zip(fr, sums))]  # fmt: skip
-    result = {"generator": str(generator), "split": split, "n": len(ds), "ranking": ranking, "rows": rows}
-    print(f"GEN-CNP score ranking vs class lookup ({split}, {len(ds)} images; lookup: {ranking})")
-    fams = list(nulls)
+    return sums, nulls
+
+
+def _print_rows(result: dict[str, Any], fams: list[str]) -> None:
+    print(f"GEN-CNP score ranking vs class lookup ({result['split']}, {result['n']} images; lookup: {result['ranking']})")
     print(f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}   swap forcing GEN-CNP/lookup   "
           + "   ".join(f"{f} GEN-CNP/lookup" for f in fams))  # fmt: skip
-    for r in rows:
+    for r in result["rows"]:
         print(f"{r['fraction']:>6.2f} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
               f"{r['gain']:>+8.4f}   {r['gencnp_swap_forcing']:.3f}/{r['lookup_swap_forcing']:.3f}   "
               + "   ".join(f"{r[f'gencnp_null_forcing/{f}']:.3f}/{r[f'lookup_null_forcing/{f}']:.3f}" for f in fams))  # fmt: skip
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-    return result
