@@ -23,6 +23,12 @@ from typing import Any
 __all__ = ["check_writable", "json_safe", "save_figure", "write_atomic", "write_json"]
 
 
+def _refused(err: OSError, default: type[OSError], what: str, fix: str) -> OSError:
+    """``what (reason); nothing was written. fix`` as a ``PermissionError`` when ``err`` is one, else ``default``."""
+    kind = PermissionError if isinstance(err, PermissionError) else default
+    return kind(f"{what} ({err.strerror or err}); nothing was written. {fix}")
+
+
 def check_writable(path: str | Path) -> Path:
     """Fail early, before any work or write, when ``path`` cannot be written; creates its directory if missing.
 
@@ -41,11 +47,8 @@ def check_writable(path: str | Path) -> Path:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            kind = PermissionError if isinstance(err, PermissionError) else FileNotFoundError
-            raise kind(
-                f"cannot create the directory '{directory}' for '{path.name}' ({err.strerror or err}); nothing was "
-                "written. Create it yourself, fix the parent's permissions, or choose a writable path."
-            ) from err
+            raise _refused(err, FileNotFoundError, f"cannot create the directory '{directory}' for '{path.name}'",
+                           "Create it yourself, fix the parent's permissions, or choose a writable path.") from err
     if not directory.is_dir():
         raise NotADirectoryError(f"cannot write '{path}': '{directory}' is not a directory; choose another path.")
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -75,11 +78,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as err:
-        kind = PermissionError if isinstance(err, PermissionError) else OSError
-        raise kind(
-            f"cannot write '{path}': creating a temporary file in '{directory}' failed ({err.strerror or err}); "
-            "nothing was written. Fix the directory's permissions or free space, or choose another output path."
-        ) from err
+        raise _refused(err, OSError, f"cannot write '{path}': creating a temporary file in '{directory}' failed",
+                       "Fix the directory's permissions or free space, or choose another output path.") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
