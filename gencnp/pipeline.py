@@ -81,7 +81,6 @@ from gencnp.version import __version__
 __all__ = ["Stage", "load_pipeline", "run_pipeline", "obtain_data", "resolved_config", "summary", "main",
            "PipelineError", "DataUnavailable", "StageFailed"]  # fmt: skip
 
-_write_json_atomic = write_json  # the stamp writer (a name of its own: tests replace it to simulate a full disk)
 
 
 # ----- data -----
@@ -294,7 +293,7 @@ def _run_or_reuse(st: Stage, argv: list[str], config_hash: str, reason: str | No
     if absent:
         raise PipelineError(f"stage '{st.name}' finished but did not write {', '.join(absent)}; make the pipeline's "
                             f"'outputs' match the paths in {st.config}.")  # fmt: skip
-    _write_json_atomic(stamp_path, {
+    write_json(stamp_path, {
         "format": STAMP_FORMAT, "stage": st.name, "entry": Path(st.entry).name, "command": st.command,
         "config": st.config, "args": st.args, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
         "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "gencnp": __version__,
