@@ -40,10 +40,7 @@ leaves the previous bank intact.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import math
-import os  # noqa: F401  (tests reach os and tempfile through this module to simulate failing writes)
-import tempfile  # noqa: F401
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +50,7 @@ import torch
 
 from gencnp.bankfile import DEFAULT_BANK, FORMAT_VERSION, KIND, REEXPORT, bank_bytes, check_tensors, read_bank_file
 from gencnp.bankfile import checksum as _checksum  # noqa: F401  (the name tests use)
-from gencnp.fileio import check_writable, write_atomic  # noqa: F401 (the bank format writes through them)
+from gencnp.fileio import check_writable, save_figure, write_atomic
 from gencnp.selection import check_tau as _check_tau
 from gencnp.selection import choose_tau
 from gencnp.targets import FrozenTarget
@@ -498,9 +495,7 @@ def _draw_heatmap(bank: PathwayBank, png: Path, title_path: str) -> None:
     cbar.set_label("selection frequency f_c[j]" + (f"  (M_c: f_c >= {bank.tau:g})" if bank.tau is not None else ""))
     if bank.tau is not None:
         cbar.ax.axhline(bank.tau, color="red", linewidth=1.5)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    write_atomic(png, buf.getvalue())
+    save_figure(fig, png, dpi=120)
 
 
 def inspect_bank(bank: str = DEFAULT_BANK, out_dir: str | None = None) -> str:

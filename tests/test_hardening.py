@@ -22,9 +22,10 @@ from test_bad_input import TARGET, fit_args, out, predict_args, refused, tree  #
 
 from gencnp import GenCNP, SyntheticDataModule, TargetClassifier
 from gencnp import pipeline as P
-from gencnp.banks import PathwayBank, write_atomic
+from gencnp.banks import PathwayBank
 from gencnp.checkpointing import ALLOW_UNHASHED_ENV, read_checkpoint
 from gencnp.data import ImageFolderDataModule
+from gencnp.fileio import write_atomic
 
 SMALL = {"target": "tiny_cnn", "target_checkpoint": None, "num_classes": 4, "image_size": 16, "d": 8}
 
