@@ -22,6 +22,15 @@ from gencnp.taps import list_taps
 
 if __name__ == "__main__":
     importable_cwd()  # targets given by class path resolve from the working directory
-    CLI({"report": report, "inspect": inspect_bank, "diffusion": diffusion, "lookup": lookup_frontier, "taps": list_taps,
-         "attribution": attribution}, as_positional=False,
-        parser_class=ConfigHintArgumentParser)  # "did you mean" for config keys that do not exist
+    CLI(
+        {
+            "report": report,
+            "inspect": inspect_bank,
+            "diffusion": diffusion,
+            "lookup": lookup_frontier,
+            "taps": list_taps,
+            "attribution": attribution,
+        },
+        as_positional=False,
+        parser_class=ConfigHintArgumentParser,
+    )  # "did you mean" for config keys that do not exist

@@ -76,25 +76,47 @@ TARGETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="GEN-CNP config whose model.init_args are used")
-    p.add_argument("--target_checkpoint", default=None,
-                   help="target weights (default: the config's); 'none' or a missing file gives a random-init target")
-    p.add_argument("--generator_checkpoint", default=None, help="optional trained GenCNP checkpoint (cost does not depend on it)")
-    p.add_argument("--data", choices=("fashion_mnist", "random"), default="fashion_mnist",
-                   help="in-memory images: Fashion-MNIST (test split for the batch, train split for fill/bank) or random")
+    p.add_argument(
+        "--target_checkpoint",
+        default=None,
+        help="target weights (default: the config's); 'none' or a missing file gives a random-init target",
+    )
+    p.add_argument(
+        "--generator_checkpoint", default=None, help="optional trained GenCNP checkpoint (cost does not depend on it)"
+    )
+    p.add_argument(
+        "--data",
+        choices=("fashion_mnist", "random"),
+        default="fashion_mnist",
+        help="in-memory images: Fashion-MNIST (test split for the batch, train split for fill/bank) or random",
+    )
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds of every fast measurement (median reported)")
     p.add_argument("--slow_repeats", type=int, default=3, help="timed rounds of neuron_intgrad and dgr")
     p.add_argument("--bank_samples", type=int, default=2048, help="samples of the 1x bank export (4x is 4 times that)")
     p.add_argument("--iou_pathways", type=int, default=10000, help="pathways for the acIOU timing")
     p.add_argument("--iou_repeats", type=int, default=3)
-    p.add_argument("--control_fraction", type=float, nargs="+", default=[0.25, 0.125],
-                   help="fractions of the batch for the swap/zero controls in the opt-in training variants")
+    p.add_argument(
+        "--control_fraction",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.125],
+        help="fractions of the batch for the swap/zero controls in the opt-in training variants",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall seconds (perf_counter) or process CPU seconds (process_time; steadier when cores are shared)")
-    p.add_argument("--channels_last", action="store_true", help="GenCNP(channels_last=True): target and inputs in channels_last")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall seconds (perf_counter) or process CPU seconds (process_time; steadier when cores are shared)",
+    )
+    p.add_argument(
+        "--channels_last", action="store_true", help="GenCNP(channels_last=True): target and inputs in channels_last"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="seconds-long run: batch 8, 2 rounds, small counts (tests)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown results file")
@@ -304,9 +326,16 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
-            "lightning": lightning.__version__, "python": platform.python_version(), "load": load_average(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "load": load_average(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def load_average() -> str:
@@ -387,12 +416,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from gencnp.baselines import tap_counts
 
     counts = tap_counts(model.explain(xb)["pathway"], target.tap_channels)
-    variants = {"train_default": build(kw, xt[:n_fill], args),
-                "train_kd_sparsity": build(kw, xt[:n_fill], args, lambda_swap=0.0, lambda_zero=0.0),
-                **{f"train_fraction_{f:g}": build(kw, xt[:n_fill], args, control_fraction=f) for f in args.control_fraction}}  # fmt: skip
+    variants = {
+        "train_default": build(kw, xt[:n_fill], args),
+        "train_kd_sparsity": build(kw, xt[:n_fill], args, lambda_swap=0.0, lambda_zero=0.0),
+        **{f"train_fraction_{f:g}": build(kw, xt[:n_fill], args, control_fraction=f) for f in args.control_fraction},
+    }
     variants = {k: v.train() for k, v in variants.items() if v is not None}
-    opts = {k: torch.optim.Adam(v.generator.parameters(), lr=v.hparams.lr, weight_decay=v.hparams.weight_decay)
-            for k, v in variants.items()}  # fmt: skip
+    opts = {
+        k: torch.optim.Adam(v.generator.parameters(), lr=v.hparams.lr, weight_decay=v.hparams.weight_decay)
+        for k, v in variants.items()
+    }
     step = {"i": 0}
 
     def trainer_of(name):
@@ -427,9 +460,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         secs = statistics.median(r[1] for r in runs)
         peak, retained, _ = allocator_trace(lambda n=n: bank_export(model, xt[:n], yt[:n], b))
         py_peak = python_peak(lambda n=n: bank_export(model, xt[:n], yt[:n], b))
-        export[mult] = {"ips": n / secs, "reachable": reachable_bytes(bank), "retained": retained, "peak": peak,
-                        "py_peak": py_peak, "samples": int(bank.n.sum())}  # fmt: skip
-    iou_ts = time_iou(args.iou_pathways, target.num_channels, int(kw.get("num_classes", 10)), args.iou_repeats, args.seed, timer)
+        export[mult] = {
+            "ips": n / secs,
+            "reachable": reachable_bytes(bank),
+            "retained": retained,
+            "peak": peak,
+            "py_peak": py_peak,
+            "samples": int(bank.n.sum()),
+        }
+    iou_ts = time_iou(
+        args.iou_pathways, target.num_channels, int(kw.get("num_classes", 10)), args.iou_repeats, args.seed, timer
+    )
     iou_s = statistics.median(iou_ts)
 
     # ----- rows: (key, label, value, (min, max) or None, unit, ratio, ratio base, must-show verdict) -----
@@ -440,59 +481,191 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         r = None if base is None else ratio(key, base)
         r_min = None if base is None else spread[key][0] / spread[base][0]  # robustness check on a noisy machine
         base_name = {"t_fwd": "t_fwd", "t_floor": "t_floor", "explain": "explanation", None: ""}[base]
-        return (key, label, per_img[key], (*spread[key], r_min), "ms/img", r, base_name,
-                verdict(check, r) if check else "")  # fmt: skip
+        return (
+            key,
+            label,
+            per_img[key],
+            (*spread[key], r_min),
+            "ms/img",
+            r,
+            base_name,
+            verdict(check, r) if check else "",
+        )
 
     rows = [
         timed("t_fwd", "t_fwd: target forward, no gradients"),
         timed("t_floor", "t_floor: forward + masked forward + backward to an all-ones mask", "t_fwd"),
-        timed("explain", "GEN-CNP explanation (`GenCNP.explain`: features, generator, DAQ, masked forward)", "t_fwd",
-              "explain_ratio"),
-        timed("train_default", "GEN-CNP training step, config losses (kd, sparsity, swap, zero, cls, con; 3B masked batch)",
-              "t_floor", "train_default_ratio"),
-        timed("train_kd_sparsity", "GEN-CNP training step, kd + sparsity (lambda_swap = lambda_zero = 0; cls, con kept)",
-              "t_floor", "train_kd_sparsity_ratio"),
-    ]  # fmt: skip
+        timed(
+            "explain",
+            "GEN-CNP explanation (`GenCNP.explain`: features, generator, DAQ, masked forward)",
+            "t_fwd",
+            "explain_ratio",
+        ),
+        timed(
+            "train_default",
+            "GEN-CNP training step, config losses (kd, sparsity, swap, zero, cls, con; 3B masked batch)",
+            "t_floor",
+            "train_default_ratio",
+        ),
+        timed(
+            "train_kd_sparsity",
+            "GEN-CNP training step, kd + sparsity (lambda_swap = lambda_zero = 0; cls, con kept)",
+            "t_floor",
+            "train_kd_sparsity_ratio",
+        ),
+    ]
     for frac in args.control_fraction:
         if f"train_fraction_{frac:g}" in per_img:
-            rows.append(timed(f"train_fraction_{frac:g}", f"GEN-CNP training step, config losses, controls on {frac:g} of "
-                              f"the batch (opt-in control_fraction={frac:g})", "t_floor", "train_fraction_ratio"))  # fmt: skip
+            rows.append(
+                timed(
+                    f"train_fraction_{frac:g}",
+                    f"GEN-CNP training step, config losses, controls on {frac:g} of "
+                    f"the batch (opt-in control_fraction={frac:g})",
+                    "t_floor",
+                    "train_fraction_ratio",
+                )
+            )
     for name in ("neuron_mct", "neuron_intgrad", "dgr"):
-        rows.append(timed(name, f"{name} (matched counts) + masked forward", "explain",
-                          f"{name}_ratio" if f"{name}_ratio" in TARGETS else None))  # fmt: skip
+        rows.append(
+            timed(
+                name,
+                f"{name} (matched counts) + masked forward",
+                "explain",
+                f"{name}_ratio" if f"{name}_ratio" in TARGETS else None,
+            )
+        )
     e1, e4 = export[1], export[4]
     growth = max(e4["retained"], e4["reachable"]) / max(1, max(e1["retained"], e1["reachable"]))
     rows += [
-        ("bank_1x_ips", f"bank export, {n1} samples (predict_step + PathwayBank.update)", e1["ips"], None, "images/s", None, "", ""),
+        (
+            "bank_1x_ips",
+            f"bank export, {n1} samples (predict_step + PathwayBank.update)",
+            e1["ips"],
+            None,
+            "images/s",
+            None,
+            "",
+            "",
+        ),
         ("bank_4x_ips", f"bank export, {4 * n1} samples", e4["ips"], None, "images/s", None, "", ""),
-        ("bank_1x_retained", f"bank state after {n1} samples: allocator retained", e1["retained"], None, "bytes", None, "", ""),
-        ("bank_4x_retained", f"bank state after {4 * n1} samples: allocator retained", e4["retained"], None, "bytes",
-         e4["retained"] / max(e1["retained"], 1), "state at 1x", ""),
-        ("bank_1x_reachable", f"bank state after {n1} samples: bytes reachable from the bank", e1["reachable"], None,
-         "bytes", None, "", ""),
-        ("bank_4x_reachable", f"bank state after {4 * n1} samples: bytes reachable from the bank", e4["reachable"], None,
-         "bytes", e4["reachable"] / max(e1["reachable"], 1), "state at 1x", ""),
-        ("bank_state_growth", "bank state 4x / 1x (larger of the two measures)", growth, None, "x", None, "",
-         verdict("bank_state_growth", growth)),
-        ("bank_1x_peak", f"allocator peak during the {n1}-sample export (batch activations included)", e1["peak"], None,
-         "bytes", None, "", ""),
-        ("bank_4x_peak", f"allocator peak during the {4 * n1}-sample export", e4["peak"], None, "bytes",
-         e4["peak"] / max(e1["peak"], 1), "peak at 1x", ""),
-        ("bank_1x_py_peak", f"tracemalloc peak during the {n1}-sample export (Python allocations)", e1["py_peak"], None,
-         "bytes", None, "", ""),
-        ("bank_4x_py_peak", f"tracemalloc peak during the {4 * n1}-sample export", e4["py_peak"], None, "bytes",
-         e4["py_peak"] / max(e1["py_peak"], 1), "peak at 1x", ""),
-        ("aciou_s", f"acIOU + between-class IoU of {args.iou_pathways} pathways (D = {target.num_channels})", iou_s,
-         (min(iou_ts), max(iou_ts)), "s", None, "", verdict("aciou_s", iou_s) if args.iou_pathways >= 10000 else ""),
-    ]  # fmt: skip
+        (
+            "bank_1x_retained",
+            f"bank state after {n1} samples: allocator retained",
+            e1["retained"],
+            None,
+            "bytes",
+            None,
+            "",
+            "",
+        ),
+        (
+            "bank_4x_retained",
+            f"bank state after {4 * n1} samples: allocator retained",
+            e4["retained"],
+            None,
+            "bytes",
+            e4["retained"] / max(e1["retained"], 1),
+            "state at 1x",
+            "",
+        ),
+        (
+            "bank_1x_reachable",
+            f"bank state after {n1} samples: bytes reachable from the bank",
+            e1["reachable"],
+            None,
+            "bytes",
+            None,
+            "",
+            "",
+        ),
+        (
+            "bank_4x_reachable",
+            f"bank state after {4 * n1} samples: bytes reachable from the bank",
+            e4["reachable"],
+            None,
+            "bytes",
+            e4["reachable"] / max(e1["reachable"], 1),
+            "state at 1x",
+            "",
+        ),
+        (
+            "bank_state_growth",
+            "bank state 4x / 1x (larger of the two measures)",
+            growth,
+            None,
+            "x",
+            None,
+            "",
+            verdict("bank_state_growth", growth),
+        ),
+        (
+            "bank_1x_peak",
+            f"allocator peak during the {n1}-sample export (batch activations included)",
+            e1["peak"],
+            None,
+            "bytes",
+            None,
+            "",
+            "",
+        ),
+        (
+            "bank_4x_peak",
+            f"allocator peak during the {4 * n1}-sample export",
+            e4["peak"],
+            None,
+            "bytes",
+            e4["peak"] / max(e1["peak"], 1),
+            "peak at 1x",
+            "",
+        ),
+        (
+            "bank_1x_py_peak",
+            f"tracemalloc peak during the {n1}-sample export (Python allocations)",
+            e1["py_peak"],
+            None,
+            "bytes",
+            None,
+            "",
+            "",
+        ),
+        (
+            "bank_4x_py_peak",
+            f"tracemalloc peak during the {4 * n1}-sample export",
+            e4["py_peak"],
+            None,
+            "bytes",
+            e4["py_peak"] / max(e1["py_peak"], 1),
+            "peak at 1x",
+            "",
+        ),
+        (
+            "aciou_s",
+            f"acIOU + between-class IoU of {args.iou_pathways} pathways (D = {target.num_channels})",
+            iou_s,
+            (min(iou_ts), max(iou_ts)),
+            "s",
+            None,
+            "",
+            verdict("aciou_s", iou_s) if args.iou_pathways >= 10000 else "",
+        ),
+    ]
     info = machine()
     ckpt = kw["target_checkpoint"]
     weights = "random init, no checkpoint"
     if ckpt:
         weights = f"weights {Path(ckpt).relative_to(ROOT) if Path(ckpt).is_relative_to(ROOT) else ckpt}"
-    info.update(load_before=load_before, arch=target.arch, taps=", ".join(target.tap_names), D=target.num_channels,
-                weights=weights, data=data_note, ablation=model.hparams.ablation, lambda_swap=model.hparams.lambda_swap,
-                lambda_zero=model.hparams.lambda_zero, d=model.hparams.d)  # fmt: skip
+    info.update(
+        load_before=load_before,
+        arch=target.arch,
+        taps=", ".join(target.tap_names),
+        D=target.num_channels,
+        weights=weights,
+        data=data_note,
+        ablation=model.hparams.ablation,
+        lambda_swap=model.hparams.lambda_swap,
+        lambda_zero=model.hparams.lambda_zero,
+        d=model.hparams.d,
+    )
     cli = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python benchmarks/bench.py", *cli])
     write_report(Path(args.out), rows, info, args, command)

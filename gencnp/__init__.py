@@ -14,7 +14,20 @@ from gencnp.targets import FrozenTarget, create_target, list_targets, load_targe
 from gencnp.version import __version__
 
 __all__ = [
-    "CIFAR10DataModule", "FashionMNISTDataModule", "ImageFolderDataModule", "SyntheticDataModule",
-    "PathwayBank", "PathwayGenerator", "daq", "Registry", "GenCNP", "TargetClassifier", "FrozenTarget", "create_target",
-    "list_targets", "load_target", "register_target", "__version__",
-]  # fmt: skip
+    "CIFAR10DataModule",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "SyntheticDataModule",
+    "PathwayBank",
+    "PathwayGenerator",
+    "daq",
+    "Registry",
+    "GenCNP",
+    "TargetClassifier",
+    "FrozenTarget",
+    "create_target",
+    "list_targets",
+    "load_target",
+    "register_target",
+    "__version__",
+]

@@ -40,8 +40,9 @@ def as_tap_masks(target: FrozenTarget, masks: Masks, batch: int) -> list[torch.T
     return out
 
 
-def pathway_gradient(target: FrozenTarget, x: torch.Tensor, masks: Masks, y_hat: torch.Tensor,
-                     fill: Fill = None) -> torch.Tensor:  # fmt: skip
+def pathway_gradient(
+    target: FrozenTarget, x: torch.Tensor, masks: Masks, y_hat: torch.Tensor, fill: Fill = None
+) -> torch.Tensor:
     """Input gradient of the pre-softmax logit ``S_y`` under the fixed pathway: ``dS_y(x; m)/dx``.
 
     Colour channels are reduced to the signed value of largest magnitude (grey images pass through).
@@ -77,8 +78,10 @@ def _as_grid(a: torch.Tensor, name: str) -> torch.Tensor:
             side = math.isqrt(n - drop)
             if side * side == n - drop:
                 return a[:, drop:].transpose(1, 2).reshape(a.shape[0], a.shape[2], side, side)
-    raise ValueError(f"Grad-CAM needs a spatial last tap; tap '{name}' gives {list(a.shape[1:])} per sample. "
-                     "Tap a convolutional block or a token sequence on a square grid.")  # fmt: skip
+    raise ValueError(
+        f"Grad-CAM needs a spatial last tap; tap '{name}' gives {list(a.shape[1:])} per sample. "
+        "Tap a convolutional block or a token sequence on a square grid."
+    )
 
 
 def grad_cam(

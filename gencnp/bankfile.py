@@ -21,8 +21,18 @@ FORMAT_VERSION = 1
 KIND = "gencnp.PathwayBank"
 DEFAULT_BANK = "runs/fashion_mnist/bank.safetensors"
 REEXPORT = "re-export the bank: python train.py predict --config configs/<data>/bank.yaml --ckpt_path <generator>.ckpt"
-REQUIRED = ("kind", "target_arch", "target_hash", "taps", "tap_channels", "class_names", "tau", "class_source", "split",
-            "total")  # fmt: skip
+REQUIRED = (
+    "kind",
+    "target_arch",
+    "target_hash",
+    "taps",
+    "tap_channels",
+    "class_names",
+    "tau",
+    "class_source",
+    "split",
+    "total",
+)
 
 
 def checksum(meta_json: str, counts: np.ndarray, n: np.ndarray) -> str:

@@ -446,8 +446,16 @@ class PathwayBank:
         meta, counts, n = read_bank_file(path)
         damaged = f"pathway bank '{path}' is damaged"
         try:
-            bank = cls(meta["class_names"], meta["taps"], meta["tap_channels"], meta["target_arch"],
-                       meta["target_hash"], meta["class_source"], meta["split"], meta["tau"])  # fmt: skip
+            bank = cls(
+                meta["class_names"],
+                meta["taps"],
+                meta["tap_channels"],
+                meta["target_arch"],
+                meta["target_hash"],
+                meta["class_source"],
+                meta["split"],
+                meta["tau"],
+            )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{damaged}: its metadata is invalid ({err}); {REEXPORT}.") from err
         problems = check_tensors(counts, n, bank.num_classes, bank.num_channels, meta["total"])

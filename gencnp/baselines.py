@@ -27,9 +27,21 @@ from gencnp.hooks import space_reduce
 from gencnp.targets import FrozenTarget
 
 __all__ = [
-    "split_pathway", "tap_counts", "random_pathways", "topk_per_tap", "global_percentile", "neuron_mct_scores",
-    "neuron_intgrad_scores", "dgr", "PathwayMethod", "METHODS", "run_method", "grad_enabled", "plain", "Fill",
-]  # fmt: skip
+    "split_pathway",
+    "tap_counts",
+    "random_pathways",
+    "topk_per_tap",
+    "global_percentile",
+    "neuron_mct_scores",
+    "neuron_intgrad_scores",
+    "dgr",
+    "PathwayMethod",
+    "METHODS",
+    "run_method",
+    "grad_enabled",
+    "plain",
+    "Fill",
+]
 
 Fill = Sequence[torch.Tensor | None] | None
 
@@ -62,8 +74,10 @@ def _check_counts(counts: torch.Tensor, tap_channels: Sequence[int]) -> torch.Te
         )
     caps = torch.as_tensor(list(tap_channels), device=counts.device)
     if bool((counts < 0).any()) or bool((counts > caps).any()):
-        raise ValueError(f"counts must lie in [0, C_l] per tap (C = {list(tap_channels)}), got min {int(counts.min())} "
-                         f"and per-tap max {counts.max(0).values.tolist()}.")  # fmt: skip
+        raise ValueError(
+            f"counts must lie in [0, C_l] per tap (C = {list(tap_channels)}), got min {int(counts.min())} "
+            f"and per-tap max {counts.max(0).values.tolist()}."
+        )
     return counts.long()
 
 
@@ -108,8 +122,9 @@ def global_percentile(scores: torch.Tensor, keep_fraction: float | torch.Tensor)
     return _rank_keep(scores, k)
 
 
-def random_pathways(counts: torch.Tensor, tap_channels: Sequence[int],
-                    generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def random_pathways(
+    counts: torch.Tensor, tap_channels: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Random control: uniformly random channels with the same per-sample **and** per-tap counts.
 
     Args:
@@ -158,8 +173,9 @@ def _default_y(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None
         return target(x).argmax(1)
 
 
-def neuron_mct_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None,
-                      fill: Fill = None) -> torch.Tensor:  # fmt: skip
+def neuron_mct_scores(
+    target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None, fill: Fill = None
+) -> torch.Tensor:
     """NeuronMCT channel scores (Khakzar et al., CVPR 2021): ``sum_space |a * dS_y/da|`` per tap channel.
 
     One forward and one backward for all taps: an all-ones mask that requires grad puts every tap output
@@ -196,8 +212,9 @@ def _trapezoid(steps: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return alphas, w
 
 
-def neuron_intgrad_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None, steps: int = 11,
-                          fill: Fill = None) -> torch.Tensor:  # fmt: skip
+def neuron_intgrad_scores(
+    target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None, steps: int = 11, fill: Fill = None
+) -> torch.Tensor:
     """Neuron integrated gradients (Khakzar et al., CVPR 2021): per tap, ``IG = (a - a0) * int_0^1 dS/da(a0 + t(a - a0)) dt``
     along the straight path from the removed value ``a0`` (0, or the fill under mean ablation) to ``a``, with
     ``steps`` points (trapezoid rule); the channel score is ``sum_space |IG|``.
@@ -242,8 +259,17 @@ def neuron_intgrad_scores(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Te
     return torch.cat(scores, dim=1)
 
 
-def dgr(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None, steps: int = 30, lr: float = 0.1,
-        momentum: float = 0.9, l1: float = 0.05, clamp: tuple[float, float] = (0.0, 5.0), fill: Fill = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def dgr(
+    target: FrozenTarget,
+    x: torch.Tensor,
+    y_hat: torch.Tensor | None = None,
+    steps: int = 30,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    l1: float = 0.05,
+    clamp: tuple[float, float] = (0.0, 5.0),
+    fill: Fill = None,
+) -> dict[str, torch.Tensor]:
     """Distillation-guided routing (Wang et al., CVPR 2018, CDRP): per-input channel gates on every tap.
 
     Gates start at 1; the loss ``-sum_k p_k log p^gates_k + l1 * sum |gates|`` is **summed** over the batch
@@ -263,8 +289,10 @@ def dgr(target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor | None = None
         kept iterate, ``faithful`` bool ``[B]`` (a faithful iterate was found), ``step`` ``[B]`` (its index).
     """
     if steps < 0 or lr <= 0 or not 0 <= momentum < 1 or l1 < 0 or clamp[0] > clamp[1]:
-        raise ValueError(f"dgr needs steps >= 0, lr > 0, 0 <= momentum < 1, l1 >= 0 and clamp lo <= hi; got steps={steps}, "
-                         f"lr={lr}, momentum={momentum}, l1={l1}, clamp={clamp}.")  # fmt: skip
+        raise ValueError(
+            f"dgr needs steps >= 0, lr > 0, 0 <= momentum < 1, l1 >= 0 and clamp lo <= hi; got steps={steps}, "
+            f"lr={lr}, momentum={momentum}, l1={l1}, clamp={clamp}."
+        )
     x = plain(x)
     chans = target.tap_channels
     with grad_enabled(), torch.no_grad():  # ordinary tensors even under inference_mode: the steps below save them
@@ -332,19 +360,44 @@ def _run_dgr(target, x, y_hat, fill=None, generator=None, **options):
 
 
 METHODS: dict[str, PathwayMethod] = {
-    "random": PathwayMethod("random", "control", "uniformly random channels, one global draw at GEN-CNP's mean kept fraction",
-                            False, _run_random),
-    "neuron_mct": PathwayMethod("neuron_mct", "Khakzar et al., CVPR 2021",
-                                "single global percentile over all taps at GEN-CNP's mean kept fraction", False, _run_mct),
-    "neuron_intgrad": PathwayMethod("neuron_intgrad", "Khakzar et al., CVPR 2021",
-                                    "single global percentile over all taps at GEN-CNP's mean kept fraction", True, _run_intgrad),
-    "dgr": PathwayMethod("dgr", "Wang et al., CVPR 2018 (CDRP)", "gates > 0 of the lowest-loss faithful iterate", True, _run_dgr),
-}  # fmt: skip
+    "random": PathwayMethod(
+        "random",
+        "control",
+        "uniformly random channels, one global draw at GEN-CNP's mean kept fraction",
+        False,
+        _run_random,
+    ),
+    "neuron_mct": PathwayMethod(
+        "neuron_mct",
+        "Khakzar et al., CVPR 2021",
+        "single global percentile over all taps at GEN-CNP's mean kept fraction",
+        False,
+        _run_mct,
+    ),
+    "neuron_intgrad": PathwayMethod(
+        "neuron_intgrad",
+        "Khakzar et al., CVPR 2021",
+        "single global percentile over all taps at GEN-CNP's mean kept fraction",
+        True,
+        _run_intgrad,
+    ),
+    "dgr": PathwayMethod(
+        "dgr", "Wang et al., CVPR 2018 (CDRP)", "gates > 0 of the lowest-loss faithful iterate", True, _run_dgr
+    ),
+}
 
 
-def run_method(name: str, target: FrozenTarget, x: torch.Tensor, y_hat: torch.Tensor, counts: torch.Tensor | None = None,
-               keep_fraction: float | None = None, fill: Fill = None, generator: torch.Generator | None = None,
-               **options) -> dict[str, torch.Tensor]:  # fmt: skip
+def run_method(
+    name: str,
+    target: FrozenTarget,
+    x: torch.Tensor,
+    y_hat: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    keep_fraction: float | None = None,
+    fill: Fill = None,
+    generator: torch.Generator | None = None,
+    **options,
+) -> dict[str, torch.Tensor]:
     """Scores plus the ``matched`` (per-sample and per-tap ``counts``) and ``native`` pathways of a method.
 
     Args:

@@ -18,9 +18,16 @@ import torch
 from safetensors import safe_open
 
 __all__ = [
-    "read_checkpoint", "read_state_dict", "state_hash", "verify_state_hash", "seal", "STATE_HASH_KEY",
-    "SETTINGS_HASH_KEY", "SETTINGS_SECTIONS", "ALLOW_UNHASHED_ENV",
-]  # fmt: skip
+    "read_checkpoint",
+    "read_state_dict",
+    "state_hash",
+    "verify_state_hash",
+    "seal",
+    "STATE_HASH_KEY",
+    "SETTINGS_HASH_KEY",
+    "SETTINGS_SECTIONS",
+    "ALLOW_UNHASHED_ENV",
+]
 
 STATE_HASH_KEY = "gencnp_state_hash"
 SETTINGS_HASH_KEY = "gencnp_settings_hash"
@@ -87,8 +94,9 @@ def _unhashed(source: str, what: str, allow: bool = False) -> None:
     )
 
 
-def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpoint", allow_unhashed: bool = False,
-                      settings: bool = True) -> None:  # fmt: skip
+def verify_state_hash(
+    checkpoint: Mapping[str, Any], source: str = "this checkpoint", allow_unhashed: bool = False, settings: bool = True
+) -> None:
     """Raise ``ValueError`` when a checkpoint's ``state_dict`` or settings no longer match the hashes recorded at
     saving, or when it carries no hashes (unless ``GENCNP_ALLOW_UNHASHED=1``: then a warning).
 
@@ -101,8 +109,11 @@ def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpo
         return
     recorded = checkpoint.get(STATE_HASH_KEY)
     if recorded is None:
-        return _unhashed(source, f"carries no integrity hash ('{STATE_HASH_KEY}': written by another tool, or the "
-                                 "hash was removed)", allow_unhashed)  # fmt: skip
+        return _unhashed(
+            source,
+            f"carries no integrity hash ('{STATE_HASH_KEY}': written by another tool, or the hash was removed)",
+            allow_unhashed,
+        )
     computed = state_hash(checkpoint["state_dict"])
     if computed != recorded:
         raise ValueError(
@@ -114,8 +125,12 @@ def verify_state_hash(checkpoint: Mapping[str, Any], source: str = "this checkpo
         return
     recorded = checkpoint.get(SETTINGS_HASH_KEY)
     if recorded is None:
-        return _unhashed(source, f"carries no hash of its hyper-parameters ('{SETTINGS_HASH_KEY}': written by an "
-                                 "older gencnp, or the hash was removed)", allow_unhashed)  # fmt: skip
+        return _unhashed(
+            source,
+            f"carries no hash of its hyper-parameters ('{SETTINGS_HASH_KEY}': written by an "
+            "older gencnp, or the hash was removed)",
+            allow_unhashed,
+        )
     computed = state_hash(checkpoint["state_dict"], _settings(checkpoint))
     if computed != recorded:
         raise ValueError(
@@ -174,7 +189,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; train one (python train.py fit --config ...) or fix the path.")
+        raise FileNotFoundError(
+            f"checkpoint '{path}' does not exist; train one (python train.py fit --config ...) or fix the path."
+        )
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), "pt") as f:

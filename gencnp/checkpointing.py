@@ -114,7 +114,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # A run shorter than its first validation (max_steps below an epoch) would end without validating, so
         # best.ckpt would never be written: validate at its last step instead.
         steps = trainer.max_steps
-        if steps is None or steps < 0 or not trainer.limit_val_batches or trainer.check_val_every_n_epoch not in (1, None):
+        if (
+            steps is None
+            or steps < 0
+            or not trainer.limit_val_batches
+            or trainer.check_val_every_n_epoch not in (1, None)
+        ):
             return
         batches = (steps - trainer.global_step) * trainer.accumulate_grad_batches
         check = trainer.val_check_batch

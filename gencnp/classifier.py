@@ -43,7 +43,9 @@ def _record_classes(module: L.LightningModule, checkpoint: dict) -> None:
 
 def _check_finite(x: torch.Tensor, stage: str, batch_idx: int) -> None:
     if not torch.isfinite(x).all():
-        raise ValueError(f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files).")
+        raise ValueError(
+            f"{stage} batch {batch_idx} holds NaN or Inf inputs; clean the data (check normalisation and files)."
+        )
 
 
 class TargetClassifier(VerifiedLoading, L.LightningModule):
@@ -57,9 +59,20 @@ class TargetClassifier(VerifiedLoading, L.LightningModule):
         image_size: input side, used to check the data before training.
     """
 
-    def __init__(self, arch: str | dict = "fmnist_cnn", num_classes: int = 10, in_chans: int = 1, image_size: int = 28,
-                 pretrained: bool = False, checkpoint: str | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
-                 label_smoothing: float = 0.0, schedule: str = "cosine", model_kwargs: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        arch: str | dict = "fmnist_cnn",
+        num_classes: int = 10,
+        in_chans: int = 1,
+        image_size: int = 28,
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        label_smoothing: float = 0.0,
+        schedule: str = "cosine",
+        model_kwargs: dict | None = None,
+    ):
         super().__init__()
         check_settings(self, locals())  # types and ranges of every setting (gencnp.settings.RULES)
         if schedule not in ("cosine", "constant"):
@@ -111,6 +124,7 @@ class TargetClassifier(VerifiedLoading, L.LightningModule):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.schedule == "constant":
             return opt
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches,
-                                                    pct_start=0.15)  # fmt: skip
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=0.15
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

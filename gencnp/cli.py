@@ -46,8 +46,9 @@ class GenCNPCLI(LightningCLI):
             if written_by and configured and written_by != configured:
                 hint = (
                     " A target classifier's checkpoint goes to model.init_args.target_checkpoint, not --ckpt_path."
-                    if written_by.endswith("TargetClassifier") else ""
-                )  # fmt: skip
+                    if written_by.endswith("TargetClassifier")
+                    else ""
+                )
                 raise ValueError(
                     f"--ckpt_path '{ckpt_path}' was written by {written_by}, but the config's model is {configured}; "
                     f"nothing was run.{hint} Pass a checkpoint of {configured} (or the config that trained this "
@@ -89,8 +90,13 @@ class GenCNPCLI(LightningCLI):
             check(self.datamodule)
         # --ckpt_path read safely and fitting the model, output folders writable, the first images of the splits
         # read of the right shape and finite, online W&B reachable.
-        preflight(self.trainer, self.model, (self.config.get(self.subcommand) or {}).get("ckpt_path"),
-                  datamodule=self.datamodule, stage=self.subcommand)  # fmt: skip
+        preflight(
+            self.trainer,
+            self.model,
+            (self.config.get(self.subcommand) or {}).get("ckpt_path"),
+            datamodule=self.datamodule,
+            stage=self.subcommand,
+        )
 
     def before_fit(self) -> None:
         self._check()

@@ -34,8 +34,17 @@ from gencnp.datamodule import (  # noqa: F401  (re-exported: gencnp.data is wher
 )
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {
@@ -58,8 +67,12 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
-    for candidate in (root / stem, root / f"{stem}.gz", root / "FashionMNIST" / "raw" / stem,
-                      root / "FashionMNIST" / "raw" / f"{stem}.gz"):  # fmt: skip
+    for candidate in (
+        root / stem,
+        root / f"{stem}.gz",
+        root / "FashionMNIST" / "raw" / stem,
+        root / "FashionMNIST" / "raw" / f"{stem}.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -84,10 +97,20 @@ class FashionMNISTDataModule(ImageDataModule):
     mean = 0.2860
     std = 0.3530
 
-    def __init__(self, data_dir: str | None = None, torchvision_root: str = "data", download: bool = False,
-                 batch_size: int = 128, eval_batch_size: int | None = 512, num_workers: int = 0,
-                 val_size: int = 5000, seed: int = 0, predict_split: str = "test", image_size: int = 28,
-                 in_chans: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        torchvision_root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = 512,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        seed: int = 0,
+        predict_split: str = "test",
+        image_size: int = 28,
+        in_chans: int = 1,
+    ):
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
         self._set_shape(in_chans, image_size, "FashionMNISTDataModule")
         self.data_dir = data_dir
@@ -149,9 +172,19 @@ class CIFAR10DataModule(ImageDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, data_dir: str = "data", download: bool = False, batch_size: int = 128,
-                 eval_batch_size: int | None = 512, num_workers: int = 0, val_size: int = 5000, seed: int = 0,
-                 predict_split: str = "test", image_size: int = 32, in_chans: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int | None = 512,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        seed: int = 0,
+        predict_split: str = "test",
+        image_size: int = 32,
+        in_chans: int = 3,
+    ):
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
         self._set_shape(in_chans, image_size, "CIFAR10DataModule")
         self.data_dir = data_dir
@@ -165,7 +198,9 @@ class CIFAR10DataModule(ImageDataModule):
     def _load(self, train: bool) -> TensorImageDataset:
         ds = CIFAR10(self.data_dir, train=train, download=self.download)
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        return TensorImageDataset(images, torch.as_tensor(ds.targets), self.mean, self.std, self.in_chans, self.image_size)
+        return TensorImageDataset(
+            images, torch.as_tensor(ds.targets), self.mean, self.std, self.in_chans, self.image_size
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit", "validate", "predict"):
@@ -179,7 +214,9 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _listing(paths: list, limit: int = 6) -> str:
-    return ", ".join(f"'{p}'" for p in paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+    return ", ".join(f"'{p}'" for p in paths[:limit]) + (
+        f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    )
 
 
 def check_image_folders(root: Path, splits: tuple[str, ...] = ("train", "test")) -> list[str]:
@@ -200,8 +237,11 @@ def check_image_folders(root: Path, splits: tuple[str, ...] = ("train", "test"))
         here = sorted(p.name for p in folder.iterdir() if p.is_dir())
         missing, extra = sorted(set(classes) - set(here)), sorted(set(here) - set(classes))
         if split != "train" and (missing or extra):
-            parts = ([f"lacks the class folders {_listing([folder / c for c in missing])} that train/ has"] if missing else []) + (
-                [f"has class folders {_listing([folder / c for c in extra])} that train/ lacks"] if extra else [])  # fmt: skip
+            parts = (
+                [f"lacks the class folders {_listing([folder / c for c in missing])} that train/ has"]
+                if missing
+                else []
+            ) + ([f"has class folders {_listing([folder / c for c in extra])} that train/ lacks"] if extra else [])
             raise ValueError(
                 f"ImageFolder '{folder}' " + " and ".join(parts) + f": its class indices would not match train/'s "
                 f"{classes} (labels silently shifted). Give every split the same class folders (an empty class is "
@@ -245,9 +285,20 @@ class ImageFolderDataModule(ImageDataModule):
         in_chans: 1 (converted to grey) or 3 (RGB).
     """
 
-    def __init__(self, root: str, image_size: int = 64, in_chans: int = 3, mean: float | list[float] = 0.5,
-                 std: float | list[float] = 0.25, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 0, val_size: int = 500, seed: int = 0, predict_split: str = "test"):  # fmt: skip
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        in_chans: int = 3,
+        mean: float | list[float] = 0.5,
+        std: float | list[float] = 0.25,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_size: int = 500,
+        seed: int = 0,
+        predict_split: str = "test",
+    ):
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
         self.root = Path(root)
         train = self.root / "train"
@@ -273,8 +324,13 @@ class ImageFolderDataModule(ImageDataModule):
         tf = [T.Resize((self.image_size, self.image_size))]
         if self.in_chans == 1:
             tf.append(T.Grayscale(1))
-        tf += [T.ToTensor(), T.Normalize([self.mean] * self.in_chans if np.isscalar(self.mean) else self.mean,
-                                         [self.std] * self.in_chans if np.isscalar(self.std) else self.std)]  # fmt: skip
+        tf += [
+            T.ToTensor(),
+            T.Normalize(
+                [self.mean] * self.in_chans if np.isscalar(self.mean) else self.mean,
+                [self.std] * self.in_chans if np.isscalar(self.std) else self.std,
+            ),
+        ]
         return ImageFolder(str(self.root / split), transform=T.Compose(tf), loader=_named_loader)
 
     def check_files(self, splits: tuple[str, ...] = ("train", "test")) -> None:
@@ -300,7 +356,9 @@ class ImageFolderDataModule(ImageDataModule):
         if self.test_set is None and stage in (None, "test", "predict"):
             test = self.root / "test"
             if not test.is_dir():
-                raise FileNotFoundError(f"ImageFolder root '{self.root}' has no 'test' folder; add test/<class>/<image>.")
+                raise FileNotFoundError(
+                    f"ImageFolder root '{self.root}' has no 'test' folder; add test/<class>/<image>."
+                )
             self.test_set = self._folder("test")
 
 
@@ -311,8 +369,17 @@ class SyntheticPatterns(Dataset):
     ground truth for explanation tests. Everything is generated up front from ``seed``.
     """
 
-    def __init__(self, n: int, num_classes: int = 4, image_size: int = 16, in_chans: int = 1, pattern_size: int = 5,
-                 noise: float = 0.3, seed: int = 0, pattern_seed: int = 1234):  # fmt: skip
+    def __init__(
+        self,
+        n: int,
+        num_classes: int = 4,
+        image_size: int = 16,
+        in_chans: int = 1,
+        pattern_size: int = 5,
+        noise: float = 0.3,
+        seed: int = 0,
+        pattern_seed: int = 1234,
+    ):
         if pattern_size > image_size:
             raise ValueError(f"pattern_size ({pattern_size}) must not exceed image_size ({image_size}).")
         g = torch.Generator().manual_seed(pattern_seed)
@@ -337,10 +404,22 @@ class SyntheticPatterns(Dataset):
 class SyntheticDataModule(ImageDataModule):
     """Synthetic patterns (no files): train/val/test generated from different seeds."""
 
-    def __init__(self, num_classes: int = 4, image_size: int = 16, in_chans: int = 1, pattern_size: int = 5,
-                 noise: float = 0.3, n_train: int = 2000, n_test: int = 500, batch_size: int = 64,
-                 eval_batch_size: int | None = 256, num_workers: int = 0, val_size: int = 400, seed: int = 0,
-                 predict_split: str = "test"):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 4,
+        image_size: int = 16,
+        in_chans: int = 1,
+        pattern_size: int = 5,
+        noise: float = 0.3,
+        n_train: int = 2000,
+        n_test: int = 500,
+        batch_size: int = 64,
+        eval_batch_size: int | None = 256,
+        num_workers: int = 0,
+        val_size: int = 400,
+        seed: int = 0,
+        predict_split: str = "test",
+    ):
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
@@ -348,8 +427,9 @@ class SyntheticDataModule(ImageDataModule):
         self.class_names = [f"pattern_{k}" for k in range(num_classes)]
         self.image_size = image_size
         self.in_chans = in_chans
-        self._kw = dict(num_classes=num_classes, image_size=image_size, in_chans=in_chans,
-                        pattern_size=pattern_size, noise=noise)  # fmt: skip
+        self._kw = dict(
+            num_classes=num_classes, image_size=image_size, in_chans=in_chans, pattern_size=pattern_size, noise=noise
+        )
         self.n_train, self.n_test = n_train, n_test
 
     def setup(self, stage: str | None = None) -> None:

@@ -13,8 +13,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from gencnp.settings import check_settings, init_args
 
-__all__ = ["LUMA", "check_in_chans", "check_image_size", "convert_images", "converted_stats", "TensorImageDataset",
-           "EpochSampler", "ResumableDataLoader", "ImageDataModule"]  # fmt: skip
+__all__ = [
+    "LUMA",
+    "check_in_chans",
+    "check_image_size",
+    "convert_images",
+    "converted_stats",
+    "TensorImageDataset",
+    "EpochSampler",
+    "ResumableDataLoader",
+    "ImageDataModule",
+]
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of RGB -> grey
 
@@ -26,7 +35,9 @@ def check_in_chans(in_chans: int | None, what: str) -> None:
 
 def check_image_size(image_size: int | None, what: str) -> None:
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"{what}: image_size must be a positive int (the side images are resized to), got {image_size!r}.")
+        raise ValueError(
+            f"{what}: image_size must be a positive int (the side images are resized to), got {image_size!r}."
+        )
 
 
 def convert_images(img: torch.Tensor, in_chans: int | None = None, image_size: int | None = None) -> torch.Tensor:
@@ -43,8 +54,9 @@ def convert_images(img: torch.Tensor, in_chans: int | None = None, image_size: i
         else:
             raise ValueError(f"cannot convert {c}-channel images to {in_chans} channels; use in_chans 1 or 3.")
     if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                                            antialias=image_size < x.shape[-1])  # fmt: skip
+        x = torch.nn.functional.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=image_size < x.shape[-1]
+        )
     return x[0] if single else x
 
 
@@ -66,8 +78,15 @@ class TensorImageDataset(Dataset):
     those of the stored images and follow the channel conversion.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float | list, std: float | list,
-                 in_chans: int | None = None, image_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: float | list,
+        std: float | list,
+        in_chans: int | None = None,
+        image_size: int | None = None,
+    ):
         self.images = images
         self.labels = labels.long()
         c = images.shape[1]
@@ -167,8 +186,15 @@ class ImageDataModule(L.LightningDataModule):
     in_chans: int
     image_size: int
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
-                 val_size: int = 5000, seed: int = 0, predict_split: str = "test"):  # fmt: skip
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        seed: int = 0,
+        predict_split: str = "test",
+    ):
         super().__init__()
         check_settings(self, init_args(self))  # this class's and the subclass's settings (gencnp.settings.RULES)
         if batch_size < 1:
@@ -197,7 +223,9 @@ class ImageDataModule(L.LightningDataModule):
     def _holdout(self, full: Dataset) -> None:
         n = len(full)
         if not 0 < self.val_size < n:
-            raise ValueError(f"val_size must be between 1 and {n - 1} (the train split has {n} images), got {self.val_size}.")
+            raise ValueError(
+                f"val_size must be between 1 and {n - 1} (the train split has {n} images), got {self.val_size}."
+            )
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_set = Subset(full, sorted(perm[: self.val_size]))
         self.train_set = Subset(full, sorted(perm[self.val_size :]))

@@ -47,8 +47,12 @@ def check_writable(path: str | Path) -> Path:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise _refused(err, FileNotFoundError, f"cannot create the directory '{directory}' for '{path.name}'",
-                           "Create it yourself, fix the parent's permissions, or choose a writable path.") from err
+            raise _refused(
+                err,
+                FileNotFoundError,
+                f"cannot create the directory '{directory}' for '{path.name}'",
+                "Create it yourself, fix the parent's permissions, or choose a writable path.",
+            ) from err
     if not directory.is_dir():
         raise NotADirectoryError(f"cannot write '{path}': '{directory}' is not a directory; choose another path.")
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -78,8 +82,12 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as err:
-        raise _refused(err, OSError, f"cannot write '{path}': creating a temporary file in '{directory}' failed",
-                       "Fix the directory's permissions or free space, or choose another output path.") from err
+        raise _refused(
+            err,
+            OSError,
+            f"cannot write '{path}': creating a temporary file in '{directory}' failed",
+            "Fix the directory's permissions or free space, or choose another output path.",
+        ) from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -137,8 +145,9 @@ def save_figure(fig, path: str | Path, dpi: int = 120, pad_inches: float = 0.15)
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight",
-                    pad_inches=pad_inches)  # fmt: skip
+        fig.savefig(
+            buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight", pad_inches=pad_inches
+        )
     finally:
         plt.close(fig)
     return write_atomic(path, buf.getvalue())

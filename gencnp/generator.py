@@ -170,8 +170,18 @@ class PathwayGenerator(nn.Module):
         binarizer: ``'daq'`` (default) or ``'ste'``.
     """
 
-    def __init__(self, channels: Sequence[int], n_shallow: int, num_classes: int, d: int = 64, groups: int = 8,
-                 init_score: float = 0.9, binarizer: str = "daq", daq_sigma: float = 2.0, daq_t0: float = 2.0):  # fmt: skip
+    def __init__(
+        self,
+        channels: Sequence[int],
+        n_shallow: int,
+        num_classes: int,
+        d: int = 64,
+        groups: int = 8,
+        init_score: float = 0.9,
+        binarizer: str = "daq",
+        daq_sigma: float = 2.0,
+        daq_t0: float = 2.0,
+    ):
         super().__init__()
         if binarizer not in BINARIZERS:
             raise ValueError(f"binarizer must be one of {sorted(BINARIZERS)}, got '{binarizer}'.")

@@ -19,10 +19,21 @@ import torch
 from torch import nn
 
 __all__ = [
-    "TapHooks", "FeatureTaps", "MaskedForward", "resolve_taps", "split_shallow_deep", "apply_mask", "trace_modules",
-    "discover_taps", "feature_info_taps", "channel_dim", "channel_means", "space_reduce", "forward_hooked",
+    "TapHooks",
+    "FeatureTaps",
+    "MaskedForward",
+    "resolve_taps",
+    "split_shallow_deep",
+    "apply_mask",
+    "trace_modules",
+    "discover_taps",
+    "feature_info_taps",
+    "channel_dim",
+    "channel_means",
+    "space_reduce",
+    "forward_hooked",
     "unknown_tap_message",
-]  # fmt: skip
+]
 
 
 def apply_mask(out: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,7 +128,9 @@ class TapHooks:
                     f"tap a block output instead, e.g. '{parent}'."
                 )
             if not isinstance(out, torch.Tensor):
-                raise TypeError(f"tap '{self.names[i]}' returns {type(out).__name__}, not a tensor; tap a module returning one.")
+                raise TypeError(
+                    f"tap '{self.names[i]}' returns {type(out).__name__}, not a tensor; tap a module returning one."
+                )
             if self.masks is not None and self.masks[i] is not None:
                 fill = self.fill[i] if self.fill is not None else None
                 out = apply_mask(out, self.masks[i], fill)
@@ -224,8 +237,15 @@ def unknown_tap_message(model: nn.Module, missing: Sequence[str]) -> str:
 
 
 # Modules whose outputs are not feature maps worth a pathway: global pooling, heads, no-ops.
-_NOT_TAPS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear, nn.Dropout,
-             nn.Identity)  # fmt: skip
+_NOT_TAPS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Linear,
+    nn.Dropout,
+    nn.Identity,
+)
 
 
 def trace_modules(model: nn.Module, input_shape: Sequence[int]) -> list[dict]:
@@ -252,9 +272,16 @@ def trace_modules(model: nn.Module, input_shape: Sequence[int]) -> list[dict]:
             feat = out.shape[1:]
             chans = int(feat[0]) if len(feat) == 3 else int(feat[-1]) if len(feat) == 2 else None
             red = max(1, round(shape[-1] / int(feat[-1]))) if len(feat) == 3 and feat[-1] else None
-            records[name] = {"name": name, "type": type(module).__name__, "shape": tuple(int(v) for v in feat),
-                             "channels": chans, "reduction": red, "leaf": not any(True for _ in module.children()),
-                             "skip": isinstance(module, _NOT_TAPS), "same_as": last_by_id.get(id(out))}  # fmt: skip
+            records[name] = {
+                "name": name,
+                "type": type(module).__name__,
+                "shape": tuple(int(v) for v in feat),
+                "channels": chans,
+                "reduction": red,
+                "leaf": not any(True for _ in module.children()),
+                "skip": isinstance(module, _NOT_TAPS),
+                "same_as": last_by_id.get(id(out)),
+            }
             last_by_id[id(out)] = name
 
         return hook
@@ -305,7 +332,9 @@ def discover_taps(model: nn.Module, input_shape: Sequence[int], trace: list[dict
     ok = {r["name"]: r for r in trace if _tappable(r)}
 
     def kids(name: str, module: nn.Module) -> list[dict]:
-        return [ok[f"{name}.{k}" if name else k] for k, _ in module.named_children() if (f"{name}.{k}" if name else k) in ok]
+        return [
+            ok[f"{name}.{k}" if name else k] for k, _ in module.named_children() if (f"{name}.{k}" if name else k) in ok
+        ]
 
     name, node = "", model
     while len(list(node.children())) == 1:  # e.g. gencnp's TorchvisionTarget / TimmTarget wrappers (``model``)
@@ -336,7 +365,9 @@ def feature_info_taps(info, prefix: str = "") -> list[str]:
     return [p["name"] for p in _drop_stem(picks)]
 
 
-def resolve_taps(model: nn.Module, taps: str | Sequence[str] = "auto", input_shape: Sequence[int] | None = None) -> list[str]:
+def resolve_taps(
+    model: nn.Module, taps: str | Sequence[str] = "auto", input_shape: Sequence[int] | None = None
+) -> list[str]:
     """Tap names: explicit dotted paths, or ``'auto'``: ``default_taps``, then timm's ``feature_info``, then blocks
     found by tracing one forward on ``input_shape`` (``discover_taps``). ``'auto:0,2,-1'`` keeps those positions of
     the ``auto`` list (timm's ``out_indices`` habit)."""

@@ -59,8 +59,10 @@ def lookup_frontier(
     if any(not 0 < f <= 1 for f in fr):
         raise ValueError(f"fractions must lie in (0, 1] (shares of GEN-CNP's counts), got {fr}.")
     if not Path(generator).is_file():
-        raise FileNotFoundError(f"generator checkpoint '{generator}' does not exist; train one with python train.py fit "
-                                "--config configs/fashion_mnist/gencnp.yaml, or fix the path.")  # fmt: skip
+        raise FileNotFoundError(
+            f"generator checkpoint '{generator}' does not exist; train one with python train.py fit "
+            "--config configs/fashion_mnist/gencnp.yaml, or fix the path."
+        )
     model = GenCNP.load_from_checkpoint(generator, map_location="cpu", weights_only=True).eval()
     if bank is not None:
         freq, ranking = PathwayBank.load(bank, target=model.target).frequencies(), f"bank {bank}"
@@ -75,12 +77,20 @@ def lookup_frontier(
     if limit is not None:
         ds = Subset(ds, list(range(min(limit, len(ds)))))
     sums, nulls = _frontier_sums(model, ds, freq, fr, batch_size)
-    rows = [{"fraction": f, "kept_mean": float(s[3] / s[0]), "gencnp_agreement": float(s[1] / s[0]),
-             "lookup_agreement": float(s[2] / s[0]), "gain": float((s[1] - s[2]) / s[0]),
-             "gencnp_swap_forcing": float(s[4] / s[0]), "lookup_swap_forcing": float(s[5] / s[0]),
-             **{f"gencnp_null_forcing/{fam}": float(v[i, 0] / s[0]) for fam, v in nulls.items()},
-             **{f"lookup_null_forcing/{fam}": float(v[i, 1] / s[0]) for fam, v in nulls.items()}}
-            for i, (f, s) in enumerate(zip(fr, sums))]  # fmt: skip
+    rows = [
+        {
+            "fraction": f,
+            "kept_mean": float(s[3] / s[0]),
+            "gencnp_agreement": float(s[1] / s[0]),
+            "lookup_agreement": float(s[2] / s[0]),
+            "gain": float((s[1] - s[2]) / s[0]),
+            "gencnp_swap_forcing": float(s[4] / s[0]),
+            "lookup_swap_forcing": float(s[5] / s[0]),
+            **{f"gencnp_null_forcing/{fam}": float(v[i, 0] / s[0]) for fam, v in nulls.items()},
+            **{f"lookup_null_forcing/{fam}": float(v[i, 1] / s[0]) for fam, v in nulls.items()},
+        }
+        for i, (f, s) in enumerate(zip(fr, sums))
+    ]
     result = {"generator": str(generator), "split": split, "n": len(ds), "ranking": ranking, "rows": rows}
     _print_rows(result, list(nulls))
     if out is not None:
@@ -88,8 +98,9 @@ def lookup_frontier(
     return result
 
 
-def _frontier_sums(model: GenCNP, ds: Dataset, freq: torch.Tensor, fr: list[float],
-                   batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+def _frontier_sums(
+    model: GenCNP, ds: Dataset, freq: torch.Tensor, fr: list[float], batch_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per share of GEN-CNP's counts: ``[n, own agree, lookup agree, kept, own swap, lookup swap]`` summed over
     ``ds``, and per null family ``[own, lookup]`` null-forced images."""
     chans = model.target.tap_channels
@@ -104,22 +115,35 @@ def _frontier_sums(model: GenCNP, ds: Dataset, freq: torch.Tensor, fr: list[floa
             c = torch.round(counts.double() * f).long()
             own = topk_per_tap(ex["scores"], c, chans)
             look = topk_per_tap(freq[ex["y_hat"]], c, chans)
-            hits = [(model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == ex["y_hat"])
-                    .double().sum() for p in (own, look)]  # fmt: skip
+            hits = [
+                (model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == ex["y_hat"])
+                .double()
+                .sum()
+                for p in (own, look)
+            ]
             ctrl = [model.controls(x, {"pathway": p, "y_hat": ex["y_hat"]}, inputs=inputs) for p in (own, look)]
-            swaps = [float(((c["swap_logits"].argmax(1) == ex["y_hat"]) & c["swap_valid"]).double().sum()) for c in ctrl]
+            swaps = [
+                float(((c["swap_logits"].argmax(1) == ex["y_hat"]) & c["swap_valid"]).double().sum()) for c in ctrl
+            ]
             sums[i] += torch.tensor([len(x), float(hits[0]), float(hits[1]), float(own.double().mean(1).sum()), *swaps])
             for fam in model.null_eval:
-                nulls[fam][i] += torch.tensor([float((c["null_logits"][fam].argmax(1) == ex["y_hat"]).double().sum())
-                                               for c in ctrl])  # fmt: skip
+                nulls[fam][i] += torch.tensor(
+                    [float((c["null_logits"][fam].argmax(1) == ex["y_hat"]).double().sum()) for c in ctrl]
+                )
     return sums, nulls
 
 
 def _print_rows(result: dict[str, Any], fams: list[str]) -> None:
-    print(f"GEN-CNP score ranking vs class lookup ({result['split']}, {result['n']} images; lookup: {result['ranking']})")
-    print(f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}   swap forcing GEN-CNP/lookup   "
-          + "   ".join(f"{f} GEN-CNP/lookup" for f in fams))  # fmt: skip
+    print(
+        f"GEN-CNP score ranking vs class lookup ({result['split']}, {result['n']} images; lookup: {result['ranking']})"
+    )
+    print(
+        f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}   swap forcing GEN-CNP/lookup   "
+        + "   ".join(f"{f} GEN-CNP/lookup" for f in fams)
+    )
     for r in result["rows"]:
-        print(f"{r['fraction']:>6.2f} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
-              f"{r['gain']:>+8.4f}   {r['gencnp_swap_forcing']:.3f}/{r['lookup_swap_forcing']:.3f}   "
-              + "   ".join(f"{r[f'gencnp_null_forcing/{f}']:.3f}/{r[f'lookup_null_forcing/{f}']:.3f}" for f in fams))  # fmt: skip
+        print(
+            f"{r['fraction']:>6.2f} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
+            f"{r['gain']:>+8.4f}   {r['gencnp_swap_forcing']:.3f}/{r['lookup_swap_forcing']:.3f}   "
+            + "   ".join(f"{r[f'gencnp_null_forcing/{f}']:.3f}/{r[f'lookup_null_forcing/{f}']:.3f}" for f in fams)
+        )

@@ -10,14 +10,28 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd", "sparsity", "faithful_gate", "dependence_gate", "swap", "cls", "con", "update_prototypes", "total_loss", "partners", "lookup"]
+__all__ = [
+    "kd",
+    "sparsity",
+    "faithful_gate",
+    "dependence_gate",
+    "swap",
+    "cls",
+    "con",
+    "update_prototypes",
+    "total_loss",
+    "partners",
+    "lookup",
+]
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def kd(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd(
+    logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
     """Faithfulness: ``T^2 KL(softmax(H(x)/T) || softmax(H(x;m)/T)) + CE(H(x;m), y_hat)``, batch mean.
 
     Args:
@@ -32,8 +46,13 @@ def kd(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, t
     return t * t * kl + F.cross_entropy(_f(masked_logits), y_hat)
 
 
-def faithful_gate(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, kappa: float = 0.9,
-                  top_margin: float | None = None) -> torch.Tensor:  # fmt: skip
+def faithful_gate(
+    logits: torch.Tensor,
+    masked_logits: torch.Tensor,
+    y_hat: torch.Tensor,
+    kappa: float = 0.9,
+    top_margin: float | None = None,
+) -> torch.Tensor:
     """``[B]`` float: 1 where the pathway stays faithful with a margin, ``p^m_y >= kappa p_y`` (float64 logs).
 
     With ``top_margin`` (in nats) the masked output must also keep ``y`` on top: ``log p^m_y - max_{k != y}
@@ -50,8 +69,9 @@ def faithful_gate(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torc
     return ok.to(torch.float32)
 
 
-def dependence_gate(swapped_logits: torch.Tensor, y_hat: torch.Tensor, max_prob: float,
-                    valid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def dependence_gate(
+    swapped_logits: torch.Tensor, y_hat: torch.Tensor, max_prob: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B]`` float: 1 where a pathway does not force its class on another input, ``p^{m_i}(x_j)_{y_i} <= max_prob``.
 
     gencnp's extension of the faithfulness gate: a sample's sparsity pressure stops while its pathway
@@ -71,8 +91,12 @@ def dependence_gate(swapped_logits: torch.Tensor, y_hat: torch.Tensor, max_prob:
     return ok.to(torch.float32)
 
 
-def sparsity(scores: Sequence[torch.Tensor], gate: torch.Tensor | None = None,
-             tap_weights: Sequence[float] | None = None, per: str = "tap") -> torch.Tensor:  # fmt: skip
+def sparsity(
+    scores: Sequence[torch.Tensor],
+    gate: torch.Tensor | None = None,
+    tap_weights: Sequence[float] | None = None,
+    per: str = "tap",
+) -> torch.Tensor:
     """Instance-specific sparsity per sample, times ``gate``, batch mean.
 
     ``per='tap'``: ``mean_l w_l mean_c a_l,c`` (every tap counts the same); ``per='channel'``:
@@ -131,8 +155,14 @@ def con(scores: torch.Tensor, prototypes: torch.Tensor, y_hat: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def update_prototypes(prototypes: torch.Tensor, seen: torch.Tensor, scores: torch.Tensor, y_hat: torch.Tensor,
-                      momentum: float = 0.9, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
+def update_prototypes(
+    prototypes: torch.Tensor,
+    seen: torch.Tensor,
+    scores: torch.Tensor,
+    y_hat: torch.Tensor,
+    momentum: float = 0.9,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """EMA of per-class mean scores, in place. Sums and counts are all-reduced before the update so every
     process holds the same prototypes. A class seen for the first time takes its batch mean.
 
@@ -177,7 +207,9 @@ def partners(y_hat: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[t
     return idx, y_hat[idx] != y_hat
 
 
-def lookup(logits: torch.Tensor, masked_logits: torch.Tensor, lookup_logits: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+def lookup(
+    logits: torch.Tensor, masked_logits: torch.Tensor, lookup_logits: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
     """Beat the class lookup: ``relu(KL(p || p^m) - KL(p || p^lookup) + margin)`` per sample, batch mean.
 
     gencnp's term for input-specific pathways: a per-input pathway earns its keep only when it preserves the

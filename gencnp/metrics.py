@@ -17,17 +17,46 @@ from torchmetrics.utilities import dim_zero_cat
 __all__ = ["per_sample", "class_iou", "summarize", "PathwayMetrics", "KEYS", "null_families_of"]
 
 KEYS = [
-    "agreement", "masked_accuracy", "target_accuracy", "mDC", "mIC", "kept_mean", "kept_std", "kept_class_std",
-    "acIOU", "between_class_iou", "necessity", "swap_forcing", "zero_forcing",
-]  # fmt: skip
-PER_SAMPLE = ["agree", "masked_correct", "target_correct", "dc", "ic", "kept", "swap_forced", "zero_forced", "necessity"]
+    "agreement",
+    "masked_accuracy",
+    "target_accuracy",
+    "mDC",
+    "mIC",
+    "kept_mean",
+    "kept_std",
+    "kept_class_std",
+    "acIOU",
+    "between_class_iou",
+    "necessity",
+    "swap_forcing",
+    "zero_forcing",
+]
+PER_SAMPLE = [
+    "agree",
+    "masked_correct",
+    "target_correct",
+    "dc",
+    "ic",
+    "kept",
+    "swap_forced",
+    "zero_forced",
+    "necessity",
+]
 
 
-def per_sample(logits: torch.Tensor, masked_logits: torch.Tensor, y_hat: torch.Tensor, pathways: torch.Tensor,
-               labels: torch.Tensor | None = None, swap_logits: torch.Tensor | None = None,
-               zero_logits: torch.Tensor | None = None, necessity_logits: torch.Tensor | None = None,
-               swap_valid: torch.Tensor | None = None, null_logits: dict[str, torch.Tensor] | None = None,
-               null_chance_logits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def per_sample(
+    logits: torch.Tensor,
+    masked_logits: torch.Tensor,
+    y_hat: torch.Tensor,
+    pathways: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    swap_logits: torch.Tensor | None = None,
+    zero_logits: torch.Tensor | None = None,
+    necessity_logits: torch.Tensor | None = None,
+    swap_valid: torch.Tensor | None = None,
+    null_logits: dict[str, torch.Tensor] | None = None,
+    null_chance_logits: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-sample float64 values ``[B]`` (NaN where a control was not run).
 
     Args:
@@ -141,8 +170,13 @@ def _mean(x: torch.Tensor) -> float:
     return float(torch.sort(x).values.sum() / len(x)) if len(x) else float("nan")
 
 
-def summarize(values: dict[str, torch.Tensor], pathways: torch.Tensor, classes: torch.Tensor,
-              tap_names: Sequence[str] | None = None, tap_channels: Sequence[int] | None = None) -> dict[str, float]:  # fmt: skip
+def summarize(
+    values: dict[str, torch.Tensor],
+    pathways: torch.Tensor,
+    classes: torch.Tensor,
+    tap_names: Sequence[str] | None = None,
+    tap_channels: Sequence[int] | None = None,
+) -> dict[str, float]:
     """The keys of docs/design.md section 8 from per-sample values (see ``per_sample``) and the pathways."""
     kept = values["kept"]
     out = {
@@ -185,8 +219,9 @@ class PathwayMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, tap_names: Sequence[str], tap_channels: Sequence[int], null_families: Sequence[str] = (),
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self, tap_names: Sequence[str], tap_channels: Sequence[int], null_families: Sequence[str] = (), **kwargs
+    ):
         super().__init__(**kwargs)
         self.tap_names, self.tap_channels = list(tap_names), list(tap_channels)
         self.null_families = list(null_families)
@@ -200,14 +235,39 @@ class PathwayMetrics(Metric):
     def _state(key: str) -> str:
         return key.replace("/", "__")
 
-    def update(self, logits, masked_logits, y_hat, pathways, labels=None, swap_logits=None, zero_logits=None,
-               necessity_logits=None, swap_valid=None, null_logits=None, null_chance_logits=None) -> None:  # fmt: skip
-        vals = per_sample(logits, masked_logits, y_hat, pathways, labels, swap_logits, zero_logits, necessity_logits,
-                          swap_valid, null_logits, null_chance_logits)  # fmt: skip
+    def update(
+        self,
+        logits,
+        masked_logits,
+        y_hat,
+        pathways,
+        labels=None,
+        swap_logits=None,
+        zero_logits=None,
+        necessity_logits=None,
+        swap_valid=None,
+        null_logits=None,
+        null_chance_logits=None,
+    ) -> None:
+        vals = per_sample(
+            logits,
+            masked_logits,
+            y_hat,
+            pathways,
+            labels,
+            swap_logits,
+            zero_logits,
+            necessity_logits,
+            swap_valid,
+            null_logits,
+            null_chance_logits,
+        )
         missing = [k for k in self._keys if k not in vals]
         if missing:
-            raise ValueError(f"PathwayMetrics tracks {missing} but update got no logits for them; pass null_logits and "
-                             "null_chance_logits for every family in null_families.")  # fmt: skip
+            raise ValueError(
+                f"PathwayMetrics tracks {missing} but update got no logits for them; pass null_logits and "
+                "null_chance_logits for every family in null_families."
+            )
         for key in self._keys:
             getattr(self, self._state(key)).append(vals[key])
         self.pathways.append(pathways.detach().bool())

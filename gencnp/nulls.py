@@ -76,8 +76,9 @@ def _normal(h: torch.Tensor, n: int, salt: int) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
-def null_inputs(family: str, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, salt: int = 0,
-                h: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def null_inputs(
+    family: str, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, salt: int = 0, h: torch.Tensor | None = None
+) -> torch.Tensor:
     """The ``family``'s null input paired with each image of ``x [B, C, H, W]`` (same shape and dtype).
 
     Args:

@@ -78,9 +78,18 @@ from gencnp.stages import (  # noqa: F401  (re-exported: the pipeline's names st
 )
 from gencnp.version import __version__
 
-__all__ = ["Stage", "load_pipeline", "run_pipeline", "obtain_data", "resolved_config", "summary", "main",
-           "PipelineError", "DataUnavailable", "StageFailed"]  # fmt: skip
-
+__all__ = [
+    "Stage",
+    "load_pipeline",
+    "run_pipeline",
+    "obtain_data",
+    "resolved_config",
+    "summary",
+    "main",
+    "PipelineError",
+    "DataUnavailable",
+    "StageFailed",
+]
 
 
 # ----- data -----
@@ -89,8 +98,9 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def obtain_data(specs: Sequence[dict], download: bool = False, say: Callable[[str], None] = print,
-                quiet: bool = False) -> None:  # fmt: skip
+def obtain_data(
+    specs: Sequence[dict], download: bool = False, say: Callable[[str], None] = print, quiet: bool = False
+) -> None:
     """Make sure every data module can find its files, before any stage runs.
 
     For each ``{'class_path', 'init_args'}``: build the module (its constructor looks for the files). When
@@ -124,8 +134,10 @@ def obtain_data(specs: Sequence[dict], download: bool = False, say: Callable[[st
                     except FileNotFoundError as exc:
                         error = exc
             elif not download:
-                say("data: Fashion-MNIST not found; apt-get needs root and an apt system"
-                    f" (apt-get: {shutil.which('apt-get') or 'absent'}, root: {root}); --download lets torchvision fetch it")  # fmt: skip
+                say(
+                    "data: Fashion-MNIST not found; apt-get needs root and an apt system"
+                    f" (apt-get: {shutil.which('apt-get') or 'absent'}, root: {root}); --download lets torchvision fetch it"
+                )
         if download and "download" in inspect.signature(cls).parameters and kwargs.get("data_dir") is None:
             say(f"data: downloading with torchvision ({cls.__name__}, download: true)")
             try:
@@ -153,9 +165,17 @@ def _apt_install(package: str, quiet: bool) -> bool:
 
 
 # ----- the run -----
-def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool = False, force: bool = False,
-                 redo: Sequence[str] = (), logger: str | None = None, quiet: bool = False, dry_run: bool = False,
-                 say: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_pipeline(
+    config: str | Path,
+    workdir: str | Path = ".",
+    download: bool = False,
+    force: bool = False,
+    redo: Sequence[str] = (),
+    logger: str | None = None,
+    quiet: bool = False,
+    dry_run: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or reuse) every stage of a pipeline YAML, then summarise ``report.json``.
 
     Args:
@@ -197,8 +217,9 @@ def run_pipeline(config: str | Path, workdir: str | Path = ".", download: bool =
     if not dry_run:
         # Every stage that will run: inputs present or produced upstream, every folder it writes writable, before
         # the first stage starts (a read-only report folder must not cost a rerun of training first).
-        preflight_stages([(st, text) for st, text, (_, r) in zip(stages, printed, plan) if r is not None], stages,
-                         workdir, quiet)  # fmt: skip
+        preflight_stages(
+            [(st, text) for st, text, (_, r) in zip(stages, printed, plan) if r is not None], stages, workdir, quiet
+        )
     results = []
     for i, (st, argv, (config_hash, reason)) in enumerate(zip(stages, argvs, plan), 1):
         head = f"[{i}/{len(stages)}] {st.name}"
@@ -224,8 +245,12 @@ def _stage_commands(stages: Sequence[Stage], workdir: Path, logger_path: str | N
     """Each stage's command line ``[entry, command, --config, config, args...]`` and its resolved config."""
     argvs, printed = [], []
     for st in stages:
-        argv = [str(_find(st.entry, f"stage '{st.name}': entry")), st.command, "--config",
-                str(_find(st.config, f"stage '{st.name}': config"))]  # fmt: skip
+        argv = [
+            str(_find(st.entry, f"stage '{st.name}': entry")),
+            st.command,
+            "--config",
+            str(_find(st.config, f"stage '{st.name}': config")),
+        ]
         if logger_path and Path(st.entry).name == "train.py" and st.command == "fit":
             argv += ["--trainer.logger", logger_path]
         argv += st.args
@@ -238,8 +263,9 @@ def _stage_commands(stages: Sequence[Stage], workdir: Path, logger_path: str | N
     return argvs, printed
 
 
-def _plan(stages: Sequence[Stage], printed: Sequence[str], workdir: Path, force: bool,
-          redo: Sequence[str]) -> list[tuple[str, str | None]]:  # fmt: skip
+def _plan(
+    stages: Sequence[Stage], printed: Sequence[str], workdir: Path, force: bool, redo: Sequence[str]
+) -> list[tuple[str, str | None]]:
     """``(config hash, why it runs or None)`` per stage; a stage that runs redoes every stage after it."""
     plan, ran_before = [], None
     for st, text in zip(stages, printed):
@@ -257,8 +283,17 @@ def _plan(stages: Sequence[Stage], printed: Sequence[str], workdir: Path, force:
     return plan
 
 
-def _run_or_reuse(st: Stage, argv: list[str], config_hash: str, reason: str | None, head: str, workdir: Path,
-                  quiet: bool, dry_run: bool, say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+def _run_or_reuse(
+    st: Stage,
+    argv: list[str],
+    config_hash: str,
+    reason: str | None,
+    head: str,
+    workdir: Path,
+    quiet: bool,
+    dry_run: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     """Run one stage (or reuse it, or say what would happen) and write its stamp; returns its result row."""
     inputs = {name: file_hash(workdir / name) for name in st.inputs}  # now: upstream stages may have rewritten them
     shown = f"python {Path(st.entry).name} {st.command} --config {st.config}" + "".join(f" {a}" for a in argv[4:])
@@ -266,8 +301,10 @@ def _run_or_reuse(st: Stage, argv: list[str], config_hash: str, reason: str | No
     if reason is None:
         stamp = _read_stamp(st.stamp_path(workdir)) or {}
         row["status"] = "would reuse" if dry_run else "reused"
-        say(f"{head}: reused (config and inputs unchanged since {stamp.get('finished', '?')}; "
-            f"stamp {st.stamp_path(workdir)})")  # fmt: skip
+        say(
+            f"{head}: reused (config and inputs unchanged since {stamp.get('finished', '?')}; "
+            f"stamp {st.stamp_path(workdir)})"
+        )
         return row
     if dry_run:
         row["status"] = "would run"
@@ -275,8 +312,10 @@ def _run_or_reuse(st: Stage, argv: list[str], config_hash: str, reason: str | No
         return row
     missing = [name for name, h in inputs.items() if h is None]
     if missing:
-        raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which no earlier stage produced; "
-                            "add the stage that writes it, or fix 'inputs'.")  # fmt: skip
+        raise PipelineError(
+            f"stage '{st.name}' needs {', '.join(missing)}, which no earlier stage produced; "
+            "add the stage that writes it, or fix 'inputs'."
+        )
     stamp_path = st.stamp_path(workdir)
     stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
     log = _log_path(st, workdir) if quiet else None
@@ -287,24 +326,41 @@ def _run_or_reuse(st: Stage, argv: list[str], config_hash: str, reason: str | No
     seconds = time.perf_counter() - t_stage
     if proc != 0:
         where = f"; see {log}" if log else ""
-        raise StageFailed(f"stage '{st.name}' failed with exit code {proc} after {_fmt_time(seconds)}: {shown}{where}", proc)
+        raise StageFailed(
+            f"stage '{st.name}' failed with exit code {proc} after {_fmt_time(seconds)}: {shown}{where}", proc
+        )
     outputs = {name: file_hash(workdir / name) for name in st.outputs}
     absent = [name for name, h in outputs.items() if h is None]
     if absent:
-        raise PipelineError(f"stage '{st.name}' finished but did not write {', '.join(absent)}; make the pipeline's "
-                            f"'outputs' match the paths in {st.config}.")  # fmt: skip
-    write_json(stamp_path, {
-        "format": STAMP_FORMAT, "stage": st.name, "entry": Path(st.entry).name, "command": st.command,
-        "config": st.config, "args": st.args, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
-        "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "gencnp": __version__,
-    })  # fmt: skip
+        raise PipelineError(
+            f"stage '{st.name}' finished but did not write {', '.join(absent)}; make the pipeline's "
+            f"'outputs' match the paths in {st.config}."
+        )
+    write_json(
+        stamp_path,
+        {
+            "format": STAMP_FORMAT,
+            "stage": st.name,
+            "entry": Path(st.entry).name,
+            "command": st.command,
+            "config": st.config,
+            "args": st.args,
+            "config_hash": config_hash,
+            "inputs": inputs,
+            "outputs": outputs,
+            "seconds": round(seconds, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "gencnp": __version__,
+        },
+    )
     say(f"{head}: done in {_fmt_time(seconds)}")
     row.update(status="ran", seconds=seconds)
     return row
 
 
-def _finish(out: dict[str, Any], stages: Sequence[Stage], report: str | None, workdir: Path,
-            say: Callable[[str], None]) -> None:  # fmt: skip
+def _finish(
+    out: dict[str, Any], stages: Sequence[Stage], report: str | None, workdir: Path, say: Callable[[str], None]
+) -> None:
     """Say where every output is, and summarise the report into ``out['summary']``."""
     say(f"pipeline finished in {_fmt_time(out['seconds'])}")
     for st, row in zip(stages, out["stages"]):
@@ -341,8 +397,11 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         },
         "figures": sorted((report.get("figures") or {}).values()),
         # Null-input forcing of GEN-CNP per family beside its chance level, and the families trained on.
-        "null": {k.split("/", 1)[1]: {"forcing": v, "chance": gen.get(f"null_chance/{k.split('/', 1)[1]}")}
-                 for k, v in gen.items() if k.startswith("null_forcing/")},
+        "null": {
+            k.split("/", 1)[1]: {"forcing": v, "chance": gen.get(f"null_chance/{k.split('/', 1)[1]}")}
+            for k, v in gen.items()
+            if k.startswith("null_forcing/")
+        },
         "null_train": prov.get("null_train") or [],
         "class_lookup": _lookup_summary((report.get("methods") or {}).get("class_lookup")),
     }
@@ -365,13 +424,17 @@ def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
     def row(name: str, e: dict | None) -> str:
         if not e:
             return f"  {name:<20} -"
-        return (f"  {name:<20} agreement {f(e['agreement'])}  kept {f(e['kept_mean'])}  swap forcing "
-                f"{f(e['swap_forcing'])}  zero forcing {f(e['zero_forcing'])}  acIOU {f(e['acIOU'])}")  # fmt: skip
+        return (
+            f"  {name:<20} agreement {f(e['agreement'])}  kept {f(e['kept_mean'])}  swap forcing "
+            f"{f(e['swap_forcing'])}  zero forcing {f(e['zero_forcing'])}  acIOU {f(e['acIOU'])}"
+        )
 
-    lines = [f"key numbers ({s['n']} {s['split']} images{f', from {path}' if path else ''}):",
-             f"  target accuracy      {f(s['target_accuracy'])}",
-             row("GEN-CNP", s["gencnp"]),
-             row(f"transfer (tau {f(s['transfer']['tau'], 2)})" if s["transfer"] else "transfer", s["transfer"])]  # fmt: skip
+    lines = [
+        f"key numbers ({s['n']} {s['split']} images{f', from {path}' if path else ''}):",
+        f"  target accuracy      {f(s['target_accuracy'])}",
+        row("GEN-CNP", s["gencnp"]),
+        row(f"transfer (tau {f(s['transfer']['tau'], 2)})" if s["transfer"] else "transfer", s["transfer"]),
+    ]
     if s.get("matched"):
         lines.append("  baselines at GEN-CNP's kept counts (agreement / swap forcing):")
         lines.append(
@@ -380,16 +443,25 @@ def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
     if s.get("null"):
         trained = set(s.get("null_train") or [])
         lines.append("  GEN-CNP null forcing (chance), * = family used in training:")
-        lines.append("    " + "  ".join(f"{fam}{'*' if fam in trained else ''} {f(e['forcing'])} ({f(e['chance'])})"
-                                       for fam, e in s["null"].items()))  # fmt: skip
+        lines.append(
+            "    "
+            + "  ".join(
+                f"{fam}{'*' if fam in trained else ''} {f(e['forcing'])} ({f(e['chance'])})"
+                for fam, e in s["null"].items()
+            )
+        )
     lk = s.get("class_lookup")
     if lk:
-        lines.append(f"  class lookup         agreement {f(lk['agreement'])} at GEN-CNP's counts; GEN-CNP minus lookup "
-                     f"{lk['gencnp_minus_lookup']:+.4f} [{lk['ci95'][0]:+.4f}, {lk['ci95'][1]:+.4f}]")  # fmt: skip
+        lines.append(
+            f"  class lookup         agreement {f(lk['agreement'])} at GEN-CNP's counts; GEN-CNP minus lookup "
+            f"{lk['gencnp_minus_lookup']:+.4f} [{lk['ci95'][0]:+.4f}, {lk['ci95'][1]:+.4f}]"
+        )
     sp = s["seconds_per_image"]
     if s["dgr_speed_ratio"] is not None:
-        lines.append(f"  speed                GEN-CNP {sp['gencnp'] * 1e3:.3f} ms/image, DGR {sp['dgr'] * 1e3:.3f} ms/image: "
-                     f"GEN-CNP {s['dgr_speed_ratio']:.0f}x faster")  # fmt: skip
+        lines.append(
+            f"  speed                GEN-CNP {sp['gencnp'] * 1e3:.3f} ms/image, DGR {sp['dgr'] * 1e3:.3f} ms/image: "
+            f"GEN-CNP {s['dgr_speed_ratio']:.0f}x faster"
+        )
     if s.get("figures"):
         lines.append(f"  figures (.png)       {', '.join(Path(x).stem for x in s['figures'])}")
     lines.append("  read agreement only beside kept and forcing: high forcing means the pathway encodes the class.")
@@ -399,15 +471,20 @@ def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
 # ----- command line -----
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m gencnp.pipeline --config PIPELINE.yaml [--download] [--force] [--redo STAGE] ...``."""
-    p = argparse.ArgumentParser(prog="python -m gencnp.pipeline", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m gencnp.pipeline",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/fashion_mnist/pipeline.yaml")
     p.add_argument("--workdir", default=".", help="folder the stages run in (default: the current folder)")
     p.add_argument("--download", action="store_true", help="let torchvision download missing data")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE", help="redo STAGE and every stage after it")
     p.add_argument("--logger", default=None, help="logger YAML for the fit stages, e.g. configs/loggers/wandb.yaml")
-    p.add_argument("--quiet", action="store_true", help="stage output to a new <output folder>/<stage>.<date-time>.<random>.log")
+    p.add_argument(
+        "--quiet", action="store_true", help="stage output to a new <output folder>/<stage>.<date-time>.<random>.log"
+    )
     p.add_argument("--dry_run", action="store_true", help="say what would run or be reused, run nothing")
     a = p.parse_args(argv)
     try:
@@ -420,9 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # disk full, a folder made read-only mid-run, ...: one line, not a traceback
         where = f" ('{exc.filename}')" if exc.filename else ""
-        print(f"pipeline: stopped: {exc.strerror or exc}{where}; finished stages keep their outputs and stamps. Free "
-              "space or fix the folder, then rerun the same command (finished stages are reused).", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"pipeline: stopped: {exc.strerror or exc}{where}; finished stages keep their outputs and stamps. Free "
+            "space or fix the folder, then rerun the same command (finished stages are reused).",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

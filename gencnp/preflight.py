@@ -47,9 +47,19 @@ from gencnp.checkpointing import read_checkpoint, read_state_dict
 from gencnp.targets import state_mismatch
 
 __all__ = [
-    "preflight", "check_checkpoint", "check_class_names", "check_outputs", "check_writable_dir", "check_name_lengths", "check_inputs", "check_wandb_online",
-    "config_hint", "ConfigHintParser", "ConfigHintArgumentParser", "resolve_ckpt_path",
-]  # fmt: skip
+    "preflight",
+    "check_checkpoint",
+    "check_class_names",
+    "check_outputs",
+    "check_writable_dir",
+    "check_name_lengths",
+    "check_inputs",
+    "check_wandb_online",
+    "config_hint",
+    "ConfigHintParser",
+    "ConfigHintArgumentParser",
+    "resolve_ckpt_path",
+]
 
 _OFFLINE_FIX = (
     "Log offline instead (nothing uploaded, no key or network needed): --trainer.logger.init_args.offline true, or "
@@ -352,14 +362,19 @@ def check_wandb_online(loggers: Iterable[Any], timeout: float = 2.0) -> None:
     if problem is not None:
         raise ValueError(
             f"the W&B logger is in online mode but {host}:{port} cannot be reached within {timeout:g} s ({problem}); "
-            "nothing was run (W&B itself would hang for minutes). Check the network or WANDB_BASE_URL. "
-            + _OFFLINE_FIX
+            "nothing was run (W&B itself would hang for minutes). Check the network or WANDB_BASE_URL. " + _OFFLINE_FIX
         )
 
 
 # ----- all of it -----
-def preflight(trainer: Any, model: Any, ckpt_path: str | None = None, wandb_timeout: float = 2.0,
-              datamodule: Any = None, stage: str | None = None) -> None:  # fmt: skip
+def preflight(
+    trainer: Any,
+    model: Any,
+    ckpt_path: str | None = None,
+    wandb_timeout: float = 2.0,
+    datamodule: Any = None,
+    stage: str | None = None,
+) -> None:
     """The checks of this module in order: checkpoint, output folders, inputs (when ``datamodule`` is given), W&B."""
     check_checkpoint(trainer, model, ckpt_path)
     check_outputs(trainer)
@@ -401,7 +416,9 @@ def config_hint(message: str, options: Sequence[str] = ()) -> str | None:
             f"'{key}' is not an argument of {cls} (config keys are constructor argument names).{_suggest(key, params)}"
             f"{listing} Fix the key in the YAML or on the command line."
         )
-    m = re.search(r"does not accept option '([\w.]+)'", message) or re.search(r"unrecognized arguments: --([\w.]+)", message)
+    m = re.search(r"does not accept option '([\w.]+)'", message) or re.search(
+        r"unrecognized arguments: --([\w.]+)", message
+    )
     if m:
         key = m.group(1)
         group, _, leaf = key.rpartition(".")

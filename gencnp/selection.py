@@ -15,8 +15,9 @@ W_ZERO = 0.5  # weight of zero forcing
 W_KEPT = 0.25  # weight of the kept fraction
 
 
-def selection_score(agreement, swap_forcing, zero_forcing, kept, w_swap: float = W_SWAP, w_zero: float = W_ZERO,
-                    w_kept: float = W_KEPT):  # fmt: skip
+def selection_score(
+    agreement, swap_forcing, zero_forcing, kept, w_swap: float = W_SWAP, w_zero: float = W_ZERO, w_kept: float = W_KEPT
+):
     """``agreement - w_swap * swap_forcing - w_zero * zero_forcing - w_kept * kept`` (numbers or tensors)."""
     return agreement - w_swap * swap_forcing - w_zero * zero_forcing - w_kept * kept
 
@@ -93,8 +94,10 @@ def choose_tau(
             f"agreement >= {min_agreement:g}{budget}"
         )
     elif in_budget and max_kept is not None:
-        rule = (f"no tau reached validation transfer agreement >= {min_agreement:g} with kept <= {max_kept:g}; "
-                f"highest {weights} among the {len(in_budget)} taus with kept <= {max_kept:g}")  # fmt: skip
+        rule = (
+            f"no tau reached validation transfer agreement >= {min_agreement:g} with kept <= {max_kept:g}; "
+            f"highest {weights} among the {len(in_budget)} taus with kept <= {max_kept:g}"
+        )
     else:
         rule = f"no tau reached validation transfer agreement >= {min_agreement:g}{budget}; highest {weights} overall"
     return float(taus[best]), rule, scores

@@ -85,11 +85,13 @@ RULES: dict[str, Range | Choice] = {
     "tap_weights": Range(0, each=True, none_ok=True, why="per-tap weights of the sparsity loss"),
     "temperature": Range(0, lo_open=True, why="kd temperature T; logits are divided by it"),
     "kappa": Range(0, 1, why="faithfulness margin: sparsity acts while p^m >= kappa p"),
-    "init_score": Range(0, 1, lo_open=True, hi_open=True, why="initial keep score, a probability whose logit is the "
-                        "head bias"),  # fmt: skip
+    "init_score": Range(
+        0, 1, lo_open=True, hi_open=True, why="initial keep score, a probability whose logit is the head bias"
+    ),
     "sparsity_ramp_epochs": Range(0, why="epochs over which lambda_sp ramps in; 0 applies it at once"),
-    "dependence_gate": Range(0, 1, lo_open=True, none_ok=True,
-                             why="forcing probability above which sparsity stops; null turns it off"),  # fmt: skip
+    "dependence_gate": Range(
+        0, 1, lo_open=True, none_ok=True, why="forcing probability above which sparsity stops; null turns it off"
+    ),
     "proto_momentum": Range(0, 1, hi_open=True, why="EMA momentum of the class prototypes"),
     "control_fraction": Range(0, 1, lo_open=True, why="share of each batch running the swap and zero controls"),
     "w_swap": Range(0, why="weight of swap forcing in val/score"),
@@ -101,14 +103,18 @@ RULES: dict[str, Range | Choice] = {
     "label_smoothing": Range(0, 1, hi_open=True, why="cross-entropy label smoothing"),
     # data
     "eval_batch_size": Range(1, integer=True, none_ok=True, why="evaluation batch size; null uses batch_size"),
-    **{name: Range(lo, integer=True, why=why) for name, lo, why in (  # counts of the data modules
-        ("batch_size", 1, "training batch size"),
-        ("num_workers", 0, "DataLoader worker processes; 0 loads in the main process"),
-        ("val_size", 1, "images held out of train for validation"),
-        ("seed", 0, "data seed"),
-        ("n_train", 2, "synthetic train images"),
-        ("n_test", 1, "synthetic test images"),
-        ("pattern_size", 1, "side of the synthetic class pattern"))},
+    **{
+        name: Range(lo, integer=True, why=why)
+        for name, lo, why in (  # counts of the data modules
+            ("batch_size", 1, "training batch size"),
+            ("num_workers", 0, "DataLoader worker processes; 0 loads in the main process"),
+            ("val_size", 1, "images held out of train for validation"),
+            ("seed", 0, "data seed"),
+            ("n_train", 2, "synthetic train images"),
+            ("n_test", 1, "synthetic test images"),
+            ("pattern_size", 1, "side of the synthetic class pattern"),
+        )
+    },
     "noise": Range(0, why="std of the synthetic background noise"),
     "std": Range(0, lo_open=True, each=True, why="normalisation std; images are divided by it"),
     "mean": Range(each=True, why="normalisation mean"),
@@ -188,13 +194,23 @@ def _raise(owner_name: str, name: str, value: Any, rule: Range | Choice, default
     kind, what = problem
     expected = rule.expected() if isinstance(rule, Range) else f"one of {list(rule.options)}"
     why = f" ({rule.why})" if rule.why else ""
-    raise kind(f"{owner_name}: {name}={value!r} {what}: expected {expected}{why}. "
-               f"{_fix(owner_name, name, rule, default)}")  # fmt: skip
+    raise kind(
+        f"{owner_name}: {name}={value!r} {what}: expected {expected}{why}. {_fix(owner_name, name, rule, default)}"
+    )
 
 
-def check_range(owner: Any, name: str, value: Any, lo: float | None = None, hi: float | None = None,
-                lo_open: bool = False, hi_open: bool = False, integer: bool = False, none_ok: bool = False,
-                why: str = "") -> None:  # fmt: skip
+def check_range(
+    owner: Any,
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+    none_ok: bool = False,
+    why: str = "",
+) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``value`` is a finite number in the given range.
 
     ``owner`` is the object or class whose setting it is (its name leads the message, its default is suggested).

@@ -23,8 +23,18 @@ import yaml
 
 from gencnp.preflight import check_name_lengths, check_writable_dir
 
-__all__ = ["Stage", "load_pipeline", "resolved_config", "file_hash", "preflight_stages", "PipelineError",
-           "DataUnavailable", "StageFailed", "STAMP_FORMAT", "REPO"]  # fmt: skip
+__all__ = [
+    "Stage",
+    "load_pipeline",
+    "resolved_config",
+    "file_hash",
+    "preflight_stages",
+    "PipelineError",
+    "DataUnavailable",
+    "StageFailed",
+    "STAMP_FORMAT",
+    "REPO",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP_FORMAT = 1
@@ -98,8 +108,10 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         bad = sorted(set(item) - set(STAGE_FIELDS))
         missing = [k for k in ("name", "entry", "command", "config", "outputs") if not item.get(k)]
         if bad or missing:
-            raise PipelineError(f"stage {item.get('name', i)} of '{path}': unknown fields {bad}, missing fields {missing}; "
-                                f"fields are {', '.join(STAGE_FIELDS)} (outputs must list at least one file).")  # fmt: skip
+            raise PipelineError(
+                f"stage {item.get('name', i)} of '{path}': unknown fields {bad}, missing fields {missing}; "
+                f"fields are {', '.join(STAGE_FIELDS)} (outputs must list at least one file)."
+            )
         for key in ("args", "inputs", "outputs"):
             value = item.get(key) or []
             if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
@@ -224,8 +236,9 @@ def _config_folders(text: str) -> list[tuple[str, str]]:
     return [(d, w) for d, w in out if "://" not in d]
 
 
-def preflight_stages(to_run: Sequence[tuple[Stage, str]], stages: Sequence[Stage], workdir: Path,
-                     quiet: bool = False) -> None:  # fmt: skip
+def preflight_stages(
+    to_run: Sequence[tuple[Stage, str]], stages: Sequence[Stage], workdir: Path, quiet: bool = False
+) -> None:
     """Check every stage that will run before the first one starts: each input exists or is an output of an earlier
     stage, and every folder it writes (its outputs', its stamp's and log's, and the logger, checkpoint, bank and
     report folders of its resolved config) can be written. Nothing is created.
@@ -241,15 +254,19 @@ def preflight_stages(to_run: Sequence[tuple[Stage, str]], stages: Sequence[Stage
     for st, text in sorted(to_run, key=lambda item: order[item[0].name]):
         missing = [name for name in st.inputs if name not in produced and not (workdir / name).is_file()]
         if missing:
-            raise PipelineError(f"stage '{st.name}' needs {', '.join(missing)}, which does not exist and no earlier "
-                                "stage produces; add the stage that writes it, or fix 'inputs'.")  # fmt: skip
+            raise PipelineError(
+                f"stage '{st.name}' needs {', '.join(missing)}, which does not exist and no earlier "
+                "stage produces; add the stage that writes it, or fix 'inputs'."
+            )
         fix = f"change the path in {st.config}, or use another --workdir."
         folders = [(str(Path(o).parent), f"folder of the output '{o}'") for o in st.outputs]
         folders += _config_folders(text)
         for out in st.outputs:
             if (workdir / out).is_dir():
-                raise PipelineError(f"stage '{st.name}': its output '{out}' is a folder, not a file; move it away or "
-                                    f"fix 'outputs'. Nothing was run.")  # fmt: skip
+                raise PipelineError(
+                    f"stage '{st.name}': its output '{out}' is a folder, not a file; move it away or "
+                    f"fix 'outputs'. Nothing was run."
+                )
         for folder, what in folders:
             try:
                 check_name_lengths(workdir / folder, f"{what} of stage '{st.name}'", fix)

@@ -23,8 +23,18 @@ import yaml
 from jsonargparse import CLI
 from tqdm import tqdm
 
-COLUMNS = ["agreement", "kept_mean", "swap_forcing", "zero_forcing", "acIOU", "between_class_iou", "kept_class_std", "score",
-           "lookup_agreement", "lookup_gain"]  # fmt: skip
+COLUMNS = [
+    "agreement",
+    "kept_mean",
+    "swap_forcing",
+    "zero_forcing",
+    "acIOU",
+    "between_class_iou",
+    "kept_class_std",
+    "score",
+    "lookup_agreement",
+    "lookup_gain",
+]
 
 
 def best_row(metrics_csv: Path) -> dict[str, float]:
@@ -47,10 +57,23 @@ def _flag(key: str, value) -> list[str]:
 def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict:
     name = point["name"]
     folder = out_dir / name
-    args = [sys.executable, "train.py", "fit", "--config", config, "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "logs",
-            "--trainer.callbacks.init_args.dirpath", str(folder)]  # fmt: skip
+    args = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        config,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(folder),
+        "--trainer.logger.init_args.name",
+        "logs",
+        "--trainer.callbacks.init_args.dirpath",
+        str(folder),
+    ]
     for k, v in (point.get("model") or {}).items():
         args += _flag(f"model.init_args.{k}", v)
     for k, v in (point.get("trainer") or {}).items():
@@ -65,7 +88,11 @@ def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict
         raise RuntimeError(f"sweep point '{name}' failed (exit {proc.returncode}); see {log}")
     versions = sorted((folder / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     row = best_row(versions[-1] / "metrics.csv")
-    row.update(name=name, seconds=round(time.time() - start, 1), settings={**(point.get("model") or {}), **(point.get("trainer") or {})})
+    row.update(
+        name=name,
+        seconds=round(time.time() - start, 1),
+        settings={**(point.get("model") or {}), **(point.get("trainer") or {})},
+    )
     return row
 
 
@@ -75,14 +102,22 @@ def table(rows: list[dict]) -> str:
     head = "| point | settings | " + " | ".join(cols) + " | s |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]
     for r in rows:
-        vals = " | ".join("" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r[c])) else f"{r[c]:.3f}" for c in cols)
+        vals = " | ".join(
+            "" if r.get(c) is None or (isinstance(r.get(c), float) and math.isnan(r[c])) else f"{r[c]:.3f}"
+            for c in cols
+        )
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         lines.append(f"| {r['name']} | {settings} | {vals} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def main(config: str = "configs/fashion_mnist/gencnp.yaml", points: str = "configs/fashion_mnist/sweep.yaml",
-         out_dir: str = "runs/fashion_mnist/sweep", only: list[str] | None = None, extra: list[str] | None = None) -> list[dict]:  # fmt: skip
+def main(
+    config: str = "configs/fashion_mnist/gencnp.yaml",
+    points: str = "configs/fashion_mnist/sweep.yaml",
+    out_dir: str = "runs/fashion_mnist/sweep",
+    only: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> list[dict]:
     """Run every sweep point (or those named in ``only``) and write ``frontier.json`` / ``frontier.md``.
 
     Args:

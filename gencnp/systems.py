@@ -61,8 +61,10 @@ def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) 
     if not lacking:
         return
     names = [f"{c} ({class_names[c]})" if class_names and c < len(class_names) else str(c) for c in lacking]
-    fix = ("the target classifies no sampled training image of these classes correctly: train the target longer "
-           "or check that target_checkpoint, num_classes and the data belong together")  # fmt: skip
+    fix = (
+        "the target classifies no sampled training image of these classes correctly: train the target longer "
+        "or check that target_checkpoint, num_classes and the data belong together"
+    )
     if len(have) < 2:
         raise ValueError(
             f"the swap_forcing control needs probe images of at least two classes, but classes {', '.join(names)} have "
@@ -132,63 +134,131 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             top by this many nats (``losses.faithful_gate``); ``None``: the ratio ``kappa`` alone.
     """
 
-    def __init__(self, target: str | dict | None = None, target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
-                 num_classes: int | None = None, in_chans: int | None = None, image_size: int | None = None, taps: str | list[str] = "auto",
-                 shallow_taps: int | list[str] | None = None, d: int = 64, groups: int = 8, init_score: float = 0.9,
-                 binarizer: str = "daq", ablation: str = "mean", ablation_batches: int = 20, class_source: str = "pred",
-                 lambda_sp: float = 14.0, lambda_swap: float = 6.0, lambda_zero: float = 1.0, lambda_cls: float = 1.0,
-                 lambda_con: float = 0.1, temperature: float = 1.0, kappa: float = 0.7,
-                 sparsity_ramp_epochs: float = 0.25, tap_weights: list[float] | None = None, sparsity_per: str = "channel",
-                 dependence_gate: float | None = 0.15,
-                 proto_momentum: float = 0.9, swap_probes_per_class: int = 4, swap_partner: str = "roll", lr: float = 5e-3,
-                 weight_decay: float = 0.0, schedule: str = "cosine", w_swap: float = W_SWAP, w_zero: float = W_ZERO,
-                 w_kept: float = W_KEPT, target_kwargs: dict | None = None, control_fraction: float = 1.0,
-                 channels_last: bool = False, null_families: list[str] | None = None,
-                 null_train: Sequence[str] | None = ("uniform", "smooth", "constant"), lambda_null: float = 2.0,
-                 lambda_lookup: float = 0.0, lookup_margin: float = 0.0, freq_momentum: float = 0.98,
-                 lambda_nested: float = 0.0, nested_min: float = 0.5, gate_top_margin: float | None = None,
-                 class_prior: float = 4.0,
-                 embed_target: bool = True, target_spec: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        target: str | dict | None = None,
+        target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        image_size: int | None = None,
+        taps: str | list[str] = "auto",
+        shallow_taps: int | list[str] | None = None,
+        d: int = 64,
+        groups: int = 8,
+        init_score: float = 0.9,
+        binarizer: str = "daq",
+        ablation: str = "mean",
+        ablation_batches: int = 20,
+        class_source: str = "pred",
+        lambda_sp: float = 14.0,
+        lambda_swap: float = 6.0,
+        lambda_zero: float = 1.0,
+        lambda_cls: float = 1.0,
+        lambda_con: float = 0.1,
+        temperature: float = 1.0,
+        kappa: float = 0.7,
+        sparsity_ramp_epochs: float = 0.25,
+        tap_weights: list[float] | None = None,
+        sparsity_per: str = "channel",
+        dependence_gate: float | None = 0.15,
+        proto_momentum: float = 0.9,
+        swap_probes_per_class: int = 4,
+        swap_partner: str = "roll",
+        lr: float = 5e-3,
+        weight_decay: float = 0.0,
+        schedule: str = "cosine",
+        w_swap: float = W_SWAP,
+        w_zero: float = W_ZERO,
+        w_kept: float = W_KEPT,
+        target_kwargs: dict | None = None,
+        control_fraction: float = 1.0,
+        channels_last: bool = False,
+        null_families: list[str] | None = None,
+        null_train: Sequence[str] | None = ("uniform", "smooth", "constant"),
+        lambda_null: float = 2.0,
+        lambda_lookup: float = 0.0,
+        lookup_margin: float = 0.0,
+        freq_momentum: float = 0.98,
+        lambda_nested: float = 0.0,
+        nested_min: float = 0.5,
+        gate_top_margin: float | None = None,
+        class_prior: float = 4.0,
+        embed_target: bool = True,
+        target_spec: dict | None = None,
+    ):
         super().__init__()
         if not 0 < control_fraction <= 1:
-            raise ValueError(f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}.")
-        for name, value, allowed in (("ablation", ablation, ("zero", "mean")), ("class_source", class_source, ("pred", "label")),
-                                     ("schedule", schedule, ("cosine", "constant")), ("sparsity_per", sparsity_per, ("tap", "channel")),
-                                     ("swap_partner", swap_partner, ("roll", "hard"))):  # fmt: skip
+            raise ValueError(
+                f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}."
+            )
+        for name, value, allowed in (
+            ("ablation", ablation, ("zero", "mean")),
+            ("class_source", class_source, ("pred", "label")),
+            ("schedule", schedule, ("cosine", "constant")),
+            ("sparsity_per", sparsity_per, ("tap", "channel")),
+            ("swap_partner", swap_partner, ("roll", "hard")),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
         # Types and ranges of every setting (gencnp.settings.RULES); the target's shape settings may be unset here
         # (read from the spec the target checkpoint records) and are checked once resolved.
         spec_keys = ("target", "num_classes", "in_chans", "image_size")
         check_settings(self, {k: v for k, v in locals().items() if not (k in spec_keys and v is None)})
-        self.null_eval = NL.check_families(DEFAULT_NULL_FAMILIES if null_families is None else null_families, "null_families")
+        self.null_eval = NL.check_families(
+            DEFAULT_NULL_FAMILIES if null_families is None else null_families, "null_families"
+        )
         self.null_train = NL.check_families(null_train, "null_train")
         if lambda_null > 0 and not self.null_train:
-            raise ValueError(f"lambda_null is {lambda_null} but null_train is empty; list the families to train on "
-                             f"(from {list(NL.FAMILIES)}), or set lambda_null: 0.")  # fmt: skip
+            raise ValueError(
+                f"lambda_null is {lambda_null} but null_train is empty; list the families to train on "
+                f"(from {list(NL.FAMILIES)}), or set lambda_null: 0."
+            )
         if not 0 < nested_min <= 1:
             raise ValueError(f"nested_min must lie in (0, 1] (the smallest share of a pathway kept), got {nested_min}.")
         if not 0 <= freq_momentum < 1:
             raise ValueError(f"freq_momentum must lie in [0, 1), got {freq_momentum}.")
         self.save_hyperparameters()
-        model, spec, loaded = build_target(target, target_checkpoint, num_classes, in_chans, image_size, target_kwargs,
-                                           target_spec, names={"arch": "target", "kwargs": "target_kwargs"})  # fmt: skip
-        target, num_classes, in_chans, image_size = spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"]
-        self.hparams.update(target=target, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
-                            target_kwargs=spec["kwargs"], target_spec=spec)  # fmt: skip
+        model, spec, loaded = build_target(
+            target,
+            target_checkpoint,
+            num_classes,
+            in_chans,
+            image_size,
+            target_kwargs,
+            target_spec,
+            names={"arch": "target", "kwargs": "target_kwargs"},
+        )
+        target, num_classes, in_chans, image_size = (
+            spec["arch"],
+            spec["num_classes"],
+            spec["in_chans"],
+            spec["image_size"],
+        )
+        self.hparams.update(
+            target=target,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            image_size=image_size,
+            target_kwargs=spec["kwargs"],
+            target_spec=spec,
+        )
         check_settings(self, {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size})
-        self.target = FrozenTarget(model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target,
-                                   channels_last=channels_last)  # fmt: skip
+        self.target = FrozenTarget(
+            model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target, channels_last=channels_last
+        )
         if not loaded:  # built from the recorded spec; the weights come with the GEN-CNP checkpoint (load_state_dict)
             self.target.weights_pending = (
                 f"target_checkpoint '{target_checkpoint}' does not exist and no target weights were loaded from a "
                 "GEN-CNP checkpoint; fix target_checkpoint, or load a checkpoint that embeds them (embed_target)."
             )
         if tap_weights is not None and len(tap_weights) != len(self.target.tap_names):
-            raise ValueError(f"tap_weights has {len(tap_weights)} entries for {len(self.target.tap_names)} taps {self.target.tap_names}.")
+            raise ValueError(
+                f"tap_weights has {len(tap_weights)} entries for {len(self.target.tap_names)} taps {self.target.tap_names}."
+            )
         self.num_classes = num_classes
-        self.generator = PathwayGenerator(self.target.tap_channels, len(self.target.shallow_names), num_classes, d, groups,
-                                          init_score, binarizer)  # fmt: skip
+        self.generator = PathwayGenerator(
+            self.target.tap_channels, len(self.target.shallow_names), num_classes, d, groups, init_score, binarizer
+        )
         dd = self.target.num_channels
         self.register_buffer("prototypes", torch.zeros(num_classes, dd))
         self.register_buffer("proto_seen", torch.zeros(num_classes, dtype=torch.bool))
@@ -237,10 +307,13 @@ class GenCNP(VerifiedLoading, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gencnp"] = {
-            "format_version": FORMAT_VERSION, "target_arch": self.hparams.target,
-            "target_checkpoint": str(self.hparams.target_checkpoint), "target_hash": self.target.tensor_hash(),
-            "taps": self.target.tap_names, "tap_channels": self.target.tap_channels,
-        }  # fmt: skip
+            "format_version": FORMAT_VERSION,
+            "target_arch": self.hparams.target,
+            "target_checkpoint": str(self.hparams.target_checkpoint),
+            "target_hash": self.target.tensor_hash(),
+            "taps": self.target.tap_names,
+            "tap_channels": self.target.tap_channels,
+        }
         _record_classes(self, checkpoint)
         seal(checkpoint)  # the last hook of any Trainer's save: plain L.Trainer checkpoints are hashed too
 
@@ -266,8 +339,11 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         missing = [k for k in ("target_arch", "target_checkpoint", "target_hash", "taps") if k not in meta]
         if missing:
             raise ValueError(f"{source} is damaged: its 'gencnp' section lacks {missing}; retrain the generator.")
-        embedded = {k.removeprefix("target.model."): v for k, v in (checkpoint.get("state_dict") or {}).items()
-                    if k.startswith("target.model.")}  # fmt: skip
+        embedded = {
+            k.removeprefix("target.model."): v
+            for k, v in (checkpoint.get("state_dict") or {}).items()
+            if k.startswith("target.model.")
+        }
         if embedded and state_hash(embedded) != meta["target_hash"]:
             raise ValueError(
                 f"{source} is damaged: its embedded target weights (hash {state_hash(embedded)[:12]}) are not the "
@@ -356,8 +432,9 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             xd = x.double().transpose(0, 1).reshape(c, -1)
             moments += torch.cat([xd.sum(1), (xd * xd).sum(1)])
             pixels += xd.shape[1]
-        packed = torch.cat([total.double(), moments, torch.tensor([float(n), float(pixels)], dtype=torch.float64,
-                                                                  device=total.device)])  # fmt: skip
+        packed = torch.cat(
+            [total.double(), moments, torch.tensor([float(n), float(pixels)], dtype=torch.float64, device=total.device)]
+        )
         if self._trainer is not None and self._trainer.world_size > 1:
             packed = self._trainer.strategy.reduce(packed, reduce_op="sum")
         total, moments, n, pixels = packed[: len(total)], packed[len(total) : -2], float(packed[-2]), float(packed[-1])
@@ -380,7 +457,9 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     def null_inputs(self, family: str, x: torch.Tensor, salt: int = 0) -> torch.Tensor:
         """The ``family``'s null input paired with each image of ``x`` (``gencnp.nulls``), with the data's stats."""
         if not bool(self.input_ready):
-            raise RuntimeError("null inputs need the data's per-channel mean and std: run fit, or call compute_fill(loader).")
+            raise RuntimeError(
+                "null inputs need the data's per-channel mean and std: run fit, or call compute_fill(loader)."
+            )
         return NL.null_inputs(family, x, self.input_mean, self.input_std, salt)
 
     def prior(self, y_hat: torch.Tensor) -> torch.Tensor | None:
@@ -401,7 +480,9 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         if self.hparams.ablation != "mean":
             return None
         if not bool(self.fill_ready):
-            raise RuntimeError("mean ablation needs the dataset-mean activations: run fit, or call compute_fill(loader).")
+            raise RuntimeError(
+                "mean ablation needs the dataset-mean activations: run fit, or call compute_fill(loader)."
+            )
         return list(torch.split(self.fill, self.target.tap_channels))
 
     # ----- explanation -----
@@ -423,9 +504,16 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             pathway = out["masks"] > 0.5
             masks = self.generator.split(pathway)
             masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0])
-        return {"masks": dict(zip(self.target.tap_names, masks)), "pathway": pathway, "kept": pathway.float().mean(1), "logits": logits,
-                "masked_logits": masked_logits, "y_hat": self.class_of(logits, labels),
-                "prediction": masked_logits.argmax(1), "scores": out["scores"]}  # fmt: skip
+        return {
+            "masks": dict(zip(self.target.tap_names, masks)),
+            "pathway": pathway,
+            "kept": pathway.float().mean(1),
+            "logits": logits,
+            "masked_logits": masked_logits,
+            "y_hat": self.class_of(logits, labels),
+            "prediction": masked_logits.argmax(1),
+            "scores": out["scores"],
+        }
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list]:
         return self.explain(x)
@@ -452,21 +540,37 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         out = self.generator(feats, self.prior(y_hat))
         m = out["masks"]
         xs, ms, firsts, nc, valid = ST.masked_parts(self, x, logits, feats, y_hat, out)
-        all_logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills(),
-                                 first_tap=torch.cat(firsts))  # fmt: skip
+        all_logits = self.target(
+            torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills(), first_tap=torch.cat(firsts)
+        )
         chunks = list(torch.split(all_logits, [len(part) for part in xs]))
         terms = ST.loss_terms(self, logits, chunks, y_hat, out, nc, valid)
-        weights = {"kd": 1.0, "sparsity": self.lambda_sp_now(), "swap": h.lambda_swap, "zero": h.lambda_zero,
-                   "cls": h.lambda_cls, "con": h.lambda_con, "null": h.lambda_null, "lookup": h.lambda_lookup,
-                   "nested": h.lambda_nested}  # fmt: skip
+        weights = {
+            "kd": 1.0,
+            "sparsity": self.lambda_sp_now(),
+            "swap": h.lambda_swap,
+            "zero": h.lambda_zero,
+            "cls": h.lambda_cls,
+            "con": h.lambda_con,
+            "null": h.lambda_null,
+            "lookup": h.lambda_lookup,
+            "nested": h.lambda_nested,
+        }
         result = LS.total_loss(terms, weights)
         ST.check_finite_losses(result, self.global_step, batch_idx)
         if bool(self.proto_seen.all()):
-            LS.update_prototypes(self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce)
-        LS.update_prototypes(self.class_freq, self.freq_seen, (m.detach() > 0.5).float(), y_hat, h.freq_momentum,
-                             self._all_reduce)  # fmt: skip
-        self.log_dict({f"train/loss_{k}" if k != "loss" else "train/loss": v.detach() for k, v in result.items()},
-                      on_step=True, on_epoch=False, prog_bar=False)  # fmt: skip
+            LS.update_prototypes(
+                self.prototypes, self.proto_seen, out["scores"], y_hat, h.proto_momentum, self._all_reduce
+            )
+        LS.update_prototypes(
+            self.class_freq, self.freq_seen, (m.detach() > 0.5).float(), y_hat, h.freq_momentum, self._all_reduce
+        )
+        self.log_dict(
+            {f"train/loss_{k}" if k != "loss" else "train/loss": v.detach() for k, v in result.items()},
+            on_step=True,
+            on_epoch=False,
+            prog_bar=False,
+        )
         self.log("train/kept", m.detach().mean(), prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lambda_sp", self.lambda_sp_now(), on_step=True, on_epoch=False)
         return result["loss"]
@@ -527,16 +631,25 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             lookup = self.val_lookup if stage == "val" else self.test_lookup
             lookup.update((lk_logits.argmax(1) == ex["y_hat"]).double(), weight=1.0)
         kd = self.val_kd if stage == "val" else self.test_kd
-        kd.update(LS.kd(ex["logits"].double(), ex["masked_logits"].double(), ex["y_hat"], self.hparams.temperature),
-                  weight=x.shape[0])  # fmt: skip
+        kd.update(
+            LS.kd(ex["logits"].double(), ex["masked_logits"].double(), ex["y_hat"], self.hparams.temperature),
+            weight=x.shape[0],
+        )
         self.log(f"{stage}/loss_kd", kd, on_step=False, on_epoch=True, batch_size=x.shape[0])
 
     def _eval_end(self, stage: str, metrics: PathwayMetrics) -> None:
         vals = metrics.compute()
         metrics.reset()
         h = self.hparams
-        vals["score"] = selection_score(vals["agreement"], vals["swap_forcing"], vals["zero_forcing"], vals["kept_mean"],
-                                        h.w_swap, h.w_zero, h.w_kept)  # fmt: skip
+        vals["score"] = selection_score(
+            vals["agreement"],
+            vals["swap_forcing"],
+            vals["zero_forcing"],
+            vals["kept_mean"],
+            h.w_swap,
+            h.w_zero,
+            h.w_kept,
+        )
         vals.pop("n", None)
         lookup = self.val_lookup if stage == "val" else self.test_lookup
         if lookup.update_count > 0:
@@ -564,5 +677,10 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         x = batch[0]
         labels = batch[1] if len(batch) > 1 else None
         ex = self.explain(x, labels)
-        return {"pathway": ex["pathway"], "y_hat": ex["y_hat"], "kept": ex["kept"], "prediction": ex["prediction"],
-                "label": labels}  # fmt: skip
+        return {
+            "pathway": ex["pathway"],
+            "y_hat": ex["y_hat"],
+            "kept": ex["kept"],
+            "prediction": ex["prediction"],
+            "label": labels,
+        }

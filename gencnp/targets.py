@@ -33,10 +33,21 @@ from gencnp.zoo import (  # noqa: F401  (re-exported: targets is where callers a
 )
 
 __all__ = [
-    "register_target", "create_target", "list_targets", "load_weights", "load_target", "FrozenTarget", "tensor_hash",
-    "ConvBlockNet", "TargetSpec", "arch_name", "read_target_spec", "resolve_target_spec", "check_input_size",
+    "register_target",
+    "create_target",
+    "list_targets",
+    "load_weights",
+    "load_target",
+    "FrozenTarget",
+    "tensor_hash",
+    "ConvBlockNet",
+    "TargetSpec",
+    "arch_name",
+    "read_target_spec",
+    "resolve_target_spec",
+    "check_input_size",
     "read_state_dict",
-]  # fmt: skip
+]
 
 
 def load_weights(model: nn.Module, path: str | Path, arch: str | Mapping | None = None) -> dict:
@@ -73,9 +84,14 @@ def _load_state(model: nn.Module, state: dict, meta: dict, path, arch) -> None:
         if ck_arch and arch and ck_arch != arch:
             parts.append(f"(it was trained for arch '{arch_name(ck_arch)}')")
         if any(d.startswith("shape mismatches") for d in detail):
-            if any(k.endswith(("head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight")) for k in best.keys() & own.keys()):
+            if any(
+                k.endswith(("head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight"))
+                for k in best.keys() & own.keys()
+            ):
                 detail.append("a head mismatch usually means num_classes differs between the checkpoint and the config")
-        raise ValueError(" ".join(parts) + ": " + "; ".join(detail) + ". Use the matching arch/num_classes or another checkpoint.")
+        raise ValueError(
+            " ".join(parts) + ": " + "; ".join(detail) + ". Use the matching arch/num_classes or another checkpoint."
+        )
     model.load_state_dict(best)
 
 
@@ -83,8 +99,11 @@ def state_mismatch(own: dict, state: dict, limit: int = 8) -> list[str]:
     """Why ``state`` does not load into a model whose ``state_dict()`` is ``own``: missing keys, unexpected keys and
     shape mismatches (checkpoint vs model), each as one phrase listing up to ``limit`` entries; empty when it fits."""
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys())
-              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(own.keys() & state.keys())
+        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     out = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
@@ -93,8 +112,14 @@ def state_mismatch(own: dict, state: dict, limit: int = 8) -> list[str]:
     return out
 
 
-def load_target(arch: str | Mapping, checkpoint: str | None = None, num_classes: int = 10, in_chans: int | None = 1,
-                pretrained: bool = False, **kwargs) -> nn.Module:  # fmt: skip
+def load_target(
+    arch: str | Mapping,
+    checkpoint: str | None = None,
+    num_classes: int = 10,
+    in_chans: int | None = 1,
+    pretrained: bool = False,
+    **kwargs,
+) -> nn.Module:
     """``create_target`` plus ``load_weights`` when a checkpoint is given."""
     model = create_target(arch, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **kwargs)
     if checkpoint:
@@ -108,12 +133,18 @@ SPEC_KEY = "gencnp_target"
 SPEC_DEFAULTS = {"arch": "fmnist_cnn", "num_classes": 10, "in_chans": 1, "image_size": 28, "kwargs": {}}
 
 
-def make_target_spec(arch: str | Mapping, num_classes: int, in_chans: int, image_size: int,
-                     kwargs: Mapping | None = None) -> TargetSpec:  # fmt: skip
+def make_target_spec(
+    arch: str | Mapping, num_classes: int, in_chans: int, image_size: int, kwargs: Mapping | None = None
+) -> TargetSpec:
     """The spec a target checkpoint records (``checkpoint['gencnp_target']``): enough to rebuild the model."""
     arch = dict(arch) if isinstance(arch, Mapping) else str(arch)
-    return {"arch": arch, "num_classes": int(num_classes), "in_chans": int(in_chans), "image_size": int(image_size),
-            "kwargs": dict(kwargs or {})}  # fmt: skip
+    return {
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "image_size": int(image_size),
+        "kwargs": dict(kwargs or {}),
+    }
 
 
 def spec_from_meta(meta: Mapping) -> TargetSpec | None:
@@ -121,11 +152,18 @@ def spec_from_meta(meta: Mapping) -> TargetSpec | None:
     ``TargetClassifier`` checkpoint (older files); ``None`` for plain state dicts."""
     spec = meta.get(SPEC_KEY)
     if isinstance(spec, Mapping) and "arch" in spec:
-        return make_target_spec(spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"], spec.get("kwargs"))
+        return make_target_spec(
+            spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"], spec.get("kwargs")
+        )
     hp = meta.get("hyper_parameters")
     if isinstance(hp, Mapping) and "arch" in hp and str(hp.get("_class_path", "")).endswith("TargetClassifier"):
-        return make_target_spec(hp["arch"], hp.get("num_classes", 10), hp.get("in_chans", 1), hp.get("image_size", 28),
-                                hp.get("model_kwargs"))  # fmt: skip
+        return make_target_spec(
+            hp["arch"],
+            hp.get("num_classes", 10),
+            hp.get("in_chans", 1),
+            hp.get("image_size", 28),
+            hp.get("model_kwargs"),
+        )
     return None
 
 
@@ -136,6 +174,7 @@ def read_target_spec(path: str | Path) -> TargetSpec | None:
 
 def _same(key: str, a, b) -> bool:
     if key == "arch":
+
         def norm(v):
             if isinstance(v, Mapping):
                 return (str(v.get("class_path")), dict(v.get("init_args") or {}))
@@ -147,7 +186,9 @@ def _same(key: str, a, b) -> bool:
     return a == b
 
 
-def resolve_target_spec(given: Mapping, recorded: Mapping | None, source: str, names: Mapping | None = None) -> TargetSpec:
+def resolve_target_spec(
+    given: Mapping, recorded: Mapping | None, source: str, names: Mapping | None = None
+) -> TargetSpec:
     """Merge explicit target settings with a recorded spec.
 
     Args:
@@ -172,9 +213,16 @@ def resolve_target_spec(given: Mapping, recorded: Mapping | None, source: str, n
     return make_target_spec(**out)
 
 
-def build_target(arch: str | Mapping | None, checkpoint: str | None, num_classes: int | None, in_chans: int | None,
-                 image_size: int | None, kwargs: Mapping | None = None, recorded: Mapping | None = None,
-                 names: Mapping | None = None) -> tuple[nn.Module, TargetSpec, bool]:  # fmt: skip
+def build_target(
+    arch: str | Mapping | None,
+    checkpoint: str | None,
+    num_classes: int | None,
+    in_chans: int | None,
+    image_size: int | None,
+    kwargs: Mapping | None = None,
+    recorded: Mapping | None = None,
+    names: Mapping | None = None,
+) -> tuple[nn.Module, TargetSpec, bool]:
     """Build a target from explicit settings, the spec its checkpoint records, and a spec recorded elsewhere.
 
     Settings left ``None`` come from the checkpoint's spec (``checkpoint['gencnp_target']``), then from
@@ -211,14 +259,18 @@ def check_input_size(model: nn.Module, input_shape: Sequence[int], arch: str | M
         return
     name = arch_name(arch) if arch is not None else type(model).__name__
     c, h = shape[0], shape[-1]
-    sizes = sorted({s for s in (*range(h + 1, h + 33), 32, 48, 64, 96, 112, 128, 160, 192, 224, 256, 288, 384, 512)
-                    if s > h})  # fmt: skip
+    sizes = sorted(
+        {s for s in (*range(h + 1, h + 33), 32, 48, 64, 96, 112, 128, 160, 192, 224, 256, 288, 384, 512) if s > h}
+    )
     works = next((s for s in sizes if _probe(model, (c, s, s)) is None), None)
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    fix = (f"the smallest square side that works is {works}: set image_size: {works} for the model and the data "
-           "(data modules resize: data.init_args.image_size)" if works else
-           f"no square side up to {sizes[-1]} works either; check in_chans and the model's own size arguments "
-           "(e.g. timm img_size in model_kwargs)")  # fmt: skip
+    fix = (
+        f"the smallest square side that works is {works}: set image_size: {works} for the model and the data "
+        "(data modules resize: data.init_args.image_size)"
+        if works
+        else f"no square side up to {sizes[-1]} works either; check in_chans and the model's own size arguments "
+        "(e.g. timm img_size in model_kwargs)"
+    )
     raise ValueError(f"target '{name}' cannot run on inputs of shape {shape} (C, H, W): {first}. {fix}.") from err
 
 
@@ -253,9 +305,15 @@ class FrozenTarget(nn.Module):
             setting: oneDNN convolutions skip their layout conversions; the logits agree to float rounding).
     """
 
-    def __init__(self, model: nn.Module, taps: str | Sequence[str] = "auto", input_shape: Sequence[int] = (1, 28, 28),
-                 shallow_taps: Sequence[str] | int | None = None, arch: str | None = None,
-                 channels_last: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        taps: str | Sequence[str] = "auto",
+        input_shape: Sequence[int] = (1, 28, 28),
+        shallow_taps: Sequence[str] | int | None = None,
+        arch: str | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.channels_last = bool(channels_last)
@@ -269,7 +327,9 @@ class FrozenTarget(nn.Module):
             p.requires_grad_(False)
         self.model.eval()
         self.tap_names = resolve_taps(model, taps, self.input_shape)
-        self.shallow_names, self.deep_names = split_shallow_deep(self.tap_names, shallow_taps) if len(self.tap_names) > 1 else (self.tap_names, [])
+        self.shallow_names, self.deep_names = (
+            split_shallow_deep(self.tap_names, shallow_taps) if len(self.tap_names) > 1 else (self.tap_names, [])
+        )
         self.hooks = TapHooks(self.model, self.tap_names)
         with torch.no_grad():
             probe = torch.zeros(2, *self.input_shape)
@@ -277,7 +337,9 @@ class FrozenTarget(nn.Module):
                 logits, feats = self.forward(probe, record=True, check=False)
             except RuntimeError as err:
                 check_input_size(self.model, self.input_shape, self.arch)  # names the smallest workable size
-                raise ValueError(f"target '{self.arch}' cannot run on inputs of shape {self.input_shape}: {err}") from err
+                raise ValueError(
+                    f"target '{self.arch}' cannot run on inputs of shape {self.input_shape}: {err}"
+                ) from err
         self.num_classes = int(logits.shape[1])
         self.tap_channels = [int(f.shape[-1] if f.dim() == 3 else f.shape[1]) for f in feats]
         self.tap_shapes = [tuple(f.shape[1:]) for f in feats]
@@ -305,8 +367,15 @@ class FrozenTarget(nn.Module):
                 f"{list(x.shape)}; resize the data or set the target's input shape (in_chans/image_size) to match."
             )
 
-    def forward(self, x: torch.Tensor, masks=None, fill=None, record: bool = False, check: bool = True,
-                first_tap: torch.Tensor | None = None):  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        masks=None,
+        fill=None,
+        record: bool = False,
+        check: bool = True,
+        first_tap: torch.Tensor | None = None,
+    ):
         """Logits ``[B, K]``; with ``record=True`` also the tap outputs (list, tap order).
 
         Args:
@@ -324,7 +393,9 @@ class FrozenTarget(nn.Module):
             masks = self.masks_by_name(masks)
         if check:
             self.check_input(x)
-            if first_tap is not None and (first_tap.shape[0] != x.shape[0] or tuple(first_tap.shape[1:]) != self.tap_shapes[0]):
+            if first_tap is not None and (
+                first_tap.shape[0] != x.shape[0] or tuple(first_tap.shape[1:]) != self.tap_shapes[0]
+            ):
                 raise ValueError(
                     f"first_tap must be the first tap's output [{x.shape[0]}, {', '.join(map(str, self.tap_shapes[0]))}] "
                     f"for these {x.shape[0]} inputs, got {list(first_tap.shape)}; pass feats[0] of a recorded pass."
@@ -360,6 +431,7 @@ class FrozenTarget(nn.Module):
 
             return hook
 
-        forward_hooked(self.model, [(mod, make_hook(name)) for name, mod in self.model.named_modules() if name],
-                       self.input_shape)  # fmt: skip
+        forward_hooked(
+            self.model, [(mod, make_hook(name)) for name, mod in self.model.named_modules() if name], self.input_shape
+        )
         return [(n, c, r) for n, (c, r) in seen.items()]

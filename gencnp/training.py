@@ -69,8 +69,9 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
     return xs, ms, firsts, nc, valid
 
 
-def loss_terms(model, logits: torch.Tensor, chunks: list, y_hat: torch.Tensor, out: dict, nc: int,
-               valid: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+def loss_terms(
+    model, logits: torch.Tensor, chunks: list, y_hat: torch.Tensor, out: dict, nc: int, valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The loss terms of a training step from the masked pass's logits ``chunks`` (in ``masked_parts`` order).
 
     Updates the class prototypes while not every class has one yet (before ``con`` reads them).
@@ -91,14 +92,18 @@ def loss_terms(model, logits: torch.Tensor, chunks: list, y_hat: torch.Tensor, o
     if h.lambda_nested > 0:
         terms["nested"] = LS.kd(logits, chunks.pop(0), y_hat, h.temperature)
     if h.lambda_lookup > 0:
-        terms["lookup"] = (LS.lookup(logits, masked_logits, chunks.pop(0).detach(), h.lookup_margin)
-                           if bool(model.freq_seen.all()) else masked_logits.sum() * 0.0)  # fmt: skip
+        terms["lookup"] = (
+            LS.lookup(logits, masked_logits, chunks.pop(0).detach(), h.lookup_margin)
+            if bool(model.freq_seen.all())
+            else masked_logits.sum() * 0.0
+        )
     terms["sparsity"] = LS.sparsity(model.generator.split(out["scores"]), gate, h.tap_weights, h.sparsity_per)
     # cls and con always enter the graph (weight 0 included) so DDP never sees unused parameters.
     terms["cls"] = LS.cls(logits, out["class_logits"], y_hat)
     if not bool(model.proto_seen.all()):
-        LS.update_prototypes(model.prototypes, model.proto_seen, out["scores"], y_hat, h.proto_momentum,
-                             model._all_reduce)  # fmt: skip
+        LS.update_prototypes(
+            model.prototypes, model.proto_seen, out["scores"], y_hat, h.proto_momentum, model._all_reduce
+        )
     terms["con"] = LS.con(out["scores"], model.prototypes, y_hat)
     return terms
 

@@ -22,9 +22,17 @@ from gencnp.hooks import feature_info_taps
 from gencnp.registry import Registry
 
 __all__ = [
-    "TARGETS", "register_target", "list_targets", "create_target", "arch_name", "ConvBlockNet", "ChannelToy",
-    "channel_toy_batch", "TimmTarget", "TorchvisionTarget",
-]  # fmt: skip
+    "TARGETS",
+    "register_target",
+    "list_targets",
+    "create_target",
+    "arch_name",
+    "ConvBlockNet",
+    "ChannelToy",
+    "channel_toy_batch",
+    "TimmTarget",
+    "TorchvisionTarget",
+]
 
 TARGETS = Registry("target")
 
@@ -45,8 +53,13 @@ class ConvBlockNet(nn.Module):
     Taps (``default_taps``) are the block outputs ``blocks.0`` ... ``blocks.{n-1}``.
     """
 
-    def __init__(self, channels: Sequence[int] = (32, 64, 64, 128), pool_after: Sequence[int] = (0, 2),
-                 num_classes: int = 10, in_chans: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 64, 128),
+        pool_after: Sequence[int] = (0, 2),
+        num_classes: int = 10,
+        in_chans: int = 1,
+    ):
         super().__init__()
         layers, c_in = [], in_chans
         for i, c in enumerate(channels):
@@ -130,7 +143,9 @@ def channel_toy_batch(n: int, num_classes: int = 4, size: int = 8, seed: int = 0
 
 def _no_pretrained(name: str, pretrained: bool) -> None:
     if pretrained:
-        raise ValueError(f"'{name}' has no pretrained weights; train it with configs/*/target.yaml or pass a checkpoint.")
+        raise ValueError(
+            f"'{name}' has no pretrained weights; train it with configs/*/target.yaml or pass a checkpoint."
+        )
 
 
 class TimmTarget(nn.Module):
@@ -140,7 +155,9 @@ class TimmTarget(nn.Module):
         super().__init__()
         import timm  # timm only for timm targets (a slow import)
 
-        self.model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        self.model = timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
         info = getattr(self.model, "feature_info", None) or []
         # Every feature level; a stem at reduction <= 2 (e.g. ResNet's act1) is left out when two or more remain.
         self.default_taps = feature_info_taps(info, prefix="model.")
@@ -156,9 +173,13 @@ class TorchvisionTarget(nn.Module):
     def __init__(self, name: str, num_classes: int = 10, in_chans: int = 3, pretrained: bool = False, **kwargs):
         super().__init__()
         weights = "DEFAULT" if pretrained else None
-        self.model = torchvision.models.get_model(name, weights=weights, **({} if pretrained else {"num_classes": num_classes}), **kwargs)
+        self.model = torchvision.models.get_model(
+            name, weights=weights, **({} if pretrained else {"num_classes": num_classes}), **kwargs
+        )
         if pretrained and num_classes != 1000:
-            raise ValueError(f"pretrained torchvision '{name}' has 1000 classes; fine-tune it or set num_classes: 1000.")
+            raise ValueError(
+                f"pretrained torchvision '{name}' has 1000 classes; fine-tune it or set num_classes: 1000."
+            )
         if in_chans != 3:
             raise ValueError(
                 f"torchvision '{name}' expects 3 input channels, got in_chans={in_chans}; set in_chans: 3 for the "
@@ -201,7 +222,9 @@ def _import_module_class(path: str) -> type:
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ValueError(f"class_path '{path}': module '{module_name}' has no attribute '{attr}'.{hint}")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"class_path '{path}' is {cls!r}, not an nn.Module subclass; a target must be a torch module class.")
+        raise TypeError(
+            f"class_path '{path}' is {cls!r}, not an nn.Module subclass; a target must be a torch module class."
+        )
     return cls
 
 
@@ -216,8 +239,10 @@ def _from_class_path(spec: Mapping, num_classes: int, in_chans: int | None, pret
         )
     path = str(spec["class_path"])
     if pretrained:
-        raise ValueError(f"target '{path}': gencnp fetches no pretrained weights for class_path targets; load them in "
-                         "your module, or pass a checkpoint (target_checkpoint / checkpoint).")  # fmt: skip
+        raise ValueError(
+            f"target '{path}': gencnp fetches no pretrained weights for class_path targets; load them in "
+            "your module, or pass a checkpoint (target_checkpoint / checkpoint)."
+        )
     cls = _import_module_class(path)
     args = dict(spec.get("init_args") or {})
     args.update(kwargs)
@@ -237,8 +262,9 @@ def _from_class_path(spec: Mapping, num_classes: int, in_chans: int | None, pret
         raise TypeError(f"target '{path}' could not be built with init_args {args}: {err}") from err
 
 
-def create_target(name: str | Mapping, num_classes: int = 10, in_chans: int | None = None, pretrained: bool = False,
-                  **kwargs) -> nn.Module:  # fmt: skip
+def create_target(
+    name: str | Mapping, num_classes: int = 10, in_chans: int | None = None, pretrained: bool = False, **kwargs
+) -> nn.Module:
     """Build a target by name (registry, then ``timm:``/timm names, then ``torchvision:``/torchvision names, then a
     dotted class path), or from ``{"class_path": ..., "init_args": {...}}``.
 
@@ -255,11 +281,14 @@ def create_target(name: str | Mapping, num_classes: int = 10, in_chans: int | No
     import timm  # timm only past gencnp's own names (a slow import)
 
     if name.startswith("timm:") or (":" not in name and timm.is_model(name)):
-        return TimmTarget(name.removeprefix("timm:"), num_classes, 3 if in_chans is None else in_chans, pretrained, **kwargs)
+        return TimmTarget(
+            name.removeprefix("timm:"), num_classes, 3 if in_chans is None else in_chans, pretrained, **kwargs
+        )
     tv = _torchvision_names()
     if name.startswith("torchvision:") or name in tv:
-        return TorchvisionTarget(name.removeprefix("torchvision:"), num_classes, 3 if in_chans is None else in_chans,
-                                 pretrained, **kwargs)  # fmt: skip
+        return TorchvisionTarget(
+            name.removeprefix("torchvision:"), num_classes, 3 if in_chans is None else in_chans, pretrained, **kwargs
+        )
     if "." in name and ":" not in name and name.rpartition(".")[0]:
         return _from_class_path({"class_path": name}, num_classes, in_chans, pretrained, **kwargs)
     known = list_targets()

@@ -29,11 +29,32 @@ def cli(*args: str):
 def fit_synthetic(out: Path, epochs: int = 2, extra_target: tuple = (), extra_gencnp: tuple = ()) -> dict[str, Path]:
     """Train the synthetic target and generator into ``out``; returns checkpoint paths."""
     tdir, gdir = out / "target", out / "gencnp"
-    cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET,
-        "--trainer.logger.init_args.save_dir", str(tdir), "--trainer.callbacks.init_args.dirpath", str(tdir), *extra_target)  # fmt: skip
-    cli("fit", "--config", str(ROOT / "configs/synthetic/gencnp.yaml"), *QUIET, "--trainer.max_epochs", str(epochs),
-        "--trainer.logger.init_args.save_dir", str(gdir), "--trainer.callbacks.init_args.dirpath", str(gdir),
-        "--model.init_args.target_checkpoint", str(tdir / "best.ckpt"), *extra_gencnp)  # fmt: skip
+    cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic/target.yaml"),
+        *QUIET,
+        "--trainer.logger.init_args.save_dir",
+        str(tdir),
+        "--trainer.callbacks.init_args.dirpath",
+        str(tdir),
+        *extra_target,
+    )
+    cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic/gencnp.yaml"),
+        *QUIET,
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.logger.init_args.save_dir",
+        str(gdir),
+        "--trainer.callbacks.init_args.dirpath",
+        str(gdir),
+        "--model.init_args.target_checkpoint",
+        str(tdir / "best.ckpt"),
+        *extra_gencnp,
+    )
     return {"target": tdir / "best.ckpt", "gencnp": gdir / "best.ckpt", "gencnp_last": gdir / "last.ckpt", "dir": out}
 
 

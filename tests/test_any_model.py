@@ -34,18 +34,43 @@ def user_folder(tmp_path, monkeypatch):
 def _gencnp_config(path, target_checkpoint, out, **init_args):
     cfg = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 3, "inference_mode": False, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(out), "filename": "best", "monitor": "val/score",
-                                                 "mode": "max", "save_last": True, "enable_version_counter": False}}]},
-        "model": {"class_path": "gencnp.GenCNP",
-                  "init_args": {"target_checkpoint": str(target_checkpoint), "d": 8, "swap_probes_per_class": 2,
-                                **init_args}},
-        "data": {"class_path": "gencnp.SyntheticDataModule",
-                 "init_args": {"num_classes": 4, "image_size": 16, "n_train": 1200, "n_test": 100, "val_size": 200,
-                               "batch_size": 64}},
-    }  # fmt: skip
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 3,
+            "inference_mode": False,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(out),
+                        "filename": "best",
+                        "monitor": "val/score",
+                        "mode": "max",
+                        "save_last": True,
+                        "enable_version_counter": False,
+                    },
+                }
+            ],
+        },
+        "model": {
+            "class_path": "gencnp.GenCNP",
+            "init_args": {"target_checkpoint": str(target_checkpoint), "d": 8, "swap_probes_per_class": 2, **init_args},
+        },
+        "data": {
+            "class_path": "gencnp.SyntheticDataModule",
+            "init_args": {
+                "num_classes": 4,
+                "image_size": 16,
+                "n_train": 1200,
+                "n_test": 100,
+                "val_size": 200,
+                "batch_size": 64,
+            },
+        },
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -53,16 +78,29 @@ def _gencnp_config(path, target_checkpoint, out, **init_args):
 @pytest.mark.slow
 def test_own_module_by_class_path_through_the_cli_and_a_self_contained_generator(user_folder, one_thread):
     tdir, gdir = user_folder / "runs" / "target", user_folder / "runs" / "gencnp"
-    cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET, "--trainer.max_epochs", "3",
-        "--model.init_args.arch", yaml.safe_dump(MYNET, default_flow_style=True).strip(),
-        "--trainer.logger", "false", "--trainer.callbacks.init_args.dirpath", str(tdir))  # fmt: skip
+    cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic/target.yaml"),
+        *QUIET,
+        "--trainer.max_epochs",
+        "3",
+        "--model.init_args.arch",
+        yaml.safe_dump(MYNET, default_flow_style=True).strip(),
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks.init_args.dirpath",
+        str(tdir),
+    )
     assert str(user_folder) in sys.path  # the working directory became importable
     spec = read_target_spec(tdir / "best.ckpt")
     assert spec == {"arch": MYNET, "num_classes": 4, "in_chans": 1, "image_size": 16, "kwargs": {}}
 
     # Only target_checkpoint (relative to the working folder): arch, classes, input shape come from its spec.
     # max_steps 3 is shorter than an epoch (15 batches): the run still validates and writes best.ckpt.
-    config = _gencnp_config(user_folder / "g.yaml", "runs/target/best.ckpt", gdir, taps=["stem", "block1", "block2", "block3"])
+    config = _gencnp_config(
+        user_folder / "g.yaml", "runs/target/best.ckpt", gdir, taps=["stem", "block1", "block2", "block3"]
+    )
     cli("fit", "--config", str(config))
     ckpt = torch.load(gdir / "best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3 and "val/score" in str(ckpt["callbacks"])
@@ -85,7 +123,9 @@ def test_own_module_by_class_path_through_the_cli_and_a_self_contained_generator
     assert torch.equal(again["pathway"], ex["pathway"]) and torch.equal(again["masked_logits"], ex["masked_logits"])
 
     # A conflicting explicit value is an error naming both; the hash check against a given target file stays.
-    with pytest.raises(ValueError, match=r"num_classes is 5 but target_checkpoint .*moved_target.ckpt' was trained with num_classes 4"):
+    with pytest.raises(
+        ValueError, match=r"num_classes is 5 but target_checkpoint .*moved_target.ckpt' was trained with num_classes 4"
+    ):
         GenCNP(target_checkpoint=str(elsewhere / "moved_target.ckpt"), num_classes=5, taps=["stem", "block1"])
     with pytest.raises(ValueError, match="target is 'tiny_cnn' but target_checkpoint"):
         GenCNP(target="tiny_cnn", target_checkpoint=str(elsewhere / "moved_target.ckpt"))
@@ -98,8 +138,10 @@ def test_own_module_by_class_path_through_the_cli_and_a_self_contained_generator
 def test_generator_without_embedded_target_needs_the_target_file(tmp_path, one_thread):
     model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, embed_target=False)
     assert not any(k.startswith("target.") for k in model.state_dict())
-    assert any(k.startswith("target.") for k in GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4,
-                                                       image_size=16, d=8).state_dict())  # fmt: skip
+    assert any(
+        k.startswith("target.")
+        for k in GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8).state_dict()
+    )
     # A checkpoint without target weights (embed_target false, or written before embedding) still fits a default model.
     from gencnp.preflight import check_checkpoint
 
@@ -192,12 +234,20 @@ def test_weak_target_is_refused_before_training(tmp_path):
 
     from gencnp import SyntheticDataModule
 
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=2)
+    model = GenCNP(
+        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=2
+    )
     with torch.no_grad():
         model.target.model.head.bias.copy_(torch.tensor([100.0, 0, 0, 0]))  # predicts class 0 whatever the input
     data = SyntheticDataModule(num_classes=4, image_size=16, n_train=300, n_test=50, val_size=50)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="at least two classes"):
         trainer.fit(model, data)
     assert trainer.global_step == 0
@@ -246,9 +296,17 @@ def test_auto_taps_for_own_torchvision_and_timm_models(one_thread):
 
 def test_token_taps_mask_per_embedding_channel_on_every_token(one_thread):
     """A torchvision ViT given by class path: auto taps are its encoder blocks, masks act per embedding channel."""
-    spec = {"class_path": "torchvision.models.VisionTransformer",
-            "init_args": {"image_size": 16, "patch_size": 8, "num_layers": 3, "num_heads": 2, "hidden_dim": 16,
-                          "mlp_dim": 32}}  # fmt: skip
+    spec = {
+        "class_path": "torchvision.models.VisionTransformer",
+        "init_args": {
+            "image_size": 16,
+            "patch_size": 8,
+            "num_layers": 3,
+            "num_heads": 2,
+            "hidden_dim": 16,
+            "mlp_dim": 32,
+        },
+    }
     model = GenCNP(target=spec, target_checkpoint=None, num_classes=4, in_chans=3, image_size=16, d=8, ablation="zero")
     names = model.target.tap_names
     assert names == [f"encoder.layers.encoder_layer_{i}" for i in range(3)] and model.target.tap_channels == [16] * 3

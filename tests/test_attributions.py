@@ -24,7 +24,7 @@ from gencnp.attributions import (
     relevance_mass,
     spearman,
     ssim,
-)  # fmt: skip
+)
 from gencnp.targets import FrozenTarget, channel_toy_batch, create_target
 
 
@@ -34,7 +34,9 @@ def _one_thread(one_thread):
 
 
 def _toy(k: int = 4, size: int = 8) -> FrozenTarget:
-    return FrozenTarget(create_target("channel_toy", num_classes=k, in_chans=k), "auto", (k, size, size), arch="channel_toy")
+    return FrozenTarget(
+        create_target("channel_toy", num_classes=k, in_chans=k), "auto", (k, size, size), arch="channel_toy"
+    )
 
 
 def _tiny(seed: int = 0) -> FrozenTarget:
@@ -135,8 +137,9 @@ def test_generator_reads_the_randomised_targets_features():
     from gencnp.systems import GenCNP
 
     torch.manual_seed(0)
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, in_chans=1, image_size=16, d=8,
-                   ablation="zero").eval()
+    model = GenCNP(
+        target="tiny_cnn", target_checkpoint=None, num_classes=4, in_chans=1, image_size=16, d=8, ablation="zero"
+    ).eval()
     x = torch.randn(4, 1, 16, 16)
     before = model.explain(x)["scores"]
     with randomised(model.target, cascade_layers(model.target)[1][1]):
@@ -159,8 +162,12 @@ def test_ssim_hand_computed_and_against_torchmetrics():
     # torchmetrics: an 11 x 11 window at sigma 1.5 over the reflect-padded maps, mean over the full image.
     ref = tm_ssim(x[:, None].double(), z[:, None].double(), sigma=1.5, data_range=1.0, reduction="none")
     pad = torch.nn.functional.pad
-    ours = ssim(pad(x[:, None], (5, 5, 5, 5), mode="reflect")[:, 0], pad(z[:, None], (5, 5, 5, 5), mode="reflect")[:, 0],
-                window=11, sigma=1.5)  # fmt: skip
+    ours = ssim(
+        pad(x[:, None], (5, 5, 5, 5), mode="reflect")[:, 0],
+        pad(z[:, None], (5, 5, 5, 5), mode="reflect")[:, 0],
+        window=11,
+        sigma=1.5,
+    )
     assert torch.allclose(ours, ref, atol=1e-9)
     assert not torch.allclose(ssim(x, z, window=11), ref, atol=1e-3)  # the unpadded (valid) SSIM differs
     with pytest.raises(ValueError, match="window"):
@@ -226,14 +233,32 @@ def test_attribution_command_end_to_end_on_the_synthetic_pair(synthetic_runs, tm
     from gencnp.data import SyntheticDataModule
 
     out = tmp_path / "attr"
-    r = attribution(generator=str(synthetic_runs["gencnp"]), bank=None, data=SyntheticDataModule(**cfg["data"]["init_args"]),
-                    out_dir=str(out), n=24, batch_size=12, ig_steps=4, sanity_n=6, deletion_steps=4,
-                    bootstrap_samples=50, grid_images=2, progress=False, threads=1)  # fmt: skip
+    r = attribution(
+        generator=str(synthetic_runs["gencnp"]),
+        bank=None,
+        data=SyntheticDataModule(**cfg["data"]["init_args"]),
+        out_dir=str(out),
+        n=24,
+        batch_size=12,
+        ig_steps=4,
+        sanity_n=6,
+        deletion_steps=4,
+        bootstrap_samples=50,
+        grid_images=2,
+        progress=False,
+        threads=1,
+    )
     methods = [m for m in ATTRIBUTION_METHODS if m != "pathway_gradient_class"]
     on_disk = json.loads((out / "attribution.json").read_text())
     for m in methods:
-        for key in (f"relevance_mass/{m}", f"pointing/{m}", f"deletion_auc/{m}", f"insertion_auc/{m}",
-                    f"sanity_ssim/{m}/head", f"sanity_spearman/{m}/blocks.0"):  # fmt: skip
+        for key in (
+            f"relevance_mass/{m}",
+            f"pointing/{m}",
+            f"deletion_auc/{m}",
+            f"insertion_auc/{m}",
+            f"sanity_ssim/{m}/head",
+            f"sanity_spearman/{m}/blocks.0",
+        ):
             e = on_disk[key]
             assert e["lo"] <= e["mean"] <= e["hi"], key
     assert on_disk["settings"]["n"] == 24 and on_disk["sanity_layers"] == ["head", "blocks.2", "blocks.1", "blocks.0"]

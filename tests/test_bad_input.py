@@ -67,19 +67,50 @@ def out(synthetic_runs, tmp_path, monkeypatch) -> Path:
 
 def fit_args(run: Path, synthetic_runs, *extra: str, config: str = GENCNP) -> list[str]:
     """``train.py fit`` with every output in ``run`` and only a ModelCheckpoint (a fast, quiet run)."""
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-        "dirpath": str(run), "filename": "best", "monitor": "val/score" if config == GENCNP else "val/acc",
-        "mode": "max", "save_last": True, "enable_version_counter": False, "auto_insert_metric_name": False}}]  # fmt: skip
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(run),
+                "filename": "best",
+                "monitor": "val/score" if config == GENCNP else "val/acc",
+                "mode": "max",
+                "save_last": True,
+                "enable_version_counter": False,
+                "auto_insert_metric_name": False,
+            },
+        }
+    ]
     model = ["--model.init_args.target_checkpoint", str(synthetic_runs["target"])] if config == GENCNP else []
-    return ["fit", "--config", config, *QUIET, "--trainer.logger.init_args.save_dir", str(run),
-            "--trainer.callbacks", json.dumps(callbacks), *model, *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        config,
+        *QUIET,
+        "--trainer.logger.init_args.save_dir",
+        str(run),
+        "--trainer.callbacks",
+        json.dumps(callbacks),
+        *model,
+        *extra,
+    ]
 
 
 def predict_args(run: Path, synthetic_runs, *extra: str) -> list[str]:
     """``train.py predict --config configs/synthetic/bank.yaml`` writing the bank and config.yaml into ``run``."""
-    return ["predict", "--config", BANK, *QUIET, "--model.init_args.target_checkpoint", str(synthetic_runs["target"]),
-            "--trainer.callbacks.init_args.path", str(run / "bank.safetensors"), "--trainer.default_root_dir",
-            str(run), *extra]  # fmt: skip
+    return [
+        "predict",
+        "--config",
+        BANK,
+        *QUIET,
+        "--model.init_args.target_checkpoint",
+        str(synthetic_runs["target"]),
+        "--trainer.callbacks.init_args.path",
+        str(run / "bank.safetensors"),
+        "--trainer.default_root_dir",
+        str(run),
+        *extra,
+    ]
 
 
 def refused(run: Path, exc: type[BaseException], match: str, *args: str) -> pytest.ExceptionInfo:
@@ -111,11 +142,26 @@ class CorruptData(SyntheticDataModule):
     """Synthetic patterns with broken train images: from position ``bad_from`` on they hold ``value`` (``'nan'``
     or ``'inf'``), or every image is ``actual_size`` pixels wide while the module declares ``image_size``."""
 
-    def __init__(self, value: str | None = None, bad_from: int = 0, actual_size: int | None = None,
-                 num_classes: int = 4, image_size: int = 16, n_train: int = 1200, n_test: int = 400,
-                 val_size: int = 200, batch_size: int = 64):  # fmt: skip
-        super().__init__(num_classes=num_classes, image_size=image_size, n_train=n_train, n_test=n_test,
-                         val_size=val_size, batch_size=batch_size)  # fmt: skip
+    def __init__(
+        self,
+        value: str | None = None,
+        bad_from: int = 0,
+        actual_size: int | None = None,
+        num_classes: int = 4,
+        image_size: int = 16,
+        n_train: int = 1200,
+        n_test: int = 400,
+        val_size: int = 200,
+        batch_size: int = 64,
+    ):
+        super().__init__(
+            num_classes=num_classes,
+            image_size=image_size,
+            n_train=n_train,
+            n_test=n_test,
+            val_size=val_size,
+            batch_size=batch_size,
+        )
         self.value, self.bad_from, self.actual_size = value, bad_from, actual_size
         self._broken = False
 
@@ -134,18 +180,26 @@ class CorruptData(SyntheticDataModule):
 @pytest.mark.parametrize(
     "data,match",
     [
-        (["gencnp.FashionMNISTDataModule", "--data.init_args.data_dir", "{tmp}/nowhere"],
-         says("nowhere' does not exist", "apt-get install -y dataset-fashion-mnist")),
-        (["gencnp.FashionMNISTDataModule", "--data.init_args.data_dir", "{tmp}/empty"],
-         says("empty' is empty or lacks the IDX files")),
+        (
+            ["gencnp.FashionMNISTDataModule", "--data.init_args.data_dir", "{tmp}/nowhere"],
+            says("nowhere' does not exist", "apt-get install -y dataset-fashion-mnist"),
+        ),
+        (
+            ["gencnp.FashionMNISTDataModule", "--data.init_args.data_dir", "{tmp}/empty"],
+            says("empty' is empty or lacks the IDX files"),
+        ),
         (["gencnp.ImageFolderDataModule", "--data.init_args.root", "{tmp}/empty"], says("has no 'train' folder")),
-        (["gencnp.ImageFolderDataModule", "--data.init_args.root", "{tmp}/no_images"],
-         says("no_images/train' is empty", "one sub-folder per class")),
-        (["gencnp.CIFAR10DataModule", "--data.init_args.data_dir", "{tmp}/empty"],
-         says("cifar-10-batches-py' does not exist", "cifar-10-python.tar.gz")),
+        (
+            ["gencnp.ImageFolderDataModule", "--data.init_args.root", "{tmp}/no_images"],
+            says("no_images/train' is empty", "one sub-folder per class"),
+        ),
+        (
+            ["gencnp.CIFAR10DataModule", "--data.init_args.data_dir", "{tmp}/empty"],
+            says("cifar-10-batches-py' does not exist", "cifar-10-python.tar.gz"),
+        ),
     ],
     ids=["fashion_missing", "fashion_empty", "imagefolder_empty", "imagefolder_no_images", "cifar_missing"],
-)  # fmt: skip
+)
 def test_missing_or_empty_data_dir(out, synthetic_runs, tmp_path, data, match):
     (tmp_path / "empty").mkdir()
     (tmp_path / "no_images/train/cat").mkdir(parents=True)
@@ -160,26 +214,44 @@ def test_missing_or_empty_data_dir(out, synthetic_runs, tmp_path, data, match):
         (["--data.init_args.image_size", "20"], says("(1, 16, 16)", "(1, 20, 20)", "in_chans/image_size")),
         (["--data.init_args.in_chans", "3"], says("(1, 16, 16)", "(3, 16, 16)")),
         # The data module declares 16x16 but its images are 20x20: the images themselves are checked.
-        (["--data", "test_bad_input.CorruptData", "--data.init_args.actual_size", "20"],
-         says("train split gives images of shape (1, 20, 20)", "(1, 16, 16)", "nothing was run")),
+        (
+            ["--data", "test_bad_input.CorruptData", "--data.init_args.actual_size", "20"],
+            says("train split gives images of shape (1, 20, 20)", "(1, 16, 16)", "nothing was run"),
+        ),
     ],
     ids=["size", "channels", "actual_size"],
-)  # fmt: skip
+)
 def test_wrong_image_size_or_channel_count(out, synthetic_runs, extra, match):
     refused(out, ValueError, match, *fit_args(out, synthetic_runs, *extra))
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_nan_or_inf_inputs_fail_before_anything_is_written(out, synthetic_runs, value):
-    refused(out, ValueError, says("train split holds NaN or Inf inputs", "nothing was run"),
-            *fit_args(out, synthetic_runs, "--data", "test_bad_input.CorruptData", "--data.init_args.value", value))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        says("train split holds NaN or Inf inputs", "nothing was run"),
+        *fit_args(out, synthetic_runs, "--data", "test_bad_input.CorruptData", "--data.init_args.value", value),
+    )
 
 
 def test_nan_inputs_further_in_stop_training_at_their_batch(out, synthetic_runs):
     # The first 64 train images are clean (the check before the run passes); most later ones are NaN.
-    stopped_mid_run(out, ValueError, says("train batch 0", "NaN or Inf"),
-                    *fit_args(out, synthetic_runs, "--data", "test_bad_input.CorruptData", "--data.init_args.value",
-                              "nan", "--data.init_args.bad_from", "64"))  # fmt: skip
+    stopped_mid_run(
+        out,
+        ValueError,
+        says("train batch 0", "NaN or Inf"),
+        *fit_args(
+            out,
+            synthetic_runs,
+            "--data",
+            "test_bad_input.CorruptData",
+            "--data.init_args.value",
+            "nan",
+            "--data.init_args.bad_from",
+            "64",
+        ),
+    )
 
 
 def test_a_loss_going_non_finite_stops_and_names_the_step_and_the_term(out, synthetic_runs, monkeypatch):
@@ -191,14 +263,22 @@ def test_a_loss_going_non_finite_stops_and_names_the_step_and_the_term(out, synt
         return value * float("nan") if len(calls) > 3 else value
 
     monkeypatch.setattr(LS, "swap", swap_turning_nan)
-    stopped_mid_run(out, FloatingPointError, says("loss term 'swap' became non-finite", "global step 3"),
-                    *fit_args(out, synthetic_runs, "--model.init_args.lambda_zero", "0"))  # one LS.swap call per step
+    stopped_mid_run(
+        out,
+        FloatingPointError,
+        says("loss term 'swap' became non-finite", "global step 3"),
+        *fit_args(out, synthetic_runs, "--model.init_args.lambda_zero", "0"),
+    )  # one LS.swap call per step
 
 
 # ----- model -----
 def test_unknown_tap_names(out, synthetic_runs):
-    refused(out, KeyError, says("tap 'blocks.9' not found", "blocks.0, blocks.1, blocks.2"),
-            *fit_args(out, synthetic_runs, "--model.init_args.taps", "[blocks.0, blocks.9]"))  # fmt: skip
+    refused(
+        out,
+        KeyError,
+        says("tap 'blocks.9' not found", "blocks.0, blocks.1, blocks.2"),
+        *fit_args(out, synthetic_runs, "--model.init_args.taps", "[blocks.0, blocks.9]"),
+    )
 
 
 @pytest.fixture
@@ -217,8 +297,12 @@ def other_target(synthetic_runs, tmp_path) -> Path:
 def test_generator_checkpoint_for_another_target(out, synthetic_runs, other_target, tmp_path):
     fix = "point target_checkpoint at the original target weights"
     # Resuming with other target weights configured ...
-    refused(out, ValueError, says("last.ckpt'", "trained for target 'tiny_cnn'", fix),
-            *fit_args(out, synthetic_runs, "--model.init_args.target_checkpoint", str(other_target), "--ckpt_path", "last"))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        says("last.ckpt'", "trained for target 'tiny_cnn'", fix),
+        *fit_args(out, synthetic_runs, "--model.init_args.target_checkpoint", str(other_target), "--ckpt_path", "last"),
+    )
     # ... exporting a bank after the target file the generator names was replaced (retrained in place). With an
     # explicit --ckpt_path, LightningCLI takes the model's arguments from the checkpoint, target_checkpoint included.
     target = tmp_path / "target.ckpt"
@@ -227,19 +311,31 @@ def test_generator_checkpoint_for_another_target(out, synthetic_runs, other_targ
     ckpt["hyper_parameters"]["target_checkpoint"] = str(target)
     torch.save(seal(ckpt), tmp_path / "generator.ckpt")  # an edit made on purpose, sealed again
     shutil.copy(other_target, target)
-    refused(out, ValueError, says("trained for target 'tiny_cnn'", f"'{target}'", fix),
-            *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "generator.ckpt")))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        says("trained for target 'tiny_cnn'", f"'{target}'", fix),
+        *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "generator.ckpt")),
+    )
     # ... and a target checkpoint given where a generator checkpoint belongs.
     # (LightningCLI alone would swap the configured GenCNP for the TargetClassifier the checkpoint names.)
     for run in (fit_args, predict_args):
-        refused(out, ValueError, says("written by gencnp.TargetClassifier", "model.init_args.target_checkpoint"),
-                *run(out, synthetic_runs, "--ckpt_path", str(synthetic_runs["target"])))  # fmt: skip
+        refused(
+            out,
+            ValueError,
+            says("written by gencnp.TargetClassifier", "model.init_args.target_checkpoint"),
+            *run(out, synthetic_runs, "--ckpt_path", str(synthetic_runs["target"])),
+        )
     # A checkpoint without the class it was written by (a bare torch.save of a Lightning checkpoint): GenCNP checks.
     ckpt = torch.load(synthetic_runs["target"], map_location="cpu", weights_only=True)
     ckpt.pop("hyper_parameters")
     torch.save(seal(ckpt), tmp_path / "bare_target.ckpt")
-    refused(out, ValueError, says("has no 'gencnp' section", "not a GenCNP generator checkpoint"),
-            *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "bare_target.ckpt")))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        says("has no 'gencnp' section", "not a GenCNP generator checkpoint"),
+        *predict_args(out, synthetic_runs, "--ckpt_path", str(tmp_path / "bare_target.ckpt")),
+    )
 
 
 # ----- checkpoints: truncated, altered, wrong version, crafted -----
@@ -285,7 +381,7 @@ def damaged_checkpoint(good: Path, how: str) -> bytes:
         ("wrong_version", says("generator checkpoint format 99", "reads format 1 only")),
     ],
     ids=["truncated", "altered_bytes", "altered_weights", "wrong_version"],
-)  # fmt: skip
+)
 def test_truncated_altered_or_wrong_version_checkpoint(out, synthetic_runs, how, match):
     """``--ckpt_path last`` (resume) with a damaged last.ckpt: refused before anything is written."""
     (out / "last.ckpt").write_bytes(damaged_checkpoint(out / "last.ckpt", how))
@@ -295,8 +391,12 @@ def test_truncated_altered_or_wrong_version_checkpoint(out, synthetic_runs, how,
 def test_truncated_target_checkpoint(out, synthetic_runs, tmp_path):
     bad = tmp_path / "target.ckpt"
     bad.write_bytes(synthetic_runs["target"].read_bytes()[:1000])
-    refused(out, ValueError, says("target.ckpt' could not be loaded safely", "truncated"),
-            *fit_args(out, synthetic_runs, "--model.init_args.target_checkpoint", str(bad)))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        says("target.ckpt' could not be loaded safely", "truncated"),
+        *fit_args(out, synthetic_runs, "--model.init_args.target_checkpoint", str(bad)),
+    )
 
 
 class _Evil:
@@ -343,8 +443,12 @@ def report_inputs(synthetic_runs, tmp_path) -> dict:
         bank.update(torch.rand(40, target.num_channels, generator=g) < 0.5, torch.arange(40) % len(names))
         return bank
 
-    return {"generator": str(synthetic_runs["gencnp"]), "target": model.target, "bank_for": bank_for,
-            "good": bank_for(model.target, NAMES).save(tmp_path / "good.safetensors")}  # fmt: skip
+    return {
+        "generator": str(synthetic_runs["gencnp"]),
+        "target": model.target,
+        "bank_for": bank_for,
+        "good": bank_for(model.target, NAMES).save(tmp_path / "good.safetensors"),
+    }
 
 
 def report_refuses(out: Path, inputs: dict, bank: Path, match: str) -> None:
@@ -356,8 +460,9 @@ def report_refuses(out: Path, inputs: dict, bank: Path, match: str) -> None:
     for out_dir in (out / "eval", out / "eval_new"):
         before = tree(out)
         with pytest.raises(ValueError, match=match):
-            report(generator=inputs["generator"], bank=str(bank), data=data, out_dir=str(out_dir), limit=40,
-                   progress=False)  # fmt: skip
+            report(
+                generator=inputs["generator"], bank=str(bank), data=data, out_dir=str(out_dir), limit=40, progress=False
+            )
         assert tree(out) == before
 
 
@@ -365,8 +470,9 @@ def test_bank_for_another_target_or_class_list(out, report_inputs, tmp_path):
     from gencnp.targets import FrozenTarget, create_target
 
     torch.manual_seed(1)
-    other = FrozenTarget(create_target("tiny_cnn", num_classes=4), report_inputs["target"].tap_names, (1, 16, 16),
-                         arch="tiny_cnn")  # same architecture, other weights
+    other = FrozenTarget(
+        create_target("tiny_cnn", num_classes=4), report_inputs["target"].tap_names, (1, 16, 16), arch="tiny_cnn"
+    )  # same architecture, other weights
     path = report_inputs["bank_for"](other, NAMES).save(tmp_path / "other_target.safetensors")
     report_refuses(out, report_inputs, path, says("does not fit the given target", "re-export the bank"))
     names = ["pattern_0", "pattern_1", "pattern_3", "pattern_2"]
@@ -422,8 +528,14 @@ def test_config_key_that_does_not_exist(out, synthetic_runs, tmp_path, capsys, w
 @pytest.mark.parametrize("taus", ["[0.0, 0.5]", "[0.5, 1.5]"])
 def test_tau_outside_0_1(out, synthetic_runs, taus):
     bad = "0.0" if "0.0" in taus else "1.5"
-    refused(out, ValueError, says("taus must lie in (0, 1]", f"[{bad}]"),
-            *predict_args(out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"), "--trainer.callbacks.init_args.taus", taus))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        says("taus must lie in (0, 1]", f"[{bad}]"),
+        *predict_args(
+            out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"), "--trainer.callbacks.init_args.taus", taus
+        ),
+    )
     # A bank's own tau: PathwayBank refuses it when set, used or loaded (test_banks.py::test_tau_outside_0_1_*).
     bank = PathwayBank(NAMES, ["a"], [2], "tiny_cnn", "h")
     with pytest.raises(ValueError, match=says("tau=1.5 is outside the valid range")):
@@ -434,18 +546,36 @@ def test_tau_outside_0_1(out, synthetic_runs, taus):
 def test_output_folder_under_a_file(out, synthetic_runs, tmp_path):
     """A folder path running through a regular file cannot be created, for root too."""
     blocker = out / "config.yaml"  # an existing file of the earlier run
-    refused(out, NotADirectoryError,
-            says("log folder of CSVLogger", "is a file, not a folder", "trainer.logger.init_args.save_dir"),
-            *fit_args(out, synthetic_runs, "--trainer.logger.init_args.save_dir", str(blocker / "logs")))  # fmt: skip
-    refused(out, NotADirectoryError, says("folder of PathwayBankWriter's file", "is a file, not a folder"),
-            *predict_args(out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"),
-                          "--trainer.callbacks.init_args.path", str(blocker / "bank.safetensors")))  # fmt: skip
+    refused(
+        out,
+        NotADirectoryError,
+        says("log folder of CSVLogger", "is a file, not a folder", "trainer.logger.init_args.save_dir"),
+        *fit_args(out, synthetic_runs, "--trainer.logger.init_args.save_dir", str(blocker / "logs")),
+    )
+    refused(
+        out,
+        NotADirectoryError,
+        says("folder of PathwayBankWriter's file", "is a file, not a folder"),
+        *predict_args(
+            out,
+            synthetic_runs,
+            "--ckpt_path",
+            str(out / "best.ckpt"),
+            "--trainer.callbacks.init_args.path",
+            str(blocker / "bank.safetensors"),
+        ),
+    )
     from gencnp.report import report
 
     before = tree(out)
     with pytest.raises(NotADirectoryError, match=says("report folder", "is a file, not a folder", "set out_dir")):
-        report(generator=str(synthetic_runs["gencnp"]), bank=None, out_dir=str(blocker / "eval"), progress=False,
-               data=SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200))  # fmt: skip
+        report(
+            generator=str(synthetic_runs["gencnp"]),
+            bank=None,
+            out_dir=str(blocker / "eval"),
+            progress=False,
+            data=SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200),
+        )
     assert tree(out) == before
 
 
@@ -461,9 +591,12 @@ def test_output_folder_without_write_permission(out, synthetic_runs, tmp_path, m
         real = os.access
         monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
     try:
-        refused(out, PermissionError,
-                says("checkpoint folder", "locked' is not writable", "dirpath of ModelCheckpoint"),
-                *fit_args(out, synthetic_runs, "--trainer.callbacks.init_args.dirpath", str(locked / "ckpt")))  # fmt: skip
+        refused(
+            out,
+            PermissionError,
+            says("checkpoint folder", "locked' is not writable", "dirpath of ModelCheckpoint"),
+            *fit_args(out, synthetic_runs, "--trainer.callbacks.init_args.dirpath", str(locked / "ckpt")),
+        )
     finally:
         locked.chmod(0o755)
 
@@ -484,15 +617,24 @@ def wandb_online(monkeypatch, tmp_path):
 
 
 def test_wandb_online_without_network_fails_in_seconds(out, synthetic_runs, wandb_online, monkeypatch):
-    online = ["--trainer.logger", str(ROOT / "configs/loggers/wandb.yaml"), "--trainer.logger.init_args.offline", "false",
-              "--trainer.logger.init_args.save_dir", str(out)]  # fmt: skip
+    online = [
+        "--trainer.logger",
+        str(ROOT / "configs/loggers/wandb.yaml"),
+        "--trainer.logger.init_args.offline",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+    ]
     offline = "WANDB_MODE=offline"
     start = time.monotonic()
-    refused(out, ValueError, says("127.0.0.1:9 cannot be reached", "ConnectionRefusedError", offline),
-            *fit_args(out, synthetic_runs, *online))
+    refused(
+        out,
+        ValueError,
+        says("127.0.0.1:9 cannot be reached", "ConnectionRefusedError", offline),
+        *fit_args(out, synthetic_runs, *online),
+    )
     monkeypatch.delenv("WANDB_API_KEY")
-    refused(out, ValueError, says("no API key", "wandb login", offline),
-            *fit_args(out, synthetic_runs, *online))  # fmt: skip
+    refused(out, ValueError, says("no API key", "wandb login", offline), *fit_args(out, synthetic_runs, *online))
     assert time.monotonic() - start < 30  # W&B itself would hang for about 105 s
 
 

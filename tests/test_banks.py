@@ -380,9 +380,21 @@ def _reference_counts(model, dataset, batch_size: int = 256):
 
 def export_bank(runs: dict, out: Path, *extra: str) -> None:
     """``python train.py predict --config configs/synthetic/bank.yaml`` writing the bank (and config) beside ``out``."""
-    cli("predict", "--config", str(ROOT / "configs/synthetic/bank.yaml"), *QUIET, "--ckpt_path", str(runs["gencnp"]),
-        "--model.init_args.target_checkpoint", str(runs["target"]), "--trainer.callbacks.init_args.path", str(out),
-        "--trainer.default_root_dir", str(out.parent), *extra)  # fmt: skip
+    cli(
+        "predict",
+        "--config",
+        str(ROOT / "configs/synthetic/bank.yaml"),
+        *QUIET,
+        "--ckpt_path",
+        str(runs["gencnp"]),
+        "--model.init_args.target_checkpoint",
+        str(runs["target"]),
+        "--trainer.callbacks.init_args.path",
+        str(out),
+        "--trainer.default_root_dir",
+        str(out.parent),
+        *extra,
+    )
 
 
 def test_bank_writer_exports_over_train_and_chooses_tau_on_validation(synthetic_runs, tmp_path):

@@ -50,9 +50,16 @@ def route(t: FrozenTarget, flat: torch.Tensor) -> torch.Tensor:
 
 # ----- metrics against hand-computed values -----
 def test_class_iou_by_hand():
-    p = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0],  # class 0: J = 1/2
-                      [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1],  # class 1: J = 1, 1/2, 1/2 -> 2/3
-                      [1, 0, 1, 0]]).bool()  # class 2: one sample, skipped within, used between  # fmt: skip
+    p = torch.tensor(
+        [
+            [1, 1, 0, 0],
+            [1, 0, 0, 0],  # class 0: J = 1/2
+            [0, 0, 1, 1],
+            [0, 0, 1, 1],
+            [0, 0, 0, 1],  # class 1: J = 1, 1/2, 1/2 -> 2/3
+            [1, 0, 1, 0],
+        ]
+    ).bool()  # class 2: one sample, skipped within, used between
     c = torch.tensor([0, 0, 1, 1, 1, 2])
     ac, bc = class_iou(p, c)
     assert ac == pytest.approx((0.5 + 2 / 3) / 2)
@@ -155,8 +162,10 @@ def test_neuron_mct_matches_a_per_sample_autograd_reference():
     ref_model = raw_copy(t)
     for i in range(5):
         feats: dict[str, torch.Tensor] = {}
-        handles = [ref_model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n, f=feats: f.__setitem__(n, o))
-                   for n in t.tap_names]  # fmt: skip
+        handles = [
+            ref_model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n, f=feats: f.__setitem__(n, o))
+            for n in t.tap_names
+        ]
         xi = x[i : i + 1].clone().requires_grad_(True)  # features require grad through the input
         try:
             out = ref_model(xi)
@@ -203,8 +212,16 @@ def test_run_method_gives_matched_and_native_pathways(toy):
     x, y = channel_toy_batch(8, K, seed=6)
     counts = torch.tensor([[1, 1, 1, 1]]).repeat(8, 1)
     for name in B.METHODS:
-        out = B.run_method(name, toy, x, y, counts=counts, keep_fraction=0.25,
-                           generator=torch.Generator().manual_seed(0), **({"steps": 5} if name == "dgr" else {}))  # fmt: skip
+        out = B.run_method(
+            name,
+            toy,
+            x,
+            y,
+            counts=counts,
+            keep_fraction=0.25,
+            generator=torch.Generator().manual_seed(0),
+            **({"steps": 5} if name == "dgr" else {}),
+        )
         assert torch.equal(B.tap_counts(out["matched"], toy.tap_channels), counts), name
         assert out["native"].shape == (8, 16)
         if name != "dgr":  # global percentile: round(0.25 * 16) = 4 channels per sample

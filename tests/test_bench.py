@@ -18,12 +18,39 @@ def test_benchmark_runs_in_a_tiny_configuration(tmp_path):
     out = tmp_path / "results.md"
     threads = torch.get_num_threads()
     with warnings.catch_warnings():
-        result = bench.main(["--tiny", "--config", str(ROOT / "configs/synthetic/gencnp.yaml"), "--data", "random",
-                             "--target_checkpoint", "none", "--threads", "1", "--iou_pathways", "300",
-                             "--out", str(out)])  # fmt: skip
+        result = bench.main(
+            [
+                "--tiny",
+                "--config",
+                str(ROOT / "configs/synthetic/gencnp.yaml"),
+                "--data",
+                "random",
+                "--target_checkpoint",
+                "none",
+                "--threads",
+                "1",
+                "--iou_pathways",
+                "300",
+                "--out",
+                str(out),
+            ]
+        )
     torch.set_num_threads(threads)
-    for key in ("t_fwd", "t_floor", "explain", "train_default", "train_kd_sparsity", "train_fraction_0.25",
-                "train_fraction_0.125", "neuron_mct", "neuron_intgrad", "dgr", "bank_1x_ips", "bank_4x_ips", "aciou_s"):  # fmt: skip
+    for key in (
+        "t_fwd",
+        "t_floor",
+        "explain",
+        "train_default",
+        "train_kd_sparsity",
+        "train_fraction_0.25",
+        "train_fraction_0.125",
+        "neuron_mct",
+        "neuron_intgrad",
+        "dgr",
+        "bank_1x_ips",
+        "bank_4x_ips",
+        "aciou_s",
+    ):
         assert result[key] > 0, key
     for key in ("explain_ratio", "train_default_ratio", "train_fraction_0.25_ratio", "dgr_ratio", "neuron_mct_ratio"):
         assert result[key] > 0, key
@@ -33,6 +60,16 @@ def test_benchmark_runs_in_a_tiny_configuration(tmp_path):
     assert result["bank_state_growth"] == 1.0
     text = out.read_text()
     assert "python benchmarks/bench.py --tiny" in text and "torch " in text and "UTC" in text
-    for label in ("t_fwd", "t_floor", "GEN-CNP explanation", "GEN-CNP training step", "neuron_mct", "neuron_intgrad",
-                  "dgr", "bank export", "allocator retained", "acIOU"):  # fmt: skip
+    for label in (
+        "t_fwd",
+        "t_floor",
+        "GEN-CNP explanation",
+        "GEN-CNP training step",
+        "neuron_mct",
+        "neuron_intgrad",
+        "dgr",
+        "bank export",
+        "allocator retained",
+        "acIOU",
+    ):
         assert label in text, label

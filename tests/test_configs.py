@@ -46,8 +46,10 @@ def _id(path: Path) -> str:
 @pytest.fixture(scope="module")
 def parsers() -> dict:
     """The parsers ``train.py`` and ``evaluate.py`` build, captured before they parse anything."""
-    return {"train.py": capture_parser(lambda: main(args=[])),
-            "evaluate.py": capture_parser(lambda: runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__"))}  # fmt: skip
+    return {
+        "train.py": capture_parser(lambda: main(args=[])),
+        "evaluate.py": capture_parser(lambda: runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -150,8 +152,17 @@ def test_synthetic_target_config_instantiates(tmp_path):
     from gencnp import SyntheticDataModule, TargetClassifier
 
     path = CONFIGS / "synthetic/target.yaml"
-    cli = GenCNPCLI(args=["--config", str(path), "--trainer.logger.init_args.save_dir",
-                          str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path)], run=False)  # fmt: skip
+    cli = GenCNPCLI(
+        args=[
+            "--config",
+            str(path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.callbacks.init_args.dirpath",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     assert isinstance(cli.model, TargetClassifier) and isinstance(cli.datamodule, SyntheticDataModule)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 4
     assert cli.trainer.max_epochs == yaml.safe_load(path.read_text())["trainer"]["max_epochs"]

@@ -36,7 +36,9 @@ def test_validation_is_a_seeded_holdout_of_train():
 
 
 def test_fashion_mnist_missing_data_dir_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*apt-get install -y dataset-fashion-mnist.*download: true"):
+    with pytest.raises(
+        FileNotFoundError, match="does not exist.*apt-get install -y dataset-fashion-mnist.*download: true"
+    ):
         FashionMNISTDataModule(data_dir=str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -51,7 +53,9 @@ def test_fashion_mnist_unset_falls_back_and_names_paths(tmp_path, monkeypatch):
         FashionMNISTDataModule(torchvision_root=str(tmp_path / "tvroot"))
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)"
+)
 def test_fashion_mnist_loader():
     dm = FashionMNISTDataModule(batch_size=32)
     dm.setup("fit")

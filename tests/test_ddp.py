@@ -26,9 +26,22 @@ DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 def checkpoint_callbacks(folder: Path) -> str:
     """Only a ModelCheckpoint (the config's other callbacks are not under test)."""
-    return json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-        "dirpath": str(folder), "filename": "best", "monitor": "val/score", "mode": "max", "save_last": True,
-        "enable_version_counter": False, "auto_insert_metric_name": False}}])  # fmt: skip
+    return json.dumps(
+        [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(folder),
+                    "filename": "best",
+                    "monitor": "val/score",
+                    "mode": "max",
+                    "save_last": True,
+                    "enable_version_counter": False,
+                    "auto_insert_metric_name": False,
+                },
+            }
+        ]
+    )
 
 
 def commands(runs: dict, out: Path, ddp: bool) -> list[tuple[str, list[str]]]:
@@ -41,20 +54,72 @@ def commands(runs: dict, out: Path, ddp: bool) -> list[tuple[str, list[str]]]:
     dist = DDP if ddp else []
     model = ["--model.init_args.target_checkpoint", str(runs["target"])]
     generator = str(out / "fit" / "last.ckpt")
-    evaluate = [*QUIET, *dist, *model, *ODD, "--ckpt_path", generator, "--trainer.logger", "false",
-                "--trainer.callbacks", "[]"]  # fmt: skip
+    evaluate = [
+        *QUIET,
+        *dist,
+        *model,
+        *ODD,
+        "--ckpt_path",
+        generator,
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+    ]
     cmds = [
-        ("validate", ["validate", "--config", GENCNP, *evaluate, "--trainer.default_root_dir", str(out / f"val_{tag}")]),
+        (
+            "validate",
+            ["validate", "--config", GENCNP, *evaluate, "--trainer.default_root_dir", str(out / f"val_{tag}")],
+        ),
         ("test", ["test", "--config", GENCNP, *evaluate, "--trainer.default_root_dir", str(out / f"test_{tag}")]),
-        ("predict", ["predict", "--config", BANK, *QUIET, *dist, *model, *ODD, "--ckpt_path", generator,
-                     "--trainer.callbacks.init_args.path", str(out / f"bank_{tag}.safetensors"),
-                     "--trainer.default_root_dir", str(out / f"bank_{tag}")]),
-    ]  # fmt: skip
+        (
+            "predict",
+            [
+                "predict",
+                "--config",
+                BANK,
+                *QUIET,
+                *dist,
+                *model,
+                *ODD,
+                "--ckpt_path",
+                generator,
+                "--trainer.callbacks.init_args.path",
+                str(out / f"bank_{tag}.safetensors"),
+                "--trainer.default_root_dir",
+                str(out / f"bank_{tag}"),
+            ],
+        ),
+    ]
     if ddp:  # every loss weight that can be zero at zero: DDP must not find unused parameters
-        fit = ["fit", "--config", GENCNP, *QUIET, *dist, *model, "--trainer.max_steps", "4",
-               "--data.init_args.n_train", "300", "--data.init_args.val_size", "60", "--data.init_args.batch_size", "32",
-               "--model.init_args.init_score", "0.5", "--model.init_args.lambda_cls", "0", "--model.init_args.lambda_con", "0", "--model.init_args.lambda_swap", "0",
-               "--trainer.callbacks", checkpoint_callbacks(out / "fit"), "--trainer.logger.init_args.save_dir", str(out / "fit")]  # fmt: skip
+        fit = [
+            "fit",
+            "--config",
+            GENCNP,
+            *QUIET,
+            *dist,
+            *model,
+            "--trainer.max_steps",
+            "4",
+            "--data.init_args.n_train",
+            "300",
+            "--data.init_args.val_size",
+            "60",
+            "--data.init_args.batch_size",
+            "32",
+            "--model.init_args.init_score",
+            "0.5",
+            "--model.init_args.lambda_cls",
+            "0",
+            "--model.init_args.lambda_con",
+            "0",
+            "--model.init_args.lambda_swap",
+            "0",
+            "--trainer.callbacks",
+            checkpoint_callbacks(out / "fit"),
+            "--trainer.logger.init_args.save_dir",
+            str(out / "fit"),
+        ]
         cmds.insert(0, ("fit", fit))
     return cmds
 
@@ -85,8 +150,14 @@ def ddp_results(synthetic_runs, tmp_path_factory) -> dict:
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "commands": commands(synthetic_runs, out, ddp=True)}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     # The references: one process, one thread (as each DDP process has), in this process.

@@ -46,10 +46,19 @@ def _odd_chain() -> tuple[nn.Module, list[str]]:
     """Strided, dilated, padded convs and an overlapping padded max-pool: every window rule gets exercised."""
     torch.manual_seed(1)
     net = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
-        nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    )  # fmt: skip
+        nn.Conv2d(1, 3, 3, padding=1, bias=False),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
     return _randomise_bn(net.double()), ["3", "6", "8"]
 
 
@@ -205,8 +214,12 @@ def test_unsupported_modules_and_structures_are_refused_clearly():
     net = ConvBlockNet((2, 3), (0,), num_classes=2)
     with pytest.raises(ValueError, match="training mode.*eval"):
         PixelDiffusion(net.train(), net.default_taps, (1, 8, 8))
-    circ = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.ReLU()),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2)).eval()  # fmt: skip
+    circ = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2, 2),
+    ).eval()
     with pytest.raises(UnsupportedModuleError, match="padding_mode='circular'"):
         PixelDiffusion(circ, ["0"], (1, 6, 6))
 
@@ -241,10 +254,15 @@ def test_class_similarity_matches_a_loop_reference():
     res = class_similarity(prof, cls, 5, permutations=20, seed=0)
     unit = torch.nn.functional.normalize(prof, dim=1)
     cos = unit @ unit.T
-    within = [np.mean([float(cos[i, j]) for i in range(14) for j in range(14) if i != j and cls[i] == cls[j] == k])
-              for k in range(4) if (cls == k).sum() >= 2]  # fmt: skip
-    between = [np.mean([float(cos[i, j]) for i in range(14) for j in range(14) if cls[i] == a and cls[j] == b])
-               for a, b in itertools.combinations(range(4), 2)]  # fmt: skip
+    within = [
+        np.mean([float(cos[i, j]) for i in range(14) for j in range(14) if i != j and cls[i] == cls[j] == k])
+        for k in range(4)
+        if (cls == k).sum() >= 2
+    ]
+    between = [
+        np.mean([float(cos[i, j]) for i in range(14) for j in range(14) if cls[i] == a and cls[j] == b])
+        for a, b in itertools.combinations(range(4), 2)
+    ]
     assert res["within"] == pytest.approx(np.mean(within))
     assert res["between"] == pytest.approx(np.mean(between))
     assert 0 < res["p_permutation"] <= 1
@@ -300,8 +318,11 @@ def test_perturbations():
 def test_diffusion_end_to_end_on_the_synthetic_config(tmp_path):
     from jsonargparse import CLI
 
-    summary = CLI(diffusion, as_positional=False,
-                  args=["--config", str(ROOT / "configs/synthetic/diffusion.yaml"), "--out_dir", str(tmp_path)])  # fmt: skip
+    summary = CLI(
+        diffusion,
+        as_positional=False,
+        args=["--config", str(ROOT / "configs/synthetic/diffusion.yaml"), "--out_dir", str(tmp_path)],
+    )
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [
         "diffusion.json",
@@ -310,7 +331,7 @@ def test_diffusion_end_to_end_on_the_synthetic_config(tmp_path):
         "diffusion_perturbations.png",
         "diffusion_pixel_pathways.png",
         "diffusion_similarity.png",
-    ]  # fmt: skip (no temp files left)
+    ]  # no temp files left
     saved = json.loads((tmp_path / "diffusion.json").read_text())
     assert saved["settings"]["n"] == 24 and saved["settings"]["taps"] == ["blocks.0", "blocks.1", "blocks.2"]
     assert set(saved["perturbations"]) == {"clean", "noise", "occlusion", "fgsm"}

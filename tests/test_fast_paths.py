@@ -103,8 +103,19 @@ def test_gencnp_step_and_explain_equal_the_paths_without_reuse(ablation):
     results = []
     for reuse in (True, False):
         torch.manual_seed(0)
-        model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, ablation=ablation,
-                       lambda_zero=1.0, dependence_gate=0.5, swap_probes_per_class=1, lambda_null=0.0, class_prior=0.0)  # fmt: skip
+        model = GenCNP(
+            target="tiny_cnn",
+            target_checkpoint=None,
+            num_classes=4,
+            image_size=16,
+            d=8,
+            ablation=ablation,
+            lambda_zero=1.0,
+            dependence_gate=0.5,
+            swap_probes_per_class=1,
+            lambda_null=0.0,
+            class_prior=0.0,
+        )
         if ablation == "mean":
             model.compute_fill([(torch.randn(16, 1, 16, 16), None)])
         model.target.hooks.can_skip_first = reuse
@@ -142,9 +153,20 @@ def test_control_fraction_runs_the_controls_on_the_first_part_of_the_batch():
 
     def loss(x, fraction):
         torch.manual_seed(0)
-        model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, lambda_zero=1.0,
-                       dependence_gate=0.5, swap_probes_per_class=1, control_fraction=fraction, ablation="zero",
-                       lambda_null=0.0, class_prior=0.0)  # fmt: skip
+        model = GenCNP(
+            target="tiny_cnn",
+            target_checkpoint=None,
+            num_classes=4,
+            image_size=16,
+            d=8,
+            lambda_zero=1.0,
+            dependence_gate=0.5,
+            swap_probes_per_class=1,
+            control_fraction=fraction,
+            ablation="zero",
+            lambda_null=0.0,
+            class_prior=0.0,
+        )
         return model.training_step((x, torch.zeros(len(x), dtype=torch.long)), 0)
 
     assert torch.allclose(loss(torch.cat([a, a]), 0.5), loss(a, 1.0), rtol=1e-6, atol=1e-7)
@@ -166,7 +188,9 @@ def test_relu_mean_max_pooling_equals_autograd_of_the_plain_ops():
     out = _ReluMeanMax.apply(b)
     out.backward(g)
     assert torch.equal(out, ref) and torch.equal(a.grad, b.grad)
-    assert torch.autograd.gradcheck(_ReluMeanMax.apply, (torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        _ReluMeanMax.apply, (torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True),)
+    )
 
 
 # ----- acIOU -----
@@ -179,10 +203,15 @@ def slow_class_iou(p: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:
 
     classes = sorted(set(c.tolist()))
     rows = {k: [p[i] for i in range(len(p)) if int(c[i]) == k] for k in classes}
-    within = [sum(j(u, v) for s, u in enumerate(r) for t, v in enumerate(r) if s != t) / (len(r) * (len(r) - 1))
-              for r in rows.values() if len(r) >= 2]  # fmt: skip
-    between = [sum(j(u, v) for u in rows[k] for v in rows[q]) / (len(rows[k]) * len(rows[q]))
-               for k, q in itertools.combinations(classes, 2)]  # fmt: skip
+    within = [
+        sum(j(u, v) for s, u in enumerate(r) for t, v in enumerate(r) if s != t) / (len(r) * (len(r) - 1))
+        for r in rows.values()
+        if len(r) >= 2
+    ]
+    between = [
+        sum(j(u, v) for u in rows[k] for v in rows[q]) / (len(rows[k]) * len(rows[q]))
+        for k, q in itertools.combinations(classes, 2)
+    ]
     return sum(within) / len(within), sum(between) / len(between)
 
 
@@ -211,8 +240,19 @@ def test_channels_last_target_and_training_step_agree_with_the_default_layout():
     out = []
     for cl in (False, True):
         torch.manual_seed(0)
-        model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, lambda_zero=1.0,
-                       swap_probes_per_class=1, channels_last=cl, ablation="zero", lambda_null=0.0, class_prior=0.0)  # fmt: skip
+        model = GenCNP(
+            target="tiny_cnn",
+            target_checkpoint=None,
+            num_classes=4,
+            image_size=16,
+            d=8,
+            lambda_zero=1.0,
+            swap_probes_per_class=1,
+            channels_last=cl,
+            ablation="zero",
+            lambda_null=0.0,
+            class_prior=0.0,
+        )
         loss = model.training_step((x, y), 0)
         loss.backward()
         out.append((loss.detach(), model.generator.rpd.heads[0].bias.grad.clone(), model.explain(x)))

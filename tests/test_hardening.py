@@ -51,9 +51,13 @@ SMALL = {"target": "tiny_cnn", "target_checkpoint": None, "num_classes": 4, "ima
         (SyntheticDataModule, {"noise": float("nan")}, ValueError, r"noise=nan is not finite"),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
-)  # fmt: skip
+)
 def test_settings_are_checked_at_construction(cls, kwargs, exc, match):
-    base = {**SMALL, **kwargs} if cls is GenCNP else ({"arch": "tiny_cnn", "num_classes": 4} if cls is TargetClassifier else {})
+    base = (
+        {**SMALL, **kwargs}
+        if cls is GenCNP
+        else ({"arch": "tiny_cnn", "num_classes": 4} if cls is TargetClassifier else {})
+    )
     with pytest.raises(exc, match=match):
         cls(**{**base, **kwargs})
 
@@ -66,10 +70,18 @@ def test_bank_writer_settings_are_checked():
 
 
 def test_a_setting_out_of_range_fails_before_anything_is_written(out, synthetic_runs):  # noqa: F811
-    refused(out, ValueError, r"GenCNP: lambda_sp=-1.0 is out of range: expected a number >= 0",
-            *fit_args(out, synthetic_runs, "--model.init_args.lambda_sp", "-1"))  # fmt: skip
-    refused(out, ValueError, r"SyntheticDataModule: num_workers=-1 is out of range",
-            *fit_args(out, synthetic_runs, "--data.init_args.num_workers", "-1"))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        r"GenCNP: lambda_sp=-1.0 is out of range: expected a number >= 0",
+        *fit_args(out, synthetic_runs, "--model.init_args.lambda_sp", "-1"),
+    )
+    refused(
+        out,
+        ValueError,
+        r"SyntheticDataModule: num_workers=-1 is out of range",
+        *fit_args(out, synthetic_runs, "--data.init_args.num_workers", "-1"),
+    )
 
 
 # ----- integrity: a hash that cannot be stripped, and that covers the hyper-parameters -----
@@ -90,8 +102,12 @@ def test_checkpoint_with_its_hash_stripped_is_refused(out, synthetic_runs, tmp_p
             ckpt["state_dict"][k] = torch.zeros_like(ckpt["state_dict"][k])
 
     bad = _resaved(synthetic_runs["gencnp"], tmp_path / "stripped.ckpt", strip_and_zero)
-    refused(out, ValueError, r"carries no integrity hash .*opt in explicitly with GENCNP_ALLOW_UNHASHED=1",
-            *predict_args(out, synthetic_runs, "--ckpt_path", str(bad)))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        r"carries no integrity hash .*opt in explicitly with GENCNP_ALLOW_UNHASHED=1",
+        *predict_args(out, synthetic_runs, "--ckpt_path", str(bad)),
+    )
     refused(out, ValueError, r"carries no integrity hash", *fit_args(out, synthetic_runs, "--ckpt_path", str(bad)))
     # Opting in loads it, with a warning.
     monkeypatch.setenv(ALLOW_UNHASHED_ENV, "1")
@@ -105,15 +121,27 @@ def test_edited_hyper_parameters_are_refused(out, synthetic_runs, tmp_path):  # 
         ckpt["hyper_parameters"].update(lr=1000.0, lambda_sp=-50.0)
 
     (out / "last.ckpt").write_bytes(_resaved(out / "last.ckpt", tmp_path / "x.ckpt", edit).read_bytes())
-    refused(out, ValueError, r"is damaged: its hyper-parameters \(the settings that rebuild the model: "
-            r"hyper_parameters.*were edited after saving", *fit_args(out, synthetic_runs, "--ckpt_path", "last"))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        r"is damaged: its hyper-parameters \(the settings that rebuild the model: "
+        r"hyper_parameters.*were edited after saving",
+        *fit_args(out, synthetic_runs, "--ckpt_path", "last"),
+    )
 
     def strip_settings_hash(ckpt):  # an edit plus the removal of the settings hash: still refused
         edit(ckpt)
         ckpt.pop("gencnp_settings_hash")
 
-    (out / "last.ckpt").write_bytes(_resaved(synthetic_runs["gencnp_last"], tmp_path / "y.ckpt", strip_settings_hash).read_bytes())
-    refused(out, ValueError, r"carries no hash of its hyper-parameters", *fit_args(out, synthetic_runs, "--ckpt_path", "last"))
+    (out / "last.ckpt").write_bytes(
+        _resaved(synthetic_runs["gencnp_last"], tmp_path / "y.ckpt", strip_settings_hash).read_bytes()
+    )
+    refused(
+        out,
+        ValueError,
+        r"carries no hash of its hyper-parameters",
+        *fit_args(out, synthetic_runs, "--ckpt_path", "last"),
+    )
     shutil.copy(synthetic_runs["gencnp_last"], out / "last.ckpt")  # the fixture's own check: back as it was
 
 
@@ -172,8 +200,11 @@ IMAGEFOLDER = {"image_size": 16, "in_chans": 1, "val_size": 4, "batch_size": 4}
 
 def test_imagefolder_test_split_missing_or_extra_class_is_named(tmp_path):
     root = image_folder(tmp_path / "missing", test=("a", "b", "d"))
-    with pytest.raises(ValueError, match=r"ImageFolder '.*missing/test' lacks the class folders '.*missing/test/c' "
-                                         r"that train/ has.*labels silently shifted"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"ImageFolder '.*missing/test' lacks the class folders '.*missing/test/c' "
+        r"that train/ has.*labels silently shifted",
+    ):
         ImageFolderDataModule(str(root), **IMAGEFOLDER)
     root = image_folder(tmp_path / "extra", test=("a", "b", "c", "d", "e"))
     with pytest.raises(ValueError, match=r"has class folders '.*extra/test/e' that train/ lacks"):
@@ -205,8 +236,12 @@ def test_corrupt_jpeg_is_named_before_training(out, synthetic_runs, tmp_path):  
     jpeg.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     data = ["--data", "gencnp.ImageFolderDataModule", "--data.init_args.root", str(root)]
     data += [a for k, v in IMAGEFOLDER.items() for a in (f"--data.init_args.{k}", str(v))]
-    refused(out, ValueError, r"1 image file\(s\) under .* cannot be decoded: '.*train/c/broken.jpg' \(OSError",
-            *fit_args(out, synthetic_runs, *data, config=TARGET))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        r"1 image file\(s\) under .* cannot be decoded: '.*train/c/broken.jpg' \(OSError",
+        *fit_args(out, synthetic_runs, *data, config=TARGET),
+    )
     dm = ImageFolderDataModule(str(root), **IMAGEFOLDER)  # and through the loader, mid-epoch: named too
     dataset = dm.split("train").dataset
     index = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith("broken.jpg"))
@@ -224,18 +259,33 @@ class RenamedData(SyntheticDataModule):
 
 def test_checkpoint_class_names_are_compared_with_the_data(out, synthetic_runs):  # noqa: F811
     assert read_checkpoint(synthetic_runs["gencnp"])["class_names"] == [f"pattern_{k}" for k in range(4)]
-    refused(out, ValueError, r"--ckpt_path '.*best.ckpt' was trained on the classes \['pattern_0', .*but the data "
-            r"\(RenamedData\) has \['pattern_1', 'pattern_0'.*#0 'pattern_0' vs 'pattern_1'",
-            *predict_args(out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"), "--data",
-                          "test_hardening.RenamedData"))  # fmt: skip
-    refused(out, ValueError, r"target_checkpoint '.*' was trained on the classes",
-            *fit_args(out, synthetic_runs, "--data", "test_hardening.RenamedData"))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        r"--ckpt_path '.*best.ckpt' was trained on the classes \['pattern_0', .*but the data "
+        r"\(RenamedData\) has \['pattern_1', 'pattern_0'.*#0 'pattern_0' vs 'pattern_1'",
+        *predict_args(
+            out, synthetic_runs, "--ckpt_path", str(out / "best.ckpt"), "--data", "test_hardening.RenamedData"
+        ),
+    )
+    refused(
+        out,
+        ValueError,
+        r"target_checkpoint '.*' was trained on the classes",
+        *fit_args(out, synthetic_runs, "--data", "test_hardening.RenamedData"),
+    )
     from gencnp.report import report
 
     before = tree(out)
     with pytest.raises(ValueError, match=r"generator checkpoint '.*' was trained on the classes"):
-        report(generator=str(synthetic_runs["gencnp"]), bank=None, data=RenamedData(), out_dir=str(out / "eval"),
-               progress=False, limit=20)  # fmt: skip
+        report(
+            generator=str(synthetic_runs["gencnp"]),
+            bank=None,
+            data=RenamedData(),
+            out_dir=str(out / "eval"),
+            progress=False,
+            limit=20,
+        )
     assert tree(out) == before
 
 
@@ -246,8 +296,11 @@ def test_bank_relabelled_with_another_target_arch_is_refused(synthetic_runs, tmp
     bank.update(torch.ones(4, model.target.num_channels, dtype=torch.bool), torch.arange(4))
     bank.target_arch = "small_cnn"  # same tensor hash, another architecture name: a valid, re-checksummed file
     path = bank.save(tmp_path / "relabelled.safetensors")
-    with pytest.raises(ValueError, match=r"target architecture: the bank was built on 'small_cnn', the given target "
-                                         r"is 'tiny_cnn'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"target architecture: the bank was built on 'small_cnn', the given target "
+        r"is 'tiny_cnn'",
+    ):
         PathwayBank.load(path, target=model.target)
 
 
@@ -267,20 +320,27 @@ def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match=r"no space left on the device .*while writing '.*bank.safetensors'.*previous "
-                                      r"file is unchanged"):  # fmt: skip
+    with pytest.raises(
+        OSError,
+        match=r"no space left on the device .*while writing '.*bank.safetensors'.*previous "
+        r"file is unchanged",
+    ):
         write_atomic(path, b"new content")
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
 
 
 def test_path_component_too_long_is_refused_before_anything_is_written(out, synthetic_runs):  # noqa: F811
-    refused(out, ValueError, r"cannot write the checkpoint folder .*a component of 300 bytes, longer than the "
-            r"filesystem's limit of 255",
-            *fit_args(out, synthetic_runs, "--trainer.callbacks.init_args.dirpath", str(out / ("x" * 300))))  # fmt: skip
+    refused(
+        out,
+        ValueError,
+        r"cannot write the checkpoint folder .*a component of 300 bytes, longer than the "
+        r"filesystem's limit of 255",
+        *fit_args(out, synthetic_runs, "--trainer.callbacks.init_args.dirpath", str(out / ("x" * 300))),
+    )
 
 
 # ----- pipeline: preflight of every stage, stamps, logs -----
-FAKE_STAGE = '''
+FAKE_STAGE = """
 import sys, pathlib, yaml
 args = sys.argv[1:]
 cfg = yaml.safe_load(open(args[args.index("--config") + 1]))
@@ -291,7 +351,7 @@ print("fake stage", cfg["write"])
 for name in cfg["write"]:
     pathlib.Path(name).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(name).write_text("output of " + name)
-'''
+"""
 
 
 def fake_pipeline(tmp_path: Path) -> Path:
@@ -300,10 +360,23 @@ def fake_pipeline(tmp_path: Path) -> Path:
     (tmp_path / "stage.py").write_text(FAKE_STAGE)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({"write": ["a/model.ckpt"], "out_dir": "a"}))
     (tmp_path / "report.yaml").write_text(yaml.safe_dump({"write": ["eval/report.json"], "out_dir": "eval"}))
-    stages = [{"name": "train", "entry": str(tmp_path / "stage.py"), "command": "fit",
-               "config": str(tmp_path / "train.yaml"), "outputs": ["a/model.ckpt"]},
-              {"name": "report", "entry": str(tmp_path / "stage.py"), "command": "report",
-               "config": str(tmp_path / "report.yaml"), "inputs": ["a/model.ckpt"], "outputs": ["eval/report.json"]}]  # fmt: skip
+    stages = [
+        {
+            "name": "train",
+            "entry": str(tmp_path / "stage.py"),
+            "command": "fit",
+            "config": str(tmp_path / "train.yaml"),
+            "outputs": ["a/model.ckpt"],
+        },
+        {
+            "name": "report",
+            "entry": str(tmp_path / "stage.py"),
+            "command": "report",
+            "config": str(tmp_path / "report.yaml"),
+            "inputs": ["a/model.ckpt"],
+            "outputs": ["eval/report.json"],
+        },
+    ]
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"stages": stages}))
     return path
@@ -370,4 +443,3 @@ def test_pipeline_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch, c
     assert P.main(["--config", str(pipe), "--workdir", str(work)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "train.stamp.json" in err and "Traceback" not in err
-

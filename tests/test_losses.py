@@ -32,7 +32,9 @@ def test_kd_matches_loop_reference():
 def test_sparsity_gate_and_tap_mean():
     scores = [torch.rand(B, 3, dtype=torch.float64), torch.rand(B, 5, dtype=torch.float64)]
     gate = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.float64)
-    ref = sum(gate[i] * 0.5 * (sum(scores[0][i].tolist()) / 3 + 2 * sum(scores[1][i].tolist()) / 5) for i in range(B)) / B
+    ref = (
+        sum(gate[i] * 0.5 * (sum(scores[0][i].tolist()) / 3 + 2 * sum(scores[1][i].tolist()) / 5) for i in range(B)) / B
+    )
     assert abs(float(LS.sparsity(scores, gate, [1.0, 2.0])) - float(ref)) < 1e-12
 
 

@@ -139,7 +139,9 @@ def test_lookup_frontier_on_the_synthetic_generator(synthetic_runs, tmp_path):
 
     dm = SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200)
     out = tmp_path / "lookup.json"
-    r = lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, split="val", fractions=[1.0, 0.5], limit=120, out=str(out))
+    r = lookup_frontier(
+        str(synthetic_runs["gencnp"]), data=dm, split="val", fractions=[1.0, 0.5], limit=120, out=str(out)
+    )
     assert out.is_file() and r["n"] == 120 and [row["fraction"] for row in r["rows"]] == [1.0, 0.5]
     model = GenCNP.load_from_checkpoint(synthetic_runs["gencnp"])
     x = torch.stack([dm.split("val")[i][0] for i in range(120)])

@@ -19,19 +19,52 @@ from gencnp.callbacks.pathway_images import TABLE_COLUMNS, PathwayImageLogger, _
 
 GENCNP = str(ROOT / "configs/synthetic/gencnp.yaml")
 # An untrained tiny target (no checkpoint) and a few batches: the pictures, not the numbers, are under test.
-SMALL = ["--model.init_args.target_checkpoint", "null", "--trainer.max_epochs", "1",
-         "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1"]  # fmt: skip
+SMALL = [
+    "--model.init_args.target_checkpoint",
+    "null",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "3",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.log_every_n_steps",
+    "1",
+]
 
 
 def _fit(out: Path, *extra: str):
-    return cli("fit", "--config", GENCNP, *QUIET, *SMALL, "--trainer.logger.init_args.save_dir", str(out),
-               "--trainer.callbacks.init_args.dirpath", str(out), *extra)  # fmt: skip
+    return cli(
+        "fit",
+        "--config",
+        GENCNP,
+        *QUIET,
+        *SMALL,
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--trainer.callbacks.init_args.dirpath",
+        str(out),
+        *extra,
+    )
 
 
 def _validate(out: Path, *extra: str):
     # Zero ablation: an untrained model under `validate` has no mean-ablation fill (that is computed at fit start).
-    return cli("validate", "--config", GENCNP, *QUIET, "--model.init_args.target_checkpoint", "null",
-               "--model.init_args.ablation", "zero", "--trainer.limit_val_batches", "2", "--trainer.logger.init_args.save_dir", str(out), *extra)  # fmt: skip
+    return cli(
+        "validate",
+        "--config",
+        GENCNP,
+        *QUIET,
+        "--model.init_args.target_checkpoint",
+        "null",
+        "--model.init_args.ablation",
+        "zero",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        *extra,
+    )
 
 
 def _image_logger(run) -> PathwayImageLogger:
@@ -74,15 +107,30 @@ def test_csv_logger_gets_pictures_and_tables_in_fit_and_validate(tmp_path):
     assert config["trainer"]["callbacks"][0]["class_path"] == "gencnp.callbacks.PathwayImageLogger"
     with open(version / "metrics.csv") as f:
         header = next(csv.reader(f))
-    for key in ("train/loss_kd", "train/loss_sparsity", "train/loss_swap", "train/loss_cls", "train/loss_con",
-                "val/agreement", "val/kept_mean", "val/swap_forcing", "val/zero_forcing", "val/acIOU", "val/score"):  # fmt: skip
+    for key in (
+        "train/loss_kd",
+        "train/loss_sparsity",
+        "train/loss_swap",
+        "train/loss_cls",
+        "train/loss_con",
+        "val/agreement",
+        "val/kept_mean",
+        "val/swap_forcing",
+        "val/zero_forcing",
+        "val/acIOU",
+        "val/score",
+    ):
         assert key in header, key
     assert "lambda_sp" in yaml.safe_load((version / "hparams.yaml").read_text())
 
     val = _validate(tmp_path / "val")
     pics = Path(val.trainer.logger.log_dir) / "pathway_images"
-    assert sorted(p.name.split("_", 3)[-1] for p in pics.iterdir()) == ["frequency.png", "gradients.png",
-                                                                        "per_class.csv", "per_class.md"]  # fmt: skip
+    assert sorted(p.name.split("_", 3)[-1] for p in pics.iterdir()) == [
+        "frequency.png",
+        "gradients.png",
+        "per_class.csv",
+        "per_class.md",
+    ]
     assert all(p.name.startswith("validate_") for p in pics.iterdir())
     assert _image_logger(val).written and all(Path(p).is_file() for p in _image_logger(val).written)
 
@@ -213,8 +261,9 @@ def test_tensorboard_gets_images_table_and_config_in_validate_under_inference_mo
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # inference_mode true: the callback still takes gradients (it leaves inference mode and clones its tensors).
-    run = _validate(tmp_path, "--trainer.logger", str(ROOT / "configs/loggers/tensorboard.yaml"),
-                    "--trainer.inference_mode", "true")  # fmt: skip
+    run = _validate(
+        tmp_path, "--trainer.logger", str(ROOT / "configs/loggers/tensorboard.yaml"), "--trainer.inference_mode", "true"
+    )
     events = EventAccumulator(run.trainer.logger.log_dir, size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
@@ -237,8 +286,16 @@ def test_logger_configs_parse_as_trainer_logger_overrides():
     from gencnp.pipeline import resolved_config
 
     for name, cls in (("csv", "CSVLogger"), ("tensorboard", "TensorBoardLogger"), ("wandb", "WandbLogger")):
-        text = resolved_config([str(ROOT / "train.py"), "fit", "--config", GENCNP, "--trainer.logger",
-                                str(ROOT / f"configs/loggers/{name}.yaml")])  # fmt: skip
+        text = resolved_config(
+            [
+                str(ROOT / "train.py"),
+                "fit",
+                "--config",
+                GENCNP,
+                "--trainer.logger",
+                str(ROOT / f"configs/loggers/{name}.yaml"),
+            ]
+        )
         logger = yaml.safe_load(text)["trainer"]["logger"]
         assert logger["class_path"] == f"lightning.pytorch.loggers.{cls}"
         assert logger["init_args"]["save_dir"] == "runs/synthetic/gencnp"  # kept from the base config

@@ -47,8 +47,15 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_redoes_itself_and_downstre
     runs = work / "runs/synthetic"
     for out in ("target/best.ckpt", "gencnp/best.ckpt", "bank.safetensors", "eval/report.json", "eval/report.md"):
         assert (runs / out).is_file(), out
-    stamps = {n: runs / p for n, p in (("target", "target/target.stamp.json"), ("gencnp", "gencnp/gencnp.stamp.json"),
-                                       ("bank", "bank.stamp.json"), ("report", "eval/report.stamp.json"))}  # fmt: skip
+    stamps = {
+        n: runs / p
+        for n, p in (
+            ("target", "target/target.stamp.json"),
+            ("gencnp", "gencnp/gencnp.stamp.json"),
+            ("bank", "bank.stamp.json"),
+            ("report", "eval/report.stamp.json"),
+        )
+    }
     stamp = json.loads(stamps["gencnp"].read_text())
     assert stamp["inputs"] == {"runs/synthetic/target/best.ckpt": P.file_hash(runs / "target/best.ckpt")}
     assert stamp["outputs"] == {"runs/synthetic/gencnp/best.ckpt": P.file_hash(runs / "gencnp/best.ckpt")}
@@ -75,10 +82,17 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_redoes_itself_and_downstre
     )
     plan = P.run_pipeline(changed, work, dry_run=True, say=lambda _: None)
     assert _status(plan) == ["would reuse", "would run", "would run", "would run"]
-    assert [r["reason"] for r in plan["stages"]][1:] == ["resolved config changed", "upstream stage 'gencnp' ran",
-                                                         "upstream stage 'bank' ran"]  # fmt: skip
+    assert [r["reason"] for r in plan["stages"]][1:] == [
+        "resolved config changed",
+        "upstream stage 'gencnp' ran",
+        "upstream stage 'bank' ran",
+    ]
     assert _status(P.run_pipeline(pipe, work, dry_run=True, redo=["bank"], say=lambda _: None)) == [
-        "would reuse", "would reuse", "would run", "would run"]  # fmt: skip
+        "would reuse",
+        "would reuse",
+        "would run",
+        "would run",
+    ]
     (runs / "eval/report.md").unlink()
     plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
     assert (
@@ -126,13 +140,18 @@ def test_reuse_and_redo_rules_on_stand_in_stages(tmp_path):
     plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
     assert [r["reason"] for r in plan["stages"]] == ["resolved config changed", "upstream stage 'train' ran"]
     assert _status(P.run_pipeline(pipe, work, dry_run=True, redo=["report"], say=lambda _: None)) == [
-        "would run", "would run"]  # fmt: skip
+        "would run",
+        "would run",
+    ]
     assert snapshot(work) == before  # dry runs write nothing
     assert _status(P.run_pipeline(pipe, work, quiet=True, say=lambda _: None)) == ["ran", "ran"]
     # A replaced upstream output invalidates its stage and everything after it; a missing output its own stage.
     (work / "a/model.ckpt").write_text("replaced")
     plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
-    assert _status(plan) == ["would run"] * 2 and plan["stages"][0]["reason"] == "output a/model.ckpt differs from the stamp"
+    assert (
+        _status(plan) == ["would run"] * 2
+        and plan["stages"][0]["reason"] == "output a/model.ckpt differs from the stamp"
+    )
     assert _status(P.run_pipeline(pipe, work, quiet=True, say=lambda _: None)) == ["ran", "ran"]
     (work / "eval/report.json").unlink()
     plan = P.run_pipeline(pipe, work, dry_run=True, say=lambda _: None)
@@ -145,9 +164,21 @@ def test_missing_data_stops_before_any_stage_with_the_data_modules_message(tmp_p
     monkeypatch.setenv("GENCNP_FASHION_MNIST", str(tmp_path / "no_debian_copy"))
     monkeypatch.setattr(P.os, "geteuid", lambda: 1000, raising=False)
     pipe = tmp_path / "p.yaml"
-    pipe.write_text(yaml.safe_dump({"stages": [{"name": "target", "entry": "train.py", "command": "fit",
-                                                "config": str(ROOT / "configs/fashion_mnist/target.yaml"),
-                                                "outputs": ["runs/fashion_mnist/target/best.ckpt"]}]}))  # fmt: skip
+    pipe.write_text(
+        yaml.safe_dump(
+            {
+                "stages": [
+                    {
+                        "name": "target",
+                        "entry": "train.py",
+                        "command": "fit",
+                        "config": str(ROOT / "configs/fashion_mnist/target.yaml"),
+                        "outputs": ["runs/fashion_mnist/target/best.ckpt"],
+                    }
+                ]
+            }
+        )
+    )
     code = P.main(["--config", str(pipe), "--workdir", str(tmp_path / "work")])
     err = capsys.readouterr().err
     assert code == 2
@@ -261,8 +292,13 @@ def test_pipeline_outputs_match_the_stage_configs(name):
 
 @pytest.mark.slow
 def test_a_failing_stage_stops_the_run_with_its_exit_code_and_leaves_no_stamp(tmp_path, capsys):
-    stage = {"name": "report", "entry": "evaluate.py", "command": "report",
-             "config": str(ROOT / "configs/synthetic/evaluate.yaml"), "outputs": ["runs/synthetic/eval/report.json"]}  # fmt: skip
+    stage = {
+        "name": "report",
+        "entry": "evaluate.py",
+        "command": "report",
+        "config": str(ROOT / "configs/synthetic/evaluate.yaml"),
+        "outputs": ["runs/synthetic/eval/report.json"],
+    }
     pipe = tmp_path / "p.yaml"
     pipe.write_text(yaml.safe_dump({"stages": [stage]}))
     stamp = tmp_path / "work/runs/synthetic/eval/report.stamp.json"

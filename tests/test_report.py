@@ -112,29 +112,71 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
 
     out = sparse_run["dir"] / "eval"
     limit, subset = 160, 48
-    CLI(report, as_positional=False, args=[
-        "--config", str(ROOT / "configs/synthetic/evaluate.yaml"), "--generator", str(sparse_run["generator"]),
-        "--bank", str(sparse_run["bank"]), "--out_dir", str(out), "--limit", str(limit), "--subset_n", str(subset),
-        "--grad_batch_size", "48", "--bootstrap_samples", "100", "--dgr_steps", "10",
-    ])  # fmt: skip
+    CLI(
+        report,
+        as_positional=False,
+        args=[
+            "--config",
+            str(ROOT / "configs/synthetic/evaluate.yaml"),
+            "--generator",
+            str(sparse_run["generator"]),
+            "--bank",
+            str(sparse_run["bank"]),
+            "--out_dir",
+            str(out),
+            "--limit",
+            str(limit),
+            "--subset_n",
+            str(subset),
+            "--grad_batch_size",
+            "48",
+            "--bootstrap_samples",
+            "100",
+            "--dgr_steps",
+            "10",
+        ],
+    )
     assert "GEN-CNP report (160 test images" in capsys.readouterr().out
     for f in ["report.json", "report.md", *FIGURES]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     r = json.loads((out / "report.json").read_text())
     assert {"provenance", "methods", "methods_native", "transfer", "subset", "curves", "bootstrap"} <= set(r)
-    assert set(r["seconds_by_phase"]) == {"setup", "gencnp", "random_neuron_mct_transfer", "neuron_intgrad_dgr_curves",
-                                          "same_class_transfer", "summaries_bootstrap", "figures"}  # fmt: skip
+    assert set(r["seconds_by_phase"]) == {
+        "setup",
+        "gencnp",
+        "random_neuron_mct_transfer",
+        "neuron_intgrad_dgr_curves",
+        "same_class_transfer",
+        "summaries_bootstrap",
+        "figures",
+    }
     prov = r["provenance"]
-    for key in ("target", "target_hash", "generator", "bank", "dataset", "split", "class_source", "taps", "tau", "seed",
-                "git_commit", "versions"):  # fmt: skip
+    for key in (
+        "target",
+        "target_hash",
+        "generator",
+        "bank",
+        "dataset",
+        "split",
+        "class_source",
+        "taps",
+        "tau",
+        "seed",
+        "git_commit",
+        "versions",
+    ):
         assert key in prov, key
     assert prov["split"] == "test" and prov["tau"] == 0.5 and list(prov["taps"]) == ["blocks.0", "blocks.1", "blocks.2"]
     taps = list(prov["taps"])
 
     def check_entry(e: dict, n: int, compared: bool) -> None:
         assert e["n"] == n and isinstance(e["images"], str) and e["seconds_per_image"] > 0
-        for key in [*KEYS, *(f"kept/{t}" for t in taps), *(f"null_{w}/{f}" for f in NULLS for w in ("forcing", "chance"))]:
+        for key in [
+            *KEYS,
+            *(f"kept/{t}" for t in taps),
+            *(f"null_{w}/{f}" for f in NULLS for w in ("forcing", "chance")),
+        ]:
             assert key in e, key
         if compared:
             assert set(e["vs_gencnp"]) == set(CI_KEYS) | {f"null_forcing/{f}" for f in NULLS}
@@ -170,26 +212,42 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
     x = torch.stack([dm.split("test")[i][0] for i in range(limit)])
     ex = model.explain(x)
     assert gen["agreement"] == pytest.approx(float((ex["prediction"] == ex["y_hat"]).double().mean()))
-    transfer_agree = (bank.apply(model.target, x, ex["y_hat"], fill=model.fills()).argmax(1) == ex["y_hat"]).double().mean()
+    transfer_agree = (
+        (bank.apply(model.target, x, ex["y_hat"], fill=model.fills()).argmax(1) == ex["y_hat"]).double().mean()
+    )
     assert r["transfer"]["agreement"] == pytest.approx(float(transfer_agree))
     assert gen["kept_mean"] == pytest.approx(float(ex["kept"].double().mean()))
     # The class lookup: the bank's f_c ranking of the predicted class at GEN-CNP's own per-tap counts.
     chans = model.target.tap_channels
     lookup = topk_per_tap(bank.frequencies()[ex["y_hat"]], tap_counts(ex["pathway"], chans), chans)
     lk_logits = model.target(x, masks=list(torch.split(lookup.float(), chans, dim=1)), fill=model.fills())
-    assert r["methods"]["class_lookup"]["agreement"] == pytest.approx(float((lk_logits.argmax(1) == ex["y_hat"]).double().mean()))
+    assert r["methods"]["class_lookup"]["agreement"] == pytest.approx(
+        float((lk_logits.argmax(1) == ex["y_hat"]).double().mean())
+    )
     # Null forcing: recomputed from the model's own null inputs and masked forward.
     for fam in NULLS:
         z = model.null_inputs(fam, x)
         forced = model.target(z, masks=model.generator.split(ex["pathway"].float()), fill=model.fills()).argmax(1)
         assert gen[f"null_forcing/{fam}"] == pytest.approx(float((forced == ex["y_hat"]).double().mean())), fam
-        assert gen[f"null_chance/{fam}"] == pytest.approx(float((model.target(z).argmax(1) == ex["y_hat"]).double().mean()))
+        assert gen[f"null_chance/{fam}"] == pytest.approx(
+            float((model.target(z).argmax(1) == ex["y_hat"]).double().mean())
+        )
     # Same-class transfer: every method on the subset, with its own agreement on the same images.
     sc = r["same_class_transfer"]
     assert "gencnp/matched" in sc and "class_lookup/matched" in sc and "dgr/native" in sc
     assert all(0 <= e["same_class_transfer"] <= 1 and 0 < e["n"] <= subset for e in sc.values())
     md = (out / "report.md").read_text()
-    for text in ("## Provenance", "## Matched sparsity", "## Native settings", "## Transfer", "Where GEN-CNP loses",
-                 "## Common subset", "against the class lookup", "## Same-class transfer", "## Null inputs", *NAMES,
-                 *FIGURES):  # fmt: skip
+    for text in (
+        "## Provenance",
+        "## Matched sparsity",
+        "## Native settings",
+        "## Transfer",
+        "Where GEN-CNP loses",
+        "## Common subset",
+        "against the class lookup",
+        "## Same-class transfer",
+        "## Null inputs",
+        *NAMES,
+        *FIGURES,
+    ):
         assert text in md, text

@@ -41,13 +41,40 @@ def fit_args(out: Path, target: Path) -> list[str]:
     """``train.py fit`` arguments of every run here: only the checkpoint callback (the picture logger is not under
     test), checkpoints and logs in ``out``, validation every ``VAL_EVERY`` batches, every step logged. Generator
     scores start at 0.5 (not 0.9), so that pathways differ between images and the banks are not all-ones."""
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-        "dirpath": str(out), "filename": "best", "monitor": "val/score", "mode": "max", "save_last": True,
-        "enable_version_counter": False, "auto_insert_metric_name": False}}]  # fmt: skip
-    return ["fit", "--config", GENCNP, *QUIET, "--trainer.max_epochs", str(EPOCHS),
-            "--trainer.val_check_interval", str(VAL_EVERY), "--trainer.log_every_n_steps", "1",
-            "--trainer.callbacks", json.dumps(callbacks), "--trainer.logger.init_args.save_dir", str(out),
-            "--model.init_args.target_checkpoint", str(target), "--model.init_args.init_score", "0.5"]  # fmt: skip
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(out),
+                "filename": "best",
+                "monitor": "val/score",
+                "mode": "max",
+                "save_last": True,
+                "enable_version_counter": False,
+                "auto_insert_metric_name": False,
+            },
+        }
+    ]
+    return [
+        "fit",
+        "--config",
+        GENCNP,
+        *QUIET,
+        "--trainer.max_epochs",
+        str(EPOCHS),
+        "--trainer.val_check_interval",
+        str(VAL_EVERY),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.callbacks",
+        json.dumps(callbacks),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--model.init_args.target_checkpoint",
+        str(target),
+        "--model.init_args.init_score",
+        "0.5",
+    ]
 
 
 def one_thread():
@@ -69,15 +96,28 @@ def train_py(log: Path, *args: str) -> subprocess.Popen:
     and stall the run)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
 
 
 def export_bank(ckpt: Path, target: Path, out: Path) -> PathwayBank:
     """``train.py predict --config configs/synthetic/bank.yaml --ckpt_path ckpt`` into ``out``."""
     with one_thread():
-        cli("predict", "--config", BANK, *QUIET, "--ckpt_path", str(ckpt), "--model.init_args.target_checkpoint",
-            str(target), "--trainer.callbacks.init_args.path", str(out), "--trainer.default_root_dir", str(out.parent))  # fmt: skip
+        cli(
+            "predict",
+            "--config",
+            BANK,
+            *QUIET,
+            "--ckpt_path",
+            str(ckpt),
+            "--model.init_args.target_checkpoint",
+            str(target),
+            "--trainer.callbacks.init_args.path",
+            str(out),
+            "--trainer.default_root_dir",
+            str(out.parent),
+        )
     return PathwayBank.load(out)
 
 
@@ -208,11 +248,21 @@ def test_last_ckpt_is_the_newest_state_even_when_the_monitored_metric_stops_impr
     from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint
 
     callback = (LightningModelCheckpoint if cls == "lightning" else ModelCheckpoint)(
-        dirpath=tmp_path, filename="best", monitor="val/m", mode="max", save_last=True)  # fmt: skip
+        dirpath=tmp_path, filename="best", monitor="val/m", mode="max", save_last=True
+    )
     loader = torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1)
-    trainer = L.Trainer(max_steps=7, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                        callbacks=[callback], plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=7,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=[callback],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(_FallingMetric(), loader, loader)
     best, last = (read_checkpoint(tmp_path / f"{n}.ckpt") for n in ("best", "last"))
     assert best["global_step"] == 2
@@ -227,10 +277,18 @@ def test_resuming_from_last_ckpt_continues_to_the_weights_of_an_uninterrupted_ru
     def fit(folder: Path, max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
         torch.manual_seed(0)
         loader = torch.utils.data.DataLoader(torch.randn(8, 1), batch_size=1)
-        trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                            callbacks=[ModelCheckpoint(dirpath=folder, filename="best", monitor="val/m", mode="max",
-                                                       save_last=True)], plugins=[AtomicCheckpointIO()])  # fmt: skip
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            val_check_interval=2,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[ModelCheckpoint(dirpath=folder, filename="best", monitor="val/m", mode="max", save_last=True)],
+            plugins=[AtomicCheckpointIO()],
+        )
         trainer.fit(_FallingMetric(), loader, loader, ckpt_path=ckpt_path)
         return trainer
 

@@ -13,8 +13,18 @@ NO_DATA = {"ablation": "zero", "lambda_null": 0.0, "class_prior": 0.0}
 
 
 def test_target_classifier_fast_dev_run(tmp_path):
-    result = cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET, "--trainer.fast_dev_run", "2",
-                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path))  # fmt: skip
+    result = cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic/target.yaml"),
+        *QUIET,
+        "--trainer.fast_dev_run",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.callbacks.init_args.dirpath",
+        str(tmp_path),
+    )
     trainer, metrics = result.trainer, result.trainer.callback_metrics
     assert trainer.state.finished and trainer.global_step == 2  # two training batches, then validation
     assert [int(s["step"]) for s in trainer.optimizers[0].state.values()] == [2] * len(list(result.model.parameters()))
@@ -22,10 +32,28 @@ def test_target_classifier_fast_dev_run(tmp_path):
 
 
 def test_timm_resnet18_target_through_the_cli(tmp_path):
-    result = cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET, "--trainer.fast_dev_run", "1",
-        "--model.init_args.arch", "resnet18", "--model.init_args.in_chans", "3", "--model.init_args.image_size", "32",
-        "--data.init_args.in_chans", "3", "--data.init_args.image_size", "32",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path))  # fmt: skip
+    result = cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic/target.yaml"),
+        *QUIET,
+        "--trainer.fast_dev_run",
+        "1",
+        "--model.init_args.arch",
+        "resnet18",
+        "--model.init_args.in_chans",
+        "3",
+        "--model.init_args.image_size",
+        "32",
+        "--data.init_args.in_chans",
+        "3",
+        "--data.init_args.image_size",
+        "32",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.callbacks.init_args.dirpath",
+        str(tmp_path),
+    )
     net = next(m for m in result.model.modules() if type(m).__module__.startswith("timm."))  # inside gencnp's wrapper
     assert type(net).__name__ == "ResNet"
     assert net.conv1.in_channels == 3 and net.get_classifier().out_features == 4
@@ -36,8 +64,18 @@ def test_timm_resnet18_target_through_the_cli(tmp_path):
 def test_class_count_mismatch_fails_before_any_directory(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="num_classes=5 but the data has 4 classes"):
-        cli("fit", "--config", str(ROOT / "configs/synthetic/target.yaml"), *QUIET, "--model.init_args.num_classes", "5",
-            "--trainer.logger.init_args.save_dir", str(out), "--trainer.callbacks.init_args.dirpath", str(out))  # fmt: skip
+        cli(
+            "fit",
+            "--config",
+            str(ROOT / "configs/synthetic/target.yaml"),
+            *QUIET,
+            "--model.init_args.num_classes",
+            "5",
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.callbacks.init_args.dirpath",
+            str(out),
+        )
     assert not out.exists()
 
 
@@ -65,8 +103,22 @@ def test_generator_checkpoint_for_another_target_is_refused(synthetic_runs, tmp_
 def test_validation_logs_every_metric_key(synthetic_runs):
     logs = sorted(Path(synthetic_runs["dir"], "gencnp", "logs").glob("version_*/metrics.csv"))[-1]
     header = next(csv.reader(open(logs)))
-    keys = ["agreement", "masked_accuracy", "mDC", "mIC", "kept_mean", "kept_std", "kept_class_std", "acIOU",
-            "between_class_iou", "swap_forcing", "zero_forcing", "score", "kept/blocks.0", "loss_kd"]  # fmt: skip
+    keys = [
+        "agreement",
+        "masked_accuracy",
+        "mDC",
+        "mIC",
+        "kept_mean",
+        "kept_std",
+        "kept_class_std",
+        "acIOU",
+        "between_class_iou",
+        "swap_forcing",
+        "zero_forcing",
+        "score",
+        "kept/blocks.0",
+        "loss_kd",
+    ]
     assert all(f"val/{k}" in header for k in keys), [k for k in keys if f"val/{k}" not in header]
     assert all(f"train/loss_{t}" in header for t in ("kd", "sparsity", "swap", "cls", "con"))
 
@@ -86,8 +138,9 @@ def test_explain_returns_masks_kept_and_prediction(synthetic_runs):
 
 
 def test_masks_get_gradients_through_the_frozen_target():
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=1,
-                   **NO_DATA)
+    model = GenCNP(
+        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=1, **NO_DATA
+    )
     x = torch.randn(16, 1, 16, 16)
     loss = model.training_step((x, torch.randint(0, 4, (16,))), 0)
     loss.backward()
@@ -101,9 +154,25 @@ def test_toy_target_pathways_find_the_deciding_channel():
     """Class k is decided only by channel k of tap 'route'; the generator must keep exactly it there."""
     torch.manual_seed(0)
     k = 4
-    model = GenCNP(target="channel_toy", target_checkpoint=None, num_classes=k, in_chans=k, image_size=4, d=16,
-                   lambda_sp=1.0, lambda_swap=1.0, lambda_con=0.0, sparsity_ramp_epochs=0.0, swap_probes_per_class=1,
-                   temperature=4.0, kappa=0.9, sparsity_per="tap", dependence_gate=None, lambda_zero=0.0, **NO_DATA)
+    model = GenCNP(
+        target="channel_toy",
+        target_checkpoint=None,
+        num_classes=k,
+        in_chans=k,
+        image_size=4,
+        d=16,
+        lambda_sp=1.0,
+        lambda_swap=1.0,
+        lambda_con=0.0,
+        sparsity_ramp_epochs=0.0,
+        swap_probes_per_class=1,
+        temperature=4.0,
+        kappa=0.9,
+        sparsity_per="tap",
+        dependence_gate=None,
+        lambda_zero=0.0,
+        **NO_DATA,
+    )
     opt = torch.optim.Adam(model.generator.parameters(), lr=5e-3)
     for step in range(200):
         x, y = channel_toy_batch(64, k, size=4, seed=step)
@@ -123,11 +192,30 @@ def test_toy_target_pathways_find_the_deciding_channel():
 @pytest.mark.slow
 def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
     """The input-specificity losses run end to end: logged terms, null metrics per family, the lookup comparison."""
-    cli("fit", "--config", str(ROOT / "configs/synthetic/gencnp.yaml"), *QUIET, "--trainer.max_epochs", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path),
-        "--model.init_args.target_checkpoint", str(synthetic_runs["target"]), "--model.init_args.null_train",
-        "[uniform, constant]", "--model.init_args.lambda_null", "1", "--model.init_args.lambda_lookup", "1",
-        "--model.init_args.lambda_nested", "1", "--model.init_args.null_families", "[gaussian, smooth]")  # fmt: skip
+    cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs/synthetic/gencnp.yaml"),
+        *QUIET,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.callbacks.init_args.dirpath",
+        str(tmp_path),
+        "--model.init_args.target_checkpoint",
+        str(synthetic_runs["target"]),
+        "--model.init_args.null_train",
+        "[uniform, constant]",
+        "--model.init_args.lambda_null",
+        "1",
+        "--model.init_args.lambda_lookup",
+        "1",
+        "--model.init_args.lambda_nested",
+        "1",
+        "--model.init_args.null_families",
+        "[gaussian, smooth]",
+    )
     rows = list(csv.DictReader(open(sorted(tmp_path.glob("logs/version_*/metrics.csv"))[-1])))
     header = set(rows[0])
     assert {"train/loss_null", "train/loss_lookup", "train/loss_nested"} <= header
@@ -156,8 +244,9 @@ def test_null_settings_are_checked():
 
 def test_class_prior_shifts_score_logits_by_the_class_frequencies():
     torch.manual_seed(0)
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, class_prior=4.0,
-                   ablation="zero").eval()
+    model = GenCNP(
+        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, class_prior=4.0, ablation="zero"
+    ).eval()
     x = torch.randn(3, 1, 16, 16)
     assert model.prior(torch.tensor([0, 1, 2])) is None  # no class frequencies learnt yet
     model.class_freq.copy_(torch.rand(model.class_freq.shape))

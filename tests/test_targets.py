@@ -54,7 +54,9 @@ def test_candidate_taps_and_channels():
 
 
 def test_unknown_tap_lists_available():
-    with pytest.raises(KeyError, match="tap 'blocks.9' not found.*available taps: blocks.0, blocks.1, blocks.2, blocks.3"):
+    with pytest.raises(
+        KeyError, match="tap 'blocks.9' not found.*available taps: blocks.0, blocks.1, blocks.2, blocks.3"
+    ):
         FrozenTarget(create_target("fmnist_cnn"), taps=["blocks.9"], input_shape=(1, 28, 28))
 
 

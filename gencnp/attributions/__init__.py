@@ -8,15 +8,28 @@ pathway, used by the training-time pictures and the report) stays as it is.
 
 from gencnp.attributions.methods import ATTRIBUTION_METHODS, AttributionModel, attribute, cascade_layers, randomised
 from gencnp.attributions.metrics import (
-           auc,
-           bootstrap,
-           deletion_insertion,
-           normalise,
-           pointing_game,
-           relevance_mass,
-           spearman,
-           ssim,
+    auc,
+    bootstrap,
+    deletion_insertion,
+    normalise,
+    pointing_game,
+    relevance_mass,
+    spearman,
+    ssim,
 )
 
-__all__ = ["ATTRIBUTION_METHODS", "AttributionModel", "attribute", "cascade_layers", "randomised", "auc", "bootstrap",
-           "deletion_insertion", "normalise", "pointing_game", "relevance_mass", "spearman", "ssim"]  # fmt: skip
+__all__ = [
+    "ATTRIBUTION_METHODS",
+    "AttributionModel",
+    "attribute",
+    "cascade_layers",
+    "randomised",
+    "auc",
+    "bootstrap",
+    "deletion_insertion",
+    "normalise",
+    "pointing_game",
+    "relevance_mass",
+    "spearman",
+    "ssim",
+]

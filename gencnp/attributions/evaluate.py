@@ -43,10 +43,14 @@ __all__ = ["attribution", "OURS"]
 
 OURS = "pathway_gradient_gencnp"
 LABELS = {
-    "gradient": "gradient", "saliency": "Saliency (Captum)", "integrated_gradients": "IntegratedGradients (Captum)",
-    "grad_cam": "LayerGradCam (Captum)", "pathway_gradient_gencnp": "pathway grad: GEN-CNP",
-    "pathway_gradient_class": "pathway grad: class pathway", "pathway_gradient_mct": "pathway grad: NeuronMCT",
-}  # fmt: skip
+    "gradient": "gradient",
+    "saliency": "Saliency (Captum)",
+    "integrated_gradients": "IntegratedGradients (Captum)",
+    "grad_cam": "LayerGradCam (Captum)",
+    "pathway_gradient_gencnp": "pathway grad: GEN-CNP",
+    "pathway_gradient_class": "pathway grad: class pathway",
+    "pathway_gradient_mct": "pathway grad: NeuronMCT",
+}
 
 
 def attribution(
@@ -102,21 +106,73 @@ def attribution(
     Returns:
         The content of ``attribution.json``.
     """
-    _check_arguments(generator, bank, split, n, methods, batch_size, ig_steps, sanity_n, ssim_window, deletion_steps,
-                     bootstrap_samples, grid_images, threads)  # fmt: skip
+    _check_arguments(
+        generator,
+        bank,
+        split,
+        n,
+        methods,
+        batch_size,
+        ig_steps,
+        sanity_n,
+        ssim_window,
+        deletion_steps,
+        bootstrap_samples,
+        grid_images,
+        threads,
+    )
     check_writable_dir(Path(out_dir), "attribution folder", "set out_dir.")
     with torch_threads(threads):
-        return _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, subset_seed, methods,
-                            batch_size, ig_steps, sanity_n, sanity_seed, ssim_window, deletion_steps, deletion_baseline,
-                            bootstrap_samples, seed, grid_images, device, progress)  # fmt: skip
+        return _attribution(
+            generator,
+            bank,
+            data,
+            out_dir,
+            target_checkpoint,
+            split,
+            n,
+            subset_seed,
+            methods,
+            batch_size,
+            ig_steps,
+            sanity_n,
+            sanity_seed,
+            ssim_window,
+            deletion_steps,
+            deletion_baseline,
+            bootstrap_samples,
+            seed,
+            grid_images,
+            device,
+            progress,
+        )
 
 
-def _check_arguments(generator, bank, split, n, methods, batch_size, ig_steps, sanity_n, ssim_window, deletion_steps,
-                     bootstrap_samples, grid_images, threads) -> None:  # fmt: skip
+def _check_arguments(
+    generator,
+    bank,
+    split,
+    n,
+    methods,
+    batch_size,
+    ig_steps,
+    sanity_n,
+    ssim_window,
+    deletion_steps,
+    bootstrap_samples,
+    grid_images,
+    threads,
+) -> None:
     """Refuse settings ``attribution`` cannot run with, before anything is loaded."""
-    for name, v, lo in (("n", n, 1), ("batch_size", batch_size, 1), ("ig_steps", ig_steps, 2), ("sanity_n", sanity_n, 0),
-                        ("deletion_steps", deletion_steps, 0), ("bootstrap_samples", bootstrap_samples, 10),
-                        ("grid_images", grid_images, 0)):  # fmt: skip
+    for name, v, lo in (
+        ("n", n, 1),
+        ("batch_size", batch_size, 1),
+        ("ig_steps", ig_steps, 2),
+        ("sanity_n", sanity_n, 0),
+        ("deletion_steps", deletion_steps, 0),
+        ("bootstrap_samples", bootstrap_samples, 10),
+        ("grid_images", grid_images, 0),
+    ):
         if v < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}.")
     if threads is not None and threads < 1:
@@ -131,11 +187,15 @@ def _check_arguments(generator, bank, split, n, methods, batch_size, ig_steps, s
     if ssim_window % 2 == 0 or ssim_window < 1:
         raise ValueError(f"ssim_window must be odd and >= 1, got {ssim_window}.")
     if not Path(generator).is_file():
-        raise FileNotFoundError(f"generator checkpoint '{generator}' does not exist; train one with "
-                                "python train.py fit --config configs/<data>/gencnp.yaml, or fix the path.")  # fmt: skip
+        raise FileNotFoundError(
+            f"generator checkpoint '{generator}' does not exist; train one with "
+            "python train.py fit --config configs/<data>/gencnp.yaml, or fix the path."
+        )
     if bank is not None and not Path(bank).is_file():
-        raise FileNotFoundError(f"pathway bank '{bank}' does not exist; export it with python train.py predict --config "
-                                f"configs/<data>/bank.yaml --ckpt_path {generator}, or pass bank: null.")  # fmt: skip
+        raise FileNotFoundError(
+            f"pathway bank '{bank}' does not exist; export it with python train.py predict --config "
+            f"configs/<data>/bank.yaml --ckpt_path {generator}, or pass bank: null."
+        )
     if methods is not None and "pathway_gradient_class" in methods and bank is None:
         raise ValueError("method 'pathway_gradient_class' needs a bank; set bank, or leave the method out.")
 
@@ -157,9 +217,29 @@ def _load(generator: str, bank: str | None, data, target_checkpoint: str | None,
     return model, data, class_names, class_paths
 
 
-def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, subset_seed, methods, batch_size, ig_steps,
-                 sanity_n, sanity_seed, ssim_window, deletion_steps, deletion_baseline, bootstrap_samples, seed,
-                 grid_images, device, progress) -> dict[str, Any]:  # fmt: skip
+def _attribution(
+    generator,
+    bank,
+    data,
+    out_dir,
+    target_checkpoint,
+    split,
+    n,
+    subset_seed,
+    methods,
+    batch_size,
+    ig_steps,
+    sanity_n,
+    sanity_seed,
+    ssim_window,
+    deletion_steps,
+    deletion_baseline,
+    bootstrap_samples,
+    seed,
+    grid_images,
+    device,
+    progress,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     say = print if progress else (lambda *_: None)
     dev = torch.device(device)
@@ -177,8 +257,12 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
 
     def maps_of(method: str, idx: slice | None = None) -> torch.Tensor:
         xs, ys = (x, y_hat) if idx is None else (x[idx], y_hat[idx])
-        return torch.cat([attribute(method, am, xs[i : i + batch_size], ys[i : i + batch_size]).cpu()
-                          for i in range(0, len(xs), batch_size)])  # fmt: skip
+        return torch.cat(
+            [
+                attribute(method, am, xs[i : i + batch_size], ys[i : i + batch_size]).cpu()
+                for i in range(0, len(xs), batch_size)
+            ]
+        )
 
     maps, seconds = {}, {}
     for m in names:
@@ -196,8 +280,13 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
         _ground_truth(maps, regions, names, boot, res, per_image)
 
     # ----- deletion / insertion -----
-    curves = _deletion_insertion(target, x, y_hat, maps, names, batch_size, deletion_steps, deletion_baseline, boot,
-                                 res, per_image, say) if deletion_steps else {}  # fmt: skip
+    curves = (
+        _deletion_insertion(
+            target, x, y_hat, maps, names, batch_size, deletion_steps, deletion_baseline, boot, res, per_image, say
+        )
+        if deletion_steps
+        else {}
+    )
 
     # ----- paired comparisons: GEN-CNP's pathway gradient minus each other method -----
     comparisons = _comparisons(per_image, names, boot) if OURS in names else {}
@@ -208,29 +297,66 @@ def _attribution(generator, bank, data, out_dir, target_checkpoint, split, n, su
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(out, x.cpu(), y_hat.cpu(), labels, maps, names, regions, class_names, grid_images, res, layers,
-                       k, curves, n, deletion_baseline)  # fmt: skip
+    figures = _figures(
+        out,
+        x.cpu(),
+        y_hat.cpu(),
+        labels,
+        maps,
+        names,
+        regions,
+        class_names,
+        grid_images,
+        res,
+        layers,
+        k,
+        curves,
+        n,
+        deletion_baseline,
+    )
     report = {
         **res,
         "comparisons": comparisons,
         "curves": curves,
-        "methods": {m: {"source": ATTRIBUTION_METHODS[m].source, "signed": ATTRIBUTION_METHODS[m].signed,
-                        "ms_per_image": 1000 * seconds[m] / n} for m in names},  # fmt: skip
+        "methods": {
+            m: {
+                "source": ATTRIBUTION_METHODS[m].source,
+                "signed": ATTRIBUTION_METHODS[m].signed,
+                "ms_per_image": 1000 * seconds[m] / n,
+            }
+            for m in names
+        },
         "sanity_layers": layers,
-        "settings": {"generator": str(generator), "bank": bank, "split": split, "n": n, "subset_seed": subset_seed,
-                     "sanity_n": k, "sanity_seed": sanity_seed, "ssim_window": ssim_window, "ig_steps": ig_steps,
-                     "deletion_steps": deletion_steps, "deletion_baseline": deletion_baseline,
-                     "bootstrap_samples": bootstrap_samples, "seed": seed, "class_source": "target prediction",
-                     "target": target.arch, "taps": target.tap_names, "ground_truth": regions is not None,
-                     "target_accuracy_on_subset": float((y_hat.cpu() == labels).double().mean())},  # fmt: skip
+        "settings": {
+            "generator": str(generator),
+            "bank": bank,
+            "split": split,
+            "n": n,
+            "subset_seed": subset_seed,
+            "sanity_n": k,
+            "sanity_seed": sanity_seed,
+            "ssim_window": ssim_window,
+            "ig_steps": ig_steps,
+            "deletion_steps": deletion_steps,
+            "deletion_baseline": deletion_baseline,
+            "bootstrap_samples": bootstrap_samples,
+            "seed": seed,
+            "class_source": "target prediction",
+            "target": target.arch,
+            "taps": target.tap_names,
+            "ground_truth": regions is not None,
+            "target_accuracy_on_subset": float((y_hat.cpu() == labels).double().mean()),
+        },
         "figures": figures,
         "seconds": time.perf_counter() - t0,
     }
 
     write_atomic(out / "attribution.json", json.dumps(json_safe(report), indent=1).encode())
     write_atomic(out / "attribution.md", _markdown(report, names).encode())
-    say(f"attribution: wrote {out / 'attribution.json'}, {out / 'attribution.md'} and {len(figures)} figures "
-        f"in {report['seconds']:.1f}s")  # fmt: skip
+    say(
+        f"attribution: wrote {out / 'attribution.json'}, {out / 'attribution.md'} and {len(figures)} figures "
+        f"in {report['seconds']:.1f}s"
+    )
     return report
 
 
@@ -269,31 +395,43 @@ def _comparisons(per_image: dict, names: list[str], boot: dict) -> dict[str, Any
     return comparisons
 
 
-def _figures(out, x, y_hat, labels, maps, names, regions, class_names, grid_images, res, layers, k, curves, n,
-             deletion_baseline) -> dict[str, str]:  # fmt: skip
+def _figures(
+    out, x, y_hat, labels, maps, names, regions, class_names, grid_images, res, layers, k, curves, n, deletion_baseline
+) -> dict[str, str]:
     """Draw the method-by-image grid, the sanity curves and the deletion/insertion curves that apply."""
     figures = {}
     if grid_images:
-        figures["attribution_grid"] = _plot_grid(out / "attribution_grid.png", x, y_hat, labels, maps, names,
-                                                 regions, class_names, grid_images)  # fmt: skip
+        figures["attribution_grid"] = _plot_grid(
+            out / "attribution_grid.png", x, y_hat, labels, maps, names, regions, class_names, grid_images
+        )
     if layers:
         figures["sanity_curves"] = _plot_sanity(out / "sanity_curves.png", res, names, layers, k)
     if curves:
-        figures["deletion_insertion"] = _plot_curves(out / "deletion_insertion.png", curves, res, names, n,
-                                                     deletion_baseline)  # fmt: skip
+        figures["deletion_insertion"] = _plot_curves(
+            out / "deletion_insertion.png", curves, res, names, n, deletion_baseline
+        )
     return figures
 
 
-def _deletion_insertion(target, x, y_hat, maps, names, batch_size, deletion_steps, deletion_baseline, boot, res,
-                        per_image, say) -> dict[str, dict]:  # fmt: skip
+def _deletion_insertion(
+    target, x, y_hat, maps, names, batch_size, deletion_steps, deletion_baseline, boot, res, per_image, say
+) -> dict[str, dict]:
     """Deletion and insertion curves of every method (mean curves returned; AUC intervals into ``res``)."""
     n = x.shape[0]
     curves = {}
     say("  deletion and insertion curves")
     for m in names:
-        parts = [AM.deletion_insertion(target, x[i : i + batch_size], maps[m][i : i + batch_size].to(x.device),
-                                    y_hat[i : i + batch_size], deletion_steps, deletion_baseline)
-                 for i in range(0, n, batch_size)]  # fmt: skip
+        parts = [
+            AM.deletion_insertion(
+                target,
+                x[i : i + batch_size],
+                maps[m][i : i + batch_size].to(x.device),
+                y_hat[i : i + batch_size],
+                deletion_steps,
+                deletion_baseline,
+            )
+            for i in range(0, n, batch_size)
+        ]
         fr = parts[0]["fractions"]
         dele, ins = torch.cat([p["deletion"] for p in parts]), torch.cat([p["insertion"] for p in parts])
         curves[m] = {"fractions": fr.tolist(), "deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist()}
@@ -334,39 +472,61 @@ def _ci(e: dict | None, digits: int = 3) -> str:
 def _markdown(r: dict, names: list[str]) -> str:
     s = r["settings"]
     lines = [
-        "# Input attributions", "",
+        "# Input attributions",
+        "",
         f"Target `{s['target']}` (taps {', '.join(s['taps'])}); generator `{s['generator']}`; bank `{s['bank']}`.",
         f"{s['n']} {s['split']} images (seeded subset, seed {s['subset_seed']}); each method explains the target's "
         f"prediction (accuracy on these images {s['target_accuracy_on_subset']:.3f}). Every value is the mean over "
-        f"images with a 95% bootstrap interval ({s['bootstrap_samples']} resamples).", "",
-    ]  # fmt: skip
+        f"images with a 95% bootstrap interval ({s['bootstrap_samples']} resamples).",
+        "",
+    ]
     if s["ground_truth"]:
-        lines += ["## Ground truth (region of the class pattern)", "",
-                  "| method | relevance mass (share of positive attribution inside) | pointing game (max inside) |",
-                  "|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Ground truth (region of the class pattern)",
+            "",
+            "| method | relevance mass (share of positive attribution inside) | pointing game (max inside) |",
+            "|---|---|---|",
+        ]
         lines += [f"| {m} | {_ci(r.get(f'relevance_mass/{m}'))} | {_ci(r.get(f'pointing/{m}'))} |" for m in names]
         lines.append("")
     if r["sanity_layers"]:
         lay = r["sanity_layers"]
         cols = " | ".join(f"{'' if i == 0 else '+'}{name}" for i, name in enumerate(lay))
         for key, title in (("sanity_ssim", "SSIM"), ("sanity_spearman", "Spearman rank correlation")):
-            lines += [f"## Sanity check: {title} to the original map, cascading randomisation from the top", "",
-                      f"Normalised `|a|` maps of the first {s['sanity_n']} images; columns add one randomised layer "
-                      f"(seed {s['sanity_seed']}). Low = the explanation depends on the weights (passes).", "",
-                      f"| method | {cols} |", "|---" * (len(lay) + 1) + "|"]  # fmt: skip
+            lines += [
+                f"## Sanity check: {title} to the original map, cascading randomisation from the top",
+                "",
+                f"Normalised `|a|` maps of the first {s['sanity_n']} images; columns add one randomised layer "
+                f"(seed {s['sanity_seed']}). Low = the explanation depends on the weights (passes).",
+                "",
+                f"| method | {cols} |",
+                "|---" * (len(lay) + 1) + "|",
+            ]
             lines += [f"| {m} | " + " | ".join(_ci(r.get(f"{key}/{m}/{name}")) for name in lay) + " |" for m in names]
             lines.append("")
     if "deletion_auc/" + names[0] in r:
-        lines += ["## Deletion and insertion (probability of the predicted class)", "",
-                  f"{s['deletion_steps']} steps; removed pixels take the value {s['deletion_baseline']} (normalised "
-                  "units). Deletion: lower is better; insertion: higher is better.", "",
-                  "| method | deletion AUC | insertion AUC | ms/image |", "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {m} | {_ci(r.get(f'deletion_auc/{m}'))} | {_ci(r.get(f'insertion_auc/{m}'))} | "
-                  f"{r['methods'][m]['ms_per_image']:.2f} |" for m in names]  # fmt: skip
+        lines += [
+            "## Deletion and insertion (probability of the predicted class)",
+            "",
+            f"{s['deletion_steps']} steps; removed pixels take the value {s['deletion_baseline']} (normalised "
+            "units). Deletion: lower is better; insertion: higher is better.",
+            "",
+            "| method | deletion AUC | insertion AUC | ms/image |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {_ci(r.get(f'deletion_auc/{m}'))} | {_ci(r.get(f'insertion_auc/{m}'))} | "
+            f"{r['methods'][m]['ms_per_image']:.2f} |"
+            for m in names
+        ]
         lines.append("")
     if r["comparisons"]:
-        lines += [f"## Paired differences: {OURS} minus each method (same images)", "",
-                  "| measure | other method | difference [95% CI] | better is | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            f"## Paired differences: {OURS} minus each method (same images)",
+            "",
+            "| measure | other method | difference [95% CI] | better is | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for key, d in r["comparisons"].items():
             metric, pair = key.split("/", 1)
             other = pair.split("-", 1)[1]
@@ -410,22 +570,39 @@ def _plot_grid(path: Path, x, y_hat, labels, maps, names, regions, class_names, 
             if regions is not None and bool(regions[i].any()):
                 rows, cols_ = torch.nonzero(regions[i] > 0.5, as_tuple=True)
                 r0, c0 = int(rows.min()), int(cols_.min())
-                ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), int(cols_.max()) - c0 + 1, int(rows.max()) - r0 + 1,
-                                       fill=False, edgecolor="lime", linewidth=1.0))  # fmt: skip
+                ax.add_patch(
+                    Rectangle(
+                        (c0 - 0.5, r0 - 0.5),
+                        int(cols_.max()) - c0 + 1,
+                        int(rows.max()) - r0 + 1,
+                        fill=False,
+                        edgecolor="lime",
+                        linewidth=1.0,
+                    )
+                )
         axes[i, 0].set_ylabel(f"pred {class_names[int(y_hat[i])]}\nlabel {class_names[int(labels[i])]}", fontsize=7)
     axes[0, 0].set_title("input", fontsize=8)
     for j, m in enumerate(names):
         axes[0, j + 1].set_title(LABELS.get(m, m).replace(": ", ":\n").replace(" (", "\n("), fontsize=7)
-    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"), ax=axes, location="bottom", shrink=0.5,
-                 aspect=40, label="attribution / max |attribution| of that map (red positive, blue negative)"
-                 + ("; green box: ground-truth region" if regions is not None else ""))  # fmt: skip
+    fig.colorbar(
+        cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"),
+        ax=axes,
+        location="bottom",
+        shrink=0.5,
+        aspect=40,
+        label="attribution / max |attribution| of that map (red positive, blue negative)"
+        + ("; green box: ground-truth region" if regions is not None else ""),
+    )
     fig.suptitle("Input attributions of the predicted class: one image per row, one method per column", fontsize=9)
     return _save(fig, path)
 
 
 def _styles(names):
-    ours = {"pathway_gradient_gencnp": ("C3", "-", 2.4), "pathway_gradient_class": ("C1", "-", 1.6),
-            "pathway_gradient_mct": ("C4", "-", 1.6)}  # fmt: skip
+    ours = {
+        "pathway_gradient_gencnp": ("C3", "-", 2.4),
+        "pathway_gradient_class": ("C1", "-", 1.6),
+        "pathway_gradient_mct": ("C4", "-", 1.6),
+    }
     other = iter([("C0", "--"), ("C2", "--"), ("C7", ":"), ("C8", "-."), ("C9", ":")])
     out = {}
     for m in names:
@@ -461,7 +638,9 @@ def _plot_sanity(path: Path, res: dict, names, layers, k: int) -> str:
         ax.grid(alpha=0.3)
         ax.set_title(f"{title} (mean, 95% bootstrap band; {k} images)", fontsize=9)
     axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Model-randomisation sanity check (Adebayo et al. 2018): an explanation that passes drops", fontsize=10)
+    fig.suptitle(
+        "Model-randomisation sanity check (Adebayo et al. 2018): an explanation that passes drops", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -475,13 +654,20 @@ def _plot_curves(path: Path, curves: dict, res: dict, names, n: int, baseline: f
         for m in names:
             c, ls, lw = sty[m]
             e = res[f"{key}_auc/{m}"]
-            ax.plot(curves[m]["fractions"], curves[m][key], color=c, ls=ls, lw=lw,
-                    label=f"{LABELS.get(m, m)}: AUC {e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]")  # fmt: skip
+            ax.plot(
+                curves[m]["fractions"],
+                curves[m][key],
+                color=c,
+                ls=ls,
+                lw=lw,
+                label=f"{LABELS.get(m, m)}: AUC {e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]",
+            )
         ax.set_xlabel(f"fraction of pixels {what}, most attributed first")
         ax.set_ylabel("probability of the predicted class")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title(f"{key.capitalize()} ({'lower' if key == 'deletion' else 'higher'} AUC is better; {n} images)",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"{key.capitalize()} ({'lower' if key == 'deletion' else 'higher'} AUC is better; {n} images)", fontsize=9
+        )
     return _save(fig, path)

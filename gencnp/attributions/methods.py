@@ -95,7 +95,9 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return plain(x).requires_grad_(True)
 
 
-def _saliency(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, abs_: bool) -> torch.Tensor:
+def _saliency(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, abs_: bool
+) -> torch.Tensor:
     from captum.attr import Saliency  # captum only for its methods (a slow import)
 
     with grad_enabled():
@@ -114,8 +116,9 @@ def _integrated_gradients(am: AttributionModel, x, y):
     from captum.attr import IntegratedGradients  # captum only for its methods (a slow import)
 
     with grad_enabled():
-        a = IntegratedGradients(am.target).attribute(_leaf(x), baselines=0.0, target=y, n_steps=am.ig_steps,
-                                                     internal_batch_size=am.ig_internal_batch)  # fmt: skip
+        a = IntegratedGradients(am.target).attribute(
+            _leaf(x), baselines=0.0, target=y, n_steps=am.ig_steps, internal_batch_size=am.ig_internal_batch
+        )
     return _reduce_colour(a.detach())
 
 
@@ -129,7 +132,9 @@ def _grad_cam(am: AttributionModel, x, y):
     from captum.attr import LayerAttribution, LayerGradCam  # captum only for its methods (a slow import)
 
     with grad_enabled():
-        cam = LayerGradCam(target, target.model.get_submodule(last)).attribute(_leaf(x), target=y, relu_attributions=True)
+        cam = LayerGradCam(target, target.model.get_submodule(last)).attribute(
+            _leaf(x), target=y, relu_attributions=True
+        )
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
 
@@ -163,19 +168,40 @@ def _pg_mct(am: AttributionModel, x, y):
     return _masked_gradient(am, x, y, topk_per_tap(scores, counts, am.target.tap_channels))
 
 
-ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {m.name: m for m in (
-    AttributionMethod("gradient", "Captum Saliency(abs=False), unmasked target", True, None, _gradient),
-    AttributionMethod("saliency", "Captum Saliency (Simonyan et al., 2014)", False, None, _abs_saliency),
-    AttributionMethod("integrated_gradients", "Captum IntegratedGradients (Sundararajan et al., 2017), zero baseline",
-                      True, None, _integrated_gradients),
-    AttributionMethod("grad_cam", "Captum LayerGradCam (Selvaraju et al., 2017) at the last tap", False, None, _grad_cam),
-    AttributionMethod("pathway_gradient_gencnp", "gradient through GEN-CNP's pathway (masked forward)", True,
-                      "generator", _pg_gencnp),
-    AttributionMethod("pathway_gradient_class", "gradient through the bank's class pathway M_y", True,
-                      "class_pathways", _pg_class),
-    AttributionMethod("pathway_gradient_mct", "gradient through NeuronMCT's pathway (Khakzar et al., CVPR 2021) at "
-                      "GEN-CNP's per-tap counts", True, "generator", _pg_mct),
-)}  # fmt: skip
+ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {
+    m.name: m
+    for m in (
+        AttributionMethod("gradient", "Captum Saliency(abs=False), unmasked target", True, None, _gradient),
+        AttributionMethod("saliency", "Captum Saliency (Simonyan et al., 2014)", False, None, _abs_saliency),
+        AttributionMethod(
+            "integrated_gradients",
+            "Captum IntegratedGradients (Sundararajan et al., 2017), zero baseline",
+            True,
+            None,
+            _integrated_gradients,
+        ),
+        AttributionMethod(
+            "grad_cam", "Captum LayerGradCam (Selvaraju et al., 2017) at the last tap", False, None, _grad_cam
+        ),
+        AttributionMethod(
+            "pathway_gradient_gencnp",
+            "gradient through GEN-CNP's pathway (masked forward)",
+            True,
+            "generator",
+            _pg_gencnp,
+        ),
+        AttributionMethod(
+            "pathway_gradient_class", "gradient through the bank's class pathway M_y", True, "class_pathways", _pg_class
+        ),
+        AttributionMethod(
+            "pathway_gradient_mct",
+            "gradient through NeuronMCT's pathway (Khakzar et al., CVPR 2021) at GEN-CNP's per-tap counts",
+            True,
+            "generator",
+            _pg_mct,
+        ),
+    )
+}
 
 
 def attribute(method: str, model: AttributionModel, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -197,9 +223,13 @@ def attribute(method: str, model: AttributionModel, x: torch.Tensor, target: tor
         raise KeyError(f"unknown attribution method '{method}'; known methods: {', '.join(ATTRIBUTION_METHODS)}.")
     m = ATTRIBUTION_METHODS[method]
     if m.needs == "generator" and model.generator is None:
-        raise ValueError(f"'{method}' needs a GEN-CNP generator; build the model with AttributionModel.from_gencnp(...).")
+        raise ValueError(
+            f"'{method}' needs a GEN-CNP generator; build the model with AttributionModel.from_gencnp(...)."
+        )
     if m.needs == "class_pathways" and model.class_pathways is None:
-        raise ValueError(f"'{method}' needs class pathways; pass class_pathways=PathwayBank.load(...).class_pathways().")
+        raise ValueError(
+            f"'{method}' needs class pathways; pass class_pathways=PathwayBank.load(...).class_pathways()."
+        )
     model.target.check_input(x)
     target = torch.as_tensor(target, device=x.device).long().reshape(-1)
     if target.shape[0] != x.shape[0]:
@@ -217,8 +247,11 @@ def cascade_layers(target: FrozenTarget) -> list[tuple[str, list[nn.Module]]]:
     own. Groups are ordered by when they first run in a forward pass, then reversed.
     """
     order: list[str] = []
-    hooks = [(mod, lambda m, a, o, name=name: order.append(name)) for name, mod in target.model.named_modules()
-             if name and any(True for _ in mod.parameters(recurse=False))]  # fmt: skip
+    hooks = [
+        (mod, lambda m, a, o, name=name: order.append(name))
+        for name, mod in target.model.named_modules()
+        if name and any(True for _ in mod.parameters(recurse=False))
+    ]
     forward_hooked(target.model, hooks, target.input_shape)
     groups: dict[str, list[nn.Module]] = {}
     for name in order:

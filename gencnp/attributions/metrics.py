@@ -18,15 +18,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["relevance_mass", "pointing_game", "normalise", "ssim", "spearman", "deletion_insertion", "auc",
-           "bootstrap"]  # fmt: skip
+__all__ = ["relevance_mass", "pointing_game", "normalise", "ssim", "spearman", "deletion_insertion", "auc", "bootstrap"]
 
 
 def _region(region: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     if region.dim() == 4 and region.shape[1] == 1:
         region = region[:, 0]
     if region.shape != maps.shape:
-        raise ValueError(f"region has shape {list(region.shape)}, maps {list(maps.shape)}; pass one [H, W] region per map.")
+        raise ValueError(
+            f"region has shape {list(region.shape)}, maps {list(maps.shape)}; pass one [H, W] region per map."
+        )
     return region > 0.5
 
 
@@ -63,7 +64,9 @@ def _gaussian(window: int, sigma: float, dtype) -> torch.Tensor:
     return (g[:, None] * g[None, :])[None, None]
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
     """Structural similarity (Wang et al., IEEE TIP 2004) of two batches of maps, one value per pair.
 
     ``SSIM = mean over windows of (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2))``
@@ -121,8 +124,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, (ra * rb).sum(1) / den.clamp(min=1e-300), torch.zeros_like(den))
 
 
-def deletion_insertion(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, maps: torch.Tensor,
-                       y: torch.Tensor, steps: int = 20, baseline: float = 0.0) -> dict[str, torch.Tensor]:  # fmt: skip
+def deletion_insertion(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 20,
+    baseline: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Class probability as pixels are removed (deletion) or revealed (insertion) in decreasing attribution order.
 
     At step ``s`` of ``steps`` the top ``round(s / steps * H * W)`` pixels (all colour channels) are set to

@@ -57,8 +57,14 @@ class PathwayImageLogger(L.Callback):
     the gradient grid use rank 0's images.
     """
 
-    def __init__(self, every_n_val: int = 1, max_samples: int | None = 1000, grid_samples: int = 8,
-                 subdir: str = "pathway_images", dpi: int = 100):  # fmt: skip
+    def __init__(
+        self,
+        every_n_val: int = 1,
+        max_samples: int | None = 1000,
+        grid_samples: int = 8,
+        subdir: str = "pathway_images",
+        dpi: int = 100,
+    ):
         super().__init__()
         if every_n_val < 1:
             raise ValueError(f"every_n_val must be >= 1, got {every_n_val}.")
@@ -101,8 +107,15 @@ class PathwayImageLogger(L.Callback):
             self._seen = 0
 
     # ----- what -----
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not self._active or dataloader_idx != 0:
             return
         room = len(batch[0]) if self.max_samples is None else min(len(batch[0]), self.max_samples - self._seen)
@@ -117,17 +130,29 @@ class PathwayImageLogger(L.Callback):
         y = ex["y_hat"].long().cpu()
         path = ex["pathway"].bool().cpu()
         self._counts.index_add_(0, y, path.double())
-        cols = [torch.ones(len(y), dtype=torch.float64), v["kept"], v["agree"], v["swap_forced"],
-                (~torch.isnan(v["swap_forced"])).double(), v["zero_forced"]]  # fmt: skip
+        cols = [
+            torch.ones(len(y), dtype=torch.float64),
+            v["kept"],
+            v["agree"],
+            v["swap_forced"],
+            (~torch.isnan(v["swap_forced"])).double(),
+            v["zero_forced"],
+        ]
         self._sums.index_add_(0, y, torch.nan_to_num(torch.stack([c.cpu().double() for c in cols], 1), nan=0.0))
         self._paths.append(path)
         self._classes.append(y)
         self._seen += room
         if len(self._grid) < 4 * max(self.grid_samples, 1):  # a pool to pick classes from; small
             for i in range(room):
-                self._grid.append({"x": plain(x[i]).cpu(), "y_hat": ex["y_hat"][i].cpu(), "pathway": path[i],
-                                   "label": labels[i].cpu() if labels is not None else None,
-                                   "kept": float(v["kept"][i])})  # fmt: skip
+                self._grid.append(
+                    {
+                        "x": plain(x[i]).cpu(),
+                        "y_hat": ex["y_hat"][i].cpu(),
+                        "pathway": path[i],
+                        "label": labels[i].cpu() if labels is not None else None,
+                        "kept": float(v["kept"][i]),
+                    }
+                )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
@@ -150,8 +175,17 @@ class PathwayImageLogger(L.Callback):
         step, epoch = trainer.global_step, trainer.current_epoch
         what = "validate" if trainer.state.fn == "validate" else "fit"
         title = f"{what}, epoch {epoch}, step {step}, {int(sums[:, 0].sum())} validation images"
-        figures = {"frequency": frequency_figure(counts, sums[:, 0], target.tap_names, target.tap_channels, names,
-                                                 title, getattr(pl_module.hparams, "class_source", "pred"))}  # fmt: skip
+        figures = {
+            "frequency": frequency_figure(
+                counts,
+                sums[:, 0],
+                target.tap_names,
+                target.tap_channels,
+                names,
+                title,
+                getattr(pl_module.hparams, "class_source", "pred"),
+            )
+        }
         picks = _pick_grid(self._grid, self.grid_samples)
         if picks:
             figures["gradients"] = gradient_figure(pl_module, picks, names, title)
@@ -225,12 +259,30 @@ def class_table(sums: torch.Tensor, pathways: torch.Tensor, classes: torch.Tenso
             continue
         sel = classes == c
         ac = class_iou(pathways[sel], classes[sel])[0] if int(sel.sum()) >= 2 else float("nan")
-        rows.append([name, int(n), rate(kept, n), round(ac, 4) if ac == ac else ac, rate(agree, n), rate(swap, swap_n),
-                     rate(zero, n)])  # fmt: skip
+        rows.append(
+            [
+                name,
+                int(n),
+                rate(kept, n),
+                round(ac, 4) if ac == ac else ac,
+                rate(agree, n),
+                rate(swap, swap_n),
+                rate(zero, n),
+            ]
+        )
     t = sums.sum(0).tolist()
     ac_all = class_iou(pathways, classes)[0]
-    rows.append(["all", int(t[0]), rate(t[1], t[0]), round(ac_all, 4) if ac_all == ac_all else ac_all, rate(t[2], t[0]),
-                 rate(t[3], t[4]), rate(t[5], t[0])])  # fmt: skip
+    rows.append(
+        [
+            "all",
+            int(t[0]),
+            rate(t[1], t[0]),
+            round(ac_all, 4) if ac_all == ac_all else ac_all,
+            rate(t[2], t[0]),
+            rate(t[3], t[4]),
+            rate(t[5], t[0]),
+        ]
+    )
     return rows
 
 
@@ -243,8 +295,15 @@ def _markdown(rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def frequency_figure(counts: torch.Tensor, n: torch.Tensor, tap_names: list[str], tap_channels: list[int],
-                     class_names: list[str], title: str = "", class_source: str = "pred"):  # fmt: skip
+def frequency_figure(
+    counts: torch.Tensor,
+    n: torch.Tensor,
+    tap_names: list[str],
+    tap_channels: list[int],
+    class_names: list[str],
+    title: str = "",
+    class_source: str = "pred",
+):
     """Per tap, a class-by-channel heatmap of selection frequencies ``counts[c] / n[c]`` (one shared colour bar).
 
     Taps are stacked top to bottom (shallow first), each panel as wide as the figure, so the cells stay readable for
@@ -317,8 +376,12 @@ def gradient_figure(pl_module, picks: list[dict], class_names: list[str], title:
     for i, p in enumerate(picks):
         img = p["x"]
         show = img[0] if img.shape[0] == 1 else ((img - img.min()) / (img.max() - img.min() + 1e-12)).permute(1, 2, 0)
-        cells = [(show, {"cmap": "gray"} if img.shape[0] == 1 else {}), (g0[i], {"cmap": "RdBu_r", "vmin": -1, "vmax": 1}),
-                 (g1[i], {"cmap": "RdBu_r", "vmin": -1, "vmax": 1}), (cam[i], {"cmap": "inferno", "vmin": 0, "vmax": 1})]  # fmt: skip
+        cells = [
+            (show, {"cmap": "gray"} if img.shape[0] == 1 else {}),
+            (g0[i], {"cmap": "RdBu_r", "vmin": -1, "vmax": 1}),
+            (g1[i], {"cmap": "RdBu_r", "vmin": -1, "vmax": 1}),
+            (cam[i], {"cmap": "inferno", "vmin": 0, "vmax": 1}),
+        ]
         for j, (data, kw) in enumerate(cells):
             ax = axes[i, j]
             ax.imshow(data.numpy(), **kw)
@@ -328,10 +391,22 @@ def gradient_figure(pl_module, picks: list[dict], class_names: list[str], title:
                 ax.set_title(heads[j], fontsize=8)
         label = f"\nlabel {class_names[int(p['label'])]}" if p["label"] is not None else ""
         axes[i, 0].set_ylabel(f"pred {class_names[int(p['y_hat'])]}{label}\nkept {p['kept']:.2f}", fontsize=7)
-    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"), ax=axes[:, 1:3], location="bottom", shrink=0.8,
-                 aspect=30, label="dS(y)/dx, signed (per row, one scale)")  # fmt: skip
-    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"), ax=axes[:, 3], location="bottom", shrink=0.9,
-                 aspect=15, label="Grad-CAM (per row)")  # fmt: skip
+    fig.colorbar(
+        cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"),
+        ax=axes[:, 1:3],
+        location="bottom",
+        shrink=0.8,
+        aspect=30,
+        label="dS(y)/dx, signed (per row, one scale)",
+    )
+    fig.colorbar(
+        cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"),
+        ax=axes[:, 3],
+        location="bottom",
+        shrink=0.9,
+        aspect=15,
+        label="Grad-CAM (per row)",
+    )
     fig.suptitle(f"Attribution through pathways ({title})", fontsize=9)
     return fig
 

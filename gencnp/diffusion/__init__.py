@@ -24,7 +24,18 @@ from gencnp.diffusion.stats import (  # noqa: F401 (tests import _class_sums and
 )
 
 __all__ = [
-    "PixelDiffusion", "FrozenPattern", "Window", "UnsupportedModuleError", "SUPPORTED_MODULES", "select_pixels",
-    "crossing_counts", "channel_importance", "overlap_test", "class_similarity", "perturb", "hypergeom_sf",
-    "exact_pathways", "diffusion",
-]  # fmt: skip
+    "PixelDiffusion",
+    "FrozenPattern",
+    "Window",
+    "UnsupportedModuleError",
+    "SUPPORTED_MODULES",
+    "select_pixels",
+    "crossing_counts",
+    "channel_importance",
+    "overlap_test",
+    "class_similarity",
+    "perturb",
+    "hypergeom_sf",
+    "exact_pathways",
+    "diffusion",
+]

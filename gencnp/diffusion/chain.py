@@ -14,8 +14,17 @@ from torch import nn
 
 __all__ = ["SUPPORTED_MODULES", "UnsupportedModuleError", "Step", "trace_chain"]
 
-SUPPORTED_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear,
-                     nn.Dropout, nn.Identity)  # fmt: skip
+SUPPORTED_MODULES = (
+    nn.Conv2d,
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Linear,
+    nn.Dropout,
+    nn.Identity,
+)
 _SPATIAL = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity)
 
 
@@ -123,8 +132,12 @@ def _chain(records: list[tuple], x0: torch.Tensor, y0: torch.Tensor) -> list[Ste
     prev_name = "<input>"
     for name, mod, inp, out in records:
         same = inp is prev or (inp.shape == prev.shape and inp.data_ptr() == prev.data_ptr())
-        flat = (isinstance(mod, (nn.Linear, nn.Flatten)) and inp.dim() == 2 and inp.shape[1] == prev[0].numel()
-                and torch.equal(inp, prev.flatten(1)))  # fmt: skip
+        flat = (
+            isinstance(mod, (nn.Linear, nn.Flatten))
+            and inp.dim() == 2
+            and inp.shape[1] == prev[0].numel()
+            and torch.equal(inp, prev.flatten(1))
+        )
         if not (same or flat):
             raise ValueError(
                 f"module '{name}' does not receive the output of '{prev_name}' (the forward has a skip connection "
@@ -133,8 +146,10 @@ def _chain(records: list[tuple], x0: torch.Tensor, y0: torch.Tensor) -> list[Ste
         steps.append(Step(name, mod, tuple(inp.shape[1:]), tuple(out.shape[1:])))
         prev, prev_name = out, name
     if not (y0 is prev or (y0.shape == prev.shape and torch.equal(y0, prev))):
-        raise ValueError(f"the model's output is not the output of its last module '{prev_name}' (a functional op "
-                         "follows it); pixel diffusion supports plain chains of modules only.")  # fmt: skip
+        raise ValueError(
+            f"the model's output is not the output of its last module '{prev_name}' (a functional op "
+            "follows it); pixel diffusion supports plain chains of modules only."
+        )
     return steps
 
 
@@ -143,8 +158,10 @@ def _check_before_last_tap(steps: list[Step]) -> None:
     last_tap = max(i for i, s in enumerate(steps) if s.tap is not None)
     for s in steps[: last_tap + 1]:
         if not isinstance(s.module, _SPATIAL):
-            raise ValueError(f"module '{s.name}' ({type(s.module).__name__}) comes before the last tap; taps must be "
-                             "feature maps ahead of pooling and the head.")  # fmt: skip
+            raise ValueError(
+                f"module '{s.name}' ({type(s.module).__name__}) comes before the last tap; taps must be "
+                "feature maps ahead of pooling and the head."
+            )
         if isinstance(s.module, nn.Conv2d) and s.module.padding_mode != "zeros":
             raise UnsupportedModuleError(
                 f"Conv2d '{s.name}' uses padding_mode='{s.module.padding_mode}'; only zero padding is supported."

@@ -259,8 +259,15 @@ class PixelDiffusion:
         zero = torch.zeros(n, dtype=torch.long, device=p.device)
         return Window(data, zero, zero.clone(), (big_h, big_w))
 
-    def _apply(self, i: int, win: Window, pattern: FrozenPattern, img: torch.Tensor, channels: torch.Tensor | None = None,
-               owned: bool = False) -> Window:  # fmt: skip
+    def _apply(
+        self,
+        i: int,
+        win: Window,
+        pattern: FrozenPattern,
+        img: torch.Tensor,
+        channels: torch.Tensor | None = None,
+        owned: bool = False,
+    ) -> Window:
         """Linear part of step ``i`` on a window. ``channels [N, G]`` restricts a G=1 input to one channel per copy.
 
         ``owned``: ``win.data`` was made inside the current segment, so elementwise steps may overwrite it (the big
@@ -300,8 +307,18 @@ class PixelDiffusion:
                     region = _gather_region(sel, top * s_h - p_h - win.top, left * s_w - p_w - win.left, len_h, len_w)
                     # Patches by strided slices (F.unfold loops over the batch on CPU and is far slower here).
                     r2 = region.reshape(n * gg, len_h, len_w)
-                    cols = torch.stack([r2[:, a * d_h : a * d_h + (sz_h - 1) * s_h + 1 : s_h, b * d_w : b * d_w + (sz_w - 1) * s_w + 1 : s_w]
-                                        for a in range(k_h) for b in range(k_w)], 1).reshape(n * gg, k_h * k_w, sz_h * sz_w)  # fmt: skip
+                    cols = torch.stack(
+                        [
+                            r2[
+                                :,
+                                a * d_h : a * d_h + (sz_h - 1) * s_h + 1 : s_h,
+                                b * d_w : b * d_w + (sz_w - 1) * s_w + 1 : s_w,
+                            ]
+                            for a in range(k_h)
+                            for b in range(k_w)
+                        ],
+                        1,
+                    ).reshape(n * gg, k_h * k_w, sz_h * sz_w)
                     wt = self._weights[i].permute(1, 0, 2, 3).reshape(m.in_channels, m.out_channels, k_h * k_w)
                     out = torch.bmm(wt[channels.reshape(-1)], cols).reshape(n, gg, m.out_channels, sz_h, sz_w)
                 else:
@@ -350,12 +367,20 @@ class PixelDiffusion:
             elif isinstance(m, nn.Conv2d):
                 h = F.conv2d(h, m.weight, None, m.stride, m.padding, m.dilation, m.groups)
             else:
-                raise UnsupportedModuleError(f"module '{s.name}' ({type(m).__name__}) after the last tap needs a frozen "
-                                             "pattern; only pooling, Flatten, Linear and Conv2d may follow the last tap.")  # fmt: skip
+                raise UnsupportedModuleError(
+                    f"module '{s.name}' ({type(m).__name__}) after the last tap needs a frozen "
+                    "pattern; only pooling, Flatten, Linear and Conv2d may follow the last tap."
+                )
         return h.reshape(n, g, -1)
 
-    def segment(self, tap: int | None, win: Window, pattern: FrozenPattern, img: torch.Tensor,
-                channels: torch.Tensor | None = None) -> Window:  # fmt: skip
+    def segment(
+        self,
+        tap: int | None,
+        win: Window,
+        pattern: FrozenPattern,
+        img: torch.Tensor,
+        channels: torch.Tensor | None = None,
+    ) -> Window:
         """Run the linear part from tap ``tap``'s output (``None``: the input) to tap ``tap + 1``'s output.
 
         Args:
@@ -406,8 +431,9 @@ class PixelDiffusion:
         return out.abs_().sum(dim=(3, 4))  # the copies are fresh: overwrite them
 
     @torch.no_grad()
-    def pathways(self, pattern: FrozenPattern, img: torch.Tensor, pos: torch.Tensor, top_k: int = 5,
-                 beam_width: int = 16) -> dict[str, Any]:  # fmt: skip
+    def pathways(
+        self, pattern: FrozenPattern, img: torch.Tensor, pos: torch.Tensor, top_k: int = 5, beam_width: int = 16
+    ) -> dict[str, Any]:
         """Each impulse's ``top_k`` channel chains across taps by beam search (module docstring, steps 4-5).
 
         Args:
@@ -442,8 +468,13 @@ class PixelDiffusion:
             score, flat = cand.reshape(n, -1).topk(k, dim=1)
             parent, nxt = flat // c_next, flat % c_next
             hist = torch.cat([hist.gather(1, parent[:, :, None].expand(-1, -1, hist.shape[2])), nxt[:, :, None]], 2)
-            links = torch.cat([links.gather(1, parent[:, :, None].expand(-1, -1, links.shape[2])),
-                               tr.reshape(n, -1).gather(1, flat)[:, :, None]], 2)  # fmt: skip
+            links = torch.cat(
+                [
+                    links.gather(1, parent[:, :, None].expand(-1, -1, links.shape[2])),
+                    tr.reshape(n, -1).gather(1, flat)[:, :, None],
+                ],
+                2,
+            )
             ch = nxt
         k = min(top_k, score.shape[1])
         valid = torch.isfinite(score[:, :k])
@@ -471,8 +502,9 @@ def _log_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def exact_pathways(engine: PixelDiffusion, pattern: FrozenPattern, img: torch.Tensor, pos: torch.Tensor,
-                   top_k: int = 5) -> dict[str, torch.Tensor]:  # fmt: skip
+def exact_pathways(
+    engine: PixelDiffusion, pattern: FrozenPattern, img: torch.Tensor, pos: torch.Tensor, top_k: int = 5
+) -> dict[str, torch.Tensor]:
     """Exhaustive reference for ``PixelDiffusion.pathways``: every chain scored, top ``top_k`` kept.
 
     Costs ``prod(C_l)`` scores per impulse: for tests and small targets only.

@@ -84,14 +84,16 @@ class DiffusionSettings:
             (pixel_rule in ("saliency", "random"), f"pixel_rule must be 'saliency' or 'random', got '{pixel_rule}'."),
             (split in ("train", "val", "test"), f"split must be 'train', 'val' or 'test', got '{split}'."),
             (self.n_images >= 2, f"n_images must be >= 2, got {self.n_images}."),
-            (1 <= top_k <= self.beam_width,
-             f"need 1 <= top_k <= beam_width, got top_k={top_k}, beam_width={self.beam_width}."),
+            (
+                1 <= top_k <= self.beam_width,
+                f"need 1 <= top_k <= beam_width, got top_k={top_k}, beam_width={self.beam_width}.",
+            ),
             (0 < self.overlap_fraction < 1, f"overlap_fraction must be in (0, 1), got {self.overlap_fraction}."),
             (0 < self.large_quantile < 1, f"large_quantile must be in (0, 1), got {self.large_quantile}."),
             (self.permutations >= 1, f"permutations must be >= 1, got {self.permutations}."),
             (self.batch_images >= 1, f"batch_images must be >= 1, got {self.batch_images}."),
             (self.perturbed_pathways >= 0, f"perturbed_pathways must be >= 0, got {self.perturbed_pathways}."),
-        ]  # fmt: skip
+        ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -112,15 +114,33 @@ class _Inputs:
 
 
 def diffusion(
-    arch: str = "fmnist_cnn", checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt", taps: str | list[str] = "auto",
-    target_kwargs: dict | None = None, data: dict | None = None, data_dir: str | None = None, split: str = "test",
-    n_images: int = 1000, pixels: int = 32, pixel_rule: str = "saliency", top_k: int = 5, beam_width: int = 16,
-    overlap_fraction: float = 0.125, class_source: str = "pred", large_quantile: float = 0.9,
-    noise_std: float = 0.2, occlusion_size: int = 8, fgsm_eps: float = 0.05, perturbed_pathways: int = 1000,
-    permutations: int = 1000, bank: str | None = "runs/fashion_mnist/bank.safetensors",
-    batch_images: int = 32, seed: int = 0, threads: int | None = None, out_dir: str = "runs/fashion_mnist/eval",
+    arch: str = "fmnist_cnn",
+    checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
+    taps: str | list[str] = "auto",
+    target_kwargs: dict | None = None,
+    data: dict | None = None,
+    data_dir: str | None = None,
+    split: str = "test",
+    n_images: int = 1000,
+    pixels: int = 32,
+    pixel_rule: str = "saliency",
+    top_k: int = 5,
+    beam_width: int = 16,
+    overlap_fraction: float = 0.125,
+    class_source: str = "pred",
+    large_quantile: float = 0.9,
+    noise_std: float = 0.2,
+    occlusion_size: int = 8,
+    fgsm_eps: float = 0.05,
+    perturbed_pathways: int = 1000,
+    permutations: int = 1000,
+    bank: str | None = "runs/fashion_mnist/bank.safetensors",
+    batch_images: int = 32,
+    seed: int = 0,
+    threads: int | None = None,
+    out_dir: str = "runs/fashion_mnist/eval",
     progress: bool = True,
-) -> dict:  # fmt: skip
+) -> dict:
     """Pixel diffusion pathways of a frozen CNN (docs/design.md section 9; method in ``gencnp.diffusion.engine``).
 
     Writes ``diffusion.json``, ``diffusion.md`` and ``diffusion_*.png`` into ``out_dir``.
@@ -173,15 +193,21 @@ def _run(cfg: DiffusionSettings) -> dict:
 
     t0 = time.time()
     x, y_hat, n = inp.x, inp.y_hat, inp.x.shape[0]
-    pix = torch.cat([select_pixels(inp.target, x[s:e], y_hat[s:e], cfg.pixels, cfg.pixel_rule, cfg.seed)
-                     for s, e in _chunks(n, 256)])  # fmt: skip
-    clean = _pathway_run(inp.engine, x, pix, cfg.top_k, cfg.beam_width, cfg.batch_images, cfg.progress,
-                         "pathways (clean)")  # fmt: skip
+    pix = torch.cat(
+        [
+            select_pixels(inp.target, x[s:e], y_hat[s:e], cfg.pixels, cfg.pixel_rule, cfg.seed)
+            for s, e in _chunks(n, 256)
+        ]
+    )
+    clean = _pathway_run(
+        inp.engine, x, pix, cfg.top_k, cfg.beam_width, cfg.batch_images, cfg.progress, "pathways (clean)"
+    )
     times["pathways"] = time.time() - t0
 
     t0 = time.time()
-    flip, drop = channel_importance(inp.target, x, y_hat, inp.engine, batch_size=max(1, cfg.batch_images),
-                                    progress=cfg.progress)  # fmt: skip
+    flip, drop = channel_importance(
+        inp.target, x, y_hat, inp.engine, batch_size=max(1, cfg.batch_images), progress=cfg.progress
+    )
     times["causal_test"] = time.time() - t0
 
     t0 = time.time()
@@ -197,8 +223,20 @@ def _run(cfg: DiffusionSettings) -> dict:
     out = Path(cfg.out_dir)
     write_atomic(out / "diffusion.json", json.dumps(summary, indent=2))
     write_atomic(out / "diffusion.md", markdown(summary))
-    figures(out, summary, found["consistency"], clean, x, pix, inp.labels, y_hat, found["agreement_drop"],
-            clean["crossings"], inp.class_names, stats)  # fmt: skip
+    figures(
+        out,
+        summary,
+        found["consistency"],
+        clean,
+        x,
+        pix,
+        inp.labels,
+        y_hat,
+        found["agreement_drop"],
+        clean["crossings"],
+        inp.class_names,
+        stats,
+    )
     return summary
 
 
@@ -262,8 +300,16 @@ def _masses(
     return out
 
 
-def _pathway_run(engine: PixelDiffusion, x: torch.Tensor, pix: torch.Tensor, top_k: int, beam_width: int, batch: int,
-                 progress: bool, desc: str) -> dict[str, Any]:  # fmt: skip
+def _pathway_run(
+    engine: PixelDiffusion,
+    x: torch.Tensor,
+    pix: torch.Tensor,
+    top_k: int,
+    beam_width: int,
+    batch: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, Any]:
     """Beam-search pathways of every pixel of every image, plus masses and crossing counts."""
     n, p = pix.shape[:2]
     masses = [torch.zeros(n, p, c) for c in engine.tap_channels]
@@ -280,10 +326,17 @@ def _pathway_run(engine: PixelDiffusion, x: torch.Tensor, pix: torch.Tensor, top
         links.append(res["links"].reshape(e - s, p, *res["links"].shape[1:]).float().cpu())
     chains_t, valid_t = torch.cat(chains), torch.cat(valid)
     img_all = torch.arange(n).repeat_interleave(p)
-    cross = crossing_counts(chains_t.reshape(n * p, *chains_t.shape[2:]), valid_t.reshape(n * p, -1), img_all, n,
-                            engine.tap_channels)  # fmt: skip
-    return {"masses": masses, "chains": chains_t, "log_scores": torch.cat(scores), "valid": valid_t,
-            "links": torch.cat(links), "crossings": cross}  # fmt: skip
+    cross = crossing_counts(
+        chains_t.reshape(n * p, *chains_t.shape[2:]), valid_t.reshape(n * p, -1), img_all, n, engine.tap_channels
+    )
+    return {
+        "masses": masses,
+        "chains": chains_t,
+        "log_scores": torch.cat(scores),
+        "valid": valid_t,
+        "links": torch.cat(links),
+        "crossings": cross,
+    }
 
 
 def _analyse(cfg: DiffusionSettings, inp: _Inputs, clean: dict, flip: torch.Tensor, drop: torch.Tensor) -> dict:
@@ -297,11 +350,18 @@ def _analyse(cfg: DiffusionSettings, inp: _Inputs, clean: dict, flip: torch.Tens
     for t, name in enumerate(names):
         sl = slice(engine.offsets[t], engine.offsets[t + 1])
         m = max(1, min(chans[t] - 1, round(cfg.overlap_fraction * chans[t])))
-        global_overlap[name] = overlap_test(cross[:, sl].sum(0).numpy(), agreement_drop[sl].numpy(), m,
-                                            cfg.permutations, cfg.seed, mass_img[:, sl].sum(0).double().numpy(),
-                                            logp_drop[sl].numpy())  # fmt: skip
-        image_overlap[name] = per_image_overlap(cross[:, sl], mass_img[:, sl], drop[:, sl], m, cfg.permutations,
-                                                cfg.seed)  # fmt: skip
+        global_overlap[name] = overlap_test(
+            cross[:, sl].sum(0).numpy(),
+            agreement_drop[sl].numpy(),
+            m,
+            cfg.permutations,
+            cfg.seed,
+            mass_img[:, sl].sum(0).double().numpy(),
+            logp_drop[sl].numpy(),
+        )
+        image_overlap[name] = per_image_overlap(
+            cross[:, sl], mass_img[:, sl], drop[:, sl], m, cfg.permutations, cfg.seed
+        )
     profiles = split_taps(cross.double(), chans)
     consistency = {
         name: class_similarity(p, inp.classes, inp.num_classes, cfg.permutations, cfg.seed)
@@ -309,14 +369,29 @@ def _analyse(cfg: DiffusionSettings, inp: _Inputs, clean: dict, flip: torch.Tens
     }
     consistency["all"] = class_similarity(profiles, inp.classes, inp.num_classes, cfg.permutations, cfg.seed)
     y1 = F.one_hot(inp.classes, inp.num_classes).double()
-    bank_result = _bank_overlap(cfg.bank, y1.T @ cross.double(), y1.T @ mass_img.double(), chans, names,
-                                inp.class_names, inp.target)  # fmt: skip
-    return {"mass_img": mass_img, "agreement_drop": agreement_drop, "logp_drop": logp_drop, "global": global_overlap,
-            "per_image": image_overlap, "consistency": consistency, "bank": bank_result}  # fmt: skip
+    bank_result = _bank_overlap(
+        cfg.bank, y1.T @ cross.double(), y1.T @ mass_img.double(), chans, names, inp.class_names, inp.target
+    )
+    return {
+        "mass_img": mass_img,
+        "agreement_drop": agreement_drop,
+        "logp_drop": logp_drop,
+        "global": global_overlap,
+        "per_image": image_overlap,
+        "consistency": consistency,
+        "bank": bank_result,
+    }
 
 
-def _bank_overlap(bank_path: str | None, cross_class: torch.Tensor, mass_class: torch.Tensor, channels: Sequence[int],
-                  tap_names: Sequence[str], class_names: Sequence[str], target=None) -> dict:  # fmt: skip
+def _bank_overlap(
+    bank_path: str | None,
+    cross_class: torch.Tensor,
+    mass_class: torch.Tensor,
+    channels: Sequence[int],
+    tap_names: Sequence[str],
+    class_names: Sequence[str],
+    target=None,
+) -> dict:
     """Overlap of each class's most-crossed channels with GEN-CNP's class pathway ``M_c`` (same size per tap).
 
     Args:
@@ -347,18 +422,32 @@ def _perturbations(cfg: DiffusionSettings, inp: _Inputs, pix: torch.Tensor, clea
     n_pp = min(cfg.perturbed_pathways, n)
     chans, names = engine.tap_channels, target.tap_names
     for kind in PERTURBATIONS:
-        xp = torch.cat([perturb(kind, x[s:e], y_hat[s:e], target, cfg.noise_std, cfg.occlusion_size, cfg.fgsm_eps,
-                                cfg.seed + s) for s, e in _chunks(n, 256)])  # fmt: skip
+        xp = torch.cat(
+            [
+                perturb(kind, x[s:e], y_hat[s:e], target, cfg.noise_std, cfg.occlusion_size, cfg.fgsm_eps, cfg.seed + s)
+                for s, e in _chunks(n, 256)
+            ]
+        )
         with torch.no_grad():
             yp = torch.cat([target(xp[s:e]).argmax(1) for s, e in _chunks(n, 256)])
         masses = _masses(engine, xp, pix, cfg.batch_images, cfg.progress, f"masses ({kind})")
         stats[kind] = mass_stats(masses, thresholds)
         entry = {"prediction_changed": float((yp != y_hat).double().mean())}
         if n_pp:
-            run = _pathway_run(engine, xp[:n_pp], pix[:n_pp], cfg.top_k, cfg.beam_width, cfg.batch_images,
-                               cfg.progress, f"pathways ({kind})")  # fmt: skip
-            sims = [F.cosine_similarity(a.double(), b.double(), dim=1)
-                    for a, b in zip(split_taps(run["crossings"], chans), split_taps(clean["crossings"][:n_pp], chans))]  # fmt: skip
+            run = _pathway_run(
+                engine,
+                xp[:n_pp],
+                pix[:n_pp],
+                cfg.top_k,
+                cfg.beam_width,
+                cfg.batch_images,
+                cfg.progress,
+                f"pathways ({kind})",
+            )
+            sims = [
+                F.cosine_similarity(a.double(), b.double(), dim=1)
+                for a, b in zip(split_taps(run["crossings"], chans), split_taps(clean["crossings"][:n_pp], chans))
+            ]
             entry["profile_cosine_to_clean"] = float(torch.stack(sims).mean())
             entry["profile_cosine_to_clean_per_tap"] = {nm: float(s.mean()) for nm, s in zip(names, sims)}
         pert[kind] = entry
@@ -373,22 +462,43 @@ def _perturbations(cfg: DiffusionSettings, inp: _Inputs, pix: torch.Tensor, clea
     return thresholds, stats, pert
 
 
-def _summary(cfg: DiffusionSettings, inp: _Inputs, clean: dict, found: dict, thresholds: list[float], pert: dict,
-             times: dict[str, float]) -> dict:  # fmt: skip
+def _summary(
+    cfg: DiffusionSettings,
+    inp: _Inputs,
+    clean: dict,
+    found: dict,
+    thresholds: list[float],
+    pert: dict,
+    times: dict[str, float],
+) -> dict:
     """The document written to ``diffusion.json``."""
     offs, names, chans = inp.engine.offsets, inp.target.tap_names, inp.engine.tap_channels
     agreement_drop, logp_drop, mass_img = found["agreement_drop"], found["logp_drop"], found["mass_img"]
     cross, consistency = clean["crossings"], found["consistency"]
     return {
         "settings": {
-            "target": cfg.arch, "checkpoint": cfg.checkpoint, "tensor_hash": inp.target.tensor_hash(), "taps": names,
-            "tap_channels": chans, "data": (cfg.data or {}).get("class_path", "gencnp.FashionMNISTDataModule"),
-            "split": cfg.split, "n": inp.x.shape[0], "subset_seed": cfg.seed, "pixels": cfg.pixels,
-            "pixel_rule": cfg.pixel_rule, "top_k": cfg.top_k, "beam_width": cfg.beam_width,
-            "overlap_fraction": cfg.overlap_fraction, "class_source": cfg.class_source,
-            "large_quantile": cfg.large_quantile, "large_thresholds": dict(zip(names, thresholds)),
-            "noise_std": cfg.noise_std, "occlusion_size": cfg.occlusion_size, "fgsm_eps": cfg.fgsm_eps,
-            "perturbed_pathways": min(cfg.perturbed_pathways, inp.x.shape[0]), "permutations": cfg.permutations,
+            "target": cfg.arch,
+            "checkpoint": cfg.checkpoint,
+            "tensor_hash": inp.target.tensor_hash(),
+            "taps": names,
+            "tap_channels": chans,
+            "data": (cfg.data or {}).get("class_path", "gencnp.FashionMNISTDataModule"),
+            "split": cfg.split,
+            "n": inp.x.shape[0],
+            "subset_seed": cfg.seed,
+            "pixels": cfg.pixels,
+            "pixel_rule": cfg.pixel_rule,
+            "top_k": cfg.top_k,
+            "beam_width": cfg.beam_width,
+            "overlap_fraction": cfg.overlap_fraction,
+            "class_source": cfg.class_source,
+            "large_quantile": cfg.large_quantile,
+            "large_thresholds": dict(zip(names, thresholds)),
+            "noise_std": cfg.noise_std,
+            "occlusion_size": cfg.occlusion_size,
+            "fgsm_eps": cfg.fgsm_eps,
+            "perturbed_pathways": min(cfg.perturbed_pathways, inp.x.shape[0]),
+            "permutations": cfg.permutations,
             "torch_threads": torch.get_num_threads(),
             "score_rule": "Markov routing: M_1[c_1]/sum M_1 * prod_l T_l[c_l,c_l+1]/sum_j T_l[c_l,j]",
         },
@@ -399,19 +509,26 @@ def _summary(cfg: DiffusionSettings, inp: _Inputs, clean: dict, found: dict, thr
             "topk_score_sum_mean": float(clean["log_scores"].exp().sum(-1).mean()),
             "distinct_top1_chains": int(torch.unique(clean["chains"][:, :, 0].reshape(-1, len(names)), dim=0).shape[0]),
         },
-        "importance": {name: {"agreement_drop_max": float(agreement_drop[offs[t]:offs[t + 1]].max()),
-                              "agreement_drop_mean": float(agreement_drop[offs[t]:offs[t + 1]].mean())}
-                       for t, name in enumerate(names)},
-        "per_channel": {name: {  # tap order; mass = mean impulse mass per analysed pixel
-            "crossings": cross[:, offs[t]:offs[t + 1]].sum(0).tolist(),
-            "mass": (mass_img[:, offs[t]:offs[t + 1]].double().mean(0) / cfg.pixels).tolist(),
-            "agreement_drop": agreement_drop[offs[t]:offs[t + 1]].tolist(),
-            "logp_drop": logp_drop[offs[t]:offs[t + 1]].tolist()}
-            for t, name in enumerate(names)},
+        "importance": {
+            name: {
+                "agreement_drop_max": float(agreement_drop[offs[t] : offs[t + 1]].max()),
+                "agreement_drop_mean": float(agreement_drop[offs[t] : offs[t + 1]].mean()),
+            }
+            for t, name in enumerate(names)
+        },
+        "per_channel": {
+            name: {  # tap order; mass = mean impulse mass per analysed pixel
+                "crossings": cross[:, offs[t] : offs[t + 1]].sum(0).tolist(),
+                "mass": (mass_img[:, offs[t] : offs[t + 1]].double().mean(0) / cfg.pixels).tolist(),
+                "agreement_drop": agreement_drop[offs[t] : offs[t + 1]].tolist(),
+                "logp_drop": logp_drop[offs[t] : offs[t + 1]].tolist(),
+            }
+            for t, name in enumerate(names)
+        },
         "crossing_vs_importance": {"global": found["global"], "per_image": found["per_image"]},
         "consistency": {k: {kk: vv for kk, vv in v.items() if kk != "matrix"} for k, v in consistency.items()},
         "class_similarity_matrix": consistency["all"]["matrix"],
         "bank": found["bank"],
         "perturbations": pert,
         "seconds": times,
-    }  # fmt: skip
+    }

@@ -113,8 +113,10 @@ def _md_consistency(s: dict) -> list[str]:
     ]
     for t in [*names, "all"]:
         v = c[t]
-        lines.append(f"| {'`' + t + '`' if t != 'all' else 'all taps'} | {v['within']:.3f} | {v['between']:.3f} | "
-                     f"{v['difference']:.3f} | {v['null_mean']:.3f} ± {v['null_std']:.3f} | {_fmt_p(v['p_permutation'], floor)} |")  # fmt: skip
+        lines.append(
+            f"| {'`' + t + '`' if t != 'all' else 'all taps'} | {v['within']:.3f} | {v['between']:.3f} | "
+            f"{v['difference']:.3f} | {v['null_mean']:.3f} ± {v['null_std']:.3f} | {_fmt_p(v['p_permutation'], floor)} |"
+        )
     return lines
 
 
@@ -168,9 +170,11 @@ def _md_bank_and_method(s: dict) -> list[str]:
     if "skipped" in b:
         lines.append(f"Skipped: {b['skipped']}.")
     else:
-        lines.append(f"Bank `{b['path']}`: per class and tap, the most-crossed channels (as many as the class pathway keeps "
-                     f"there) share {b['overlap']} channels with the class pathway; random sets of the same sizes share "
-                     f"{b['chance']:.1f} on average ({b['ratio_to_chance']:.2f}x chance).")  # fmt: skip
+        lines.append(
+            f"Bank `{b['path']}`: per class and tap, the most-crossed channels (as many as the class pathway keeps "
+            f"there) share {b['overlap']} channels with the class pathway; random sets of the same sizes share "
+            f"{b['chance']:.1f} on average ({b['ratio_to_chance']:.2f}x chance)."
+        )
         lines += ["", "| tap | kept channels (sum over classes) | overlap | chance |", "|---|---|---|---|"]
         for t, v in b["per_tap"].items():
             lines.append(f"| `{t}` | {v['size']:.0f} | {v['overlap']:.0f} | {v['chance']:.1f} |")
@@ -196,9 +200,20 @@ def _md_bank_and_method(s: dict) -> list[str]:
     return lines
 
 
-def figures(out: Path, s: dict, consistency: dict, clean: dict, x: torch.Tensor, pix: torch.Tensor,
-            labels: torch.Tensor, y_hat: torch.Tensor, agreement_drop: torch.Tensor, cross: torch.Tensor,
-            class_names: Sequence[str], stats: dict) -> None:  # fmt: skip
+def figures(
+    out: Path,
+    s: dict,
+    consistency: dict,
+    clean: dict,
+    x: torch.Tensor,
+    pix: torch.Tensor,
+    labels: torch.Tensor,
+    y_hat: torch.Tensor,
+    agreement_drop: torch.Tensor,
+    cross: torch.Tensor,
+    class_names: Sequence[str],
+    stats: dict,
+) -> None:
     """The four ``diffusion_*.png`` figures in ``out``."""
     _plot_crossings(out, s, agreement_drop, cross)
     _plot_pixel(out, s, clean, x, pix, labels, y_hat, class_names)
@@ -235,9 +250,11 @@ def _plot_crossings(out: Path, s: dict, agreement_drop: torch.Tensor, cross: tor
             label="most important (causal)",
         )
         g = glob[name]
-        ax.set_title(f"{name}: {g['m']} most crossed vs {g['m']} most important share {g['overlap']} "
-                     f"(chance {g['chance']:.1f}, {_p_phrase(g['p_permutation'], _floor(s))})",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"{name}: {g['m']} most crossed vs {g['m']} most important share {g['overlap']} "
+            f"(chance {g['chance']:.1f}, {_p_phrase(g['p_permutation'], _floor(s))})",
+            fontsize=9,
+        )
         ax.set_xlabel("channel")
         ax.set_ylabel("large pathways crossing")
         ax.legend(fontsize=7, loc="upper right")
@@ -256,8 +273,16 @@ def _plot_crossings(out: Path, s: dict, agreement_drop: torch.Tensor, cross: tor
     save_figure(fig, out / "diffusion_crossings.png", dpi=120, pad_inches=0.1)
 
 
-def _plot_pixel(out: Path, s: dict, clean: dict, x: torch.Tensor, pix: torch.Tensor, labels: torch.Tensor,
-                y_hat: torch.Tensor, class_names: Sequence[str]) -> None:  # fmt: skip
+def _plot_pixel(
+    out: Path,
+    s: dict,
+    clean: dict,
+    x: torch.Tensor,
+    pix: torch.Tensor,
+    labels: torch.Tensor,
+    y_hat: torch.Tensor,
+    class_names: Sequence[str],
+) -> None:
     """One pixel's top pathways across the layers."""
     from matplotlib import cm, colors  # matplotlib only when drawing
     from matplotlib.figure import Figure
@@ -273,8 +298,11 @@ def _plot_pixel(out: Path, s: dict, clean: dict, x: torch.Tensor, pix: torch.Ten
     )
     r, c = pix[i_img, i_pix].tolist()
     ax0.scatter([c], [r], s=120, facecolors="none", edgecolors="red", linewidths=2)
-    ax0.set_title(f"image 0: label {class_names[int(labels[i_img])]}, predicted {class_names[int(y_hat[i_img])]}\n"
-                  f"pixel ({r}, {c}) (most salient)", fontsize=9)  # fmt: skip
+    ax0.set_title(
+        f"image 0: label {class_names[int(labels[i_img])]}, predicted {class_names[int(y_hat[i_img])]}\n"
+        f"pixel ({r}, {c}) (most salient)",
+        fontsize=9,
+    )
     ax0.set_xlabel("column")
     ax0.set_ylabel("row")
     masses = [clean["masses"][t][i_img, i_pix].numpy() for t in range(len(names))]
@@ -300,8 +328,16 @@ def _plot_pixel(out: Path, s: dict, clean: dict, x: torch.Tensor, pix: torch.Ten
         if not valid[k]:
             continue
         ys = [chains[k][t] / max(chans[t] - 1, 1) for t in range(len(names))]
-        ax1.plot(np.arange(len(names)), ys, "-o", color=palette[k], lw=3.0 - 0.4 * k, alpha=0.9, zorder=3,
-                 label=f"#{k + 1} score {np.exp(sc[k]):.2e}: " + " → ".join(str(int(v)) for v in chains[k]))  # fmt: skip
+        ax1.plot(
+            np.arange(len(names)),
+            ys,
+            "-o",
+            color=palette[k],
+            lw=3.0 - 0.4 * k,
+            alpha=0.9,
+            zorder=3,
+            label=f"#{k + 1} score {np.exp(sc[k]):.2e}: " + " → ".join(str(int(v)) for v in chains[k]),
+        )
     ax1.set_xticks(range(len(names)), [f"{n}\n({cc} ch)" for n, cc in zip(names, chans)])
     ax1.set_xlabel("tap (layer)")
     ax1.set_ylabel("channel index / (channels − 1)")

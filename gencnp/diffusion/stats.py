@@ -13,15 +13,28 @@ from tqdm.auto import tqdm
 
 from gencnp.diffusion.engine import PixelDiffusion
 
-__all__ = ["PERTURBATIONS", "select_pixels", "crossing_counts", "channel_importance", "hypergeom_sf", "overlap_test",
-           "class_similarity", "perturb", "auroc", "mass_stats", "split_taps", "per_image_overlap",
-           "class_pathway_overlap"]  # fmt: skip
+__all__ = [
+    "PERTURBATIONS",
+    "select_pixels",
+    "crossing_counts",
+    "channel_importance",
+    "hypergeom_sf",
+    "overlap_test",
+    "class_similarity",
+    "perturb",
+    "auroc",
+    "mass_stats",
+    "split_taps",
+    "per_image_overlap",
+    "class_pathway_overlap",
+]
 
 PERTURBATIONS = ("noise", "occlusion", "fgsm")
 
 
-def select_pixels(forward, x: torch.Tensor, y_hat: torch.Tensor, n_pixels: int, rule: str = "saliency",
-                  seed: int = 0) -> torch.Tensor:  # fmt: skip
+def select_pixels(
+    forward, x: torch.Tensor, y_hat: torch.Tensor, n_pixels: int, rule: str = "saliency", seed: int = 0
+) -> torch.Tensor:
     """Pixels to analyse per image: ``long [B, n_pixels, 2]`` (row, col).
 
     Args:
@@ -48,8 +61,9 @@ def select_pixels(forward, x: torch.Tensor, y_hat: torch.Tensor, n_pixels: int, 
     return torch.stack([flat // big_w, flat % big_w], dim=-1)
 
 
-def crossing_counts(chains: torch.Tensor, valid: torch.Tensor, img: torch.Tensor, n_images: int,
-                    tap_channels: Sequence[int]) -> torch.Tensor:  # fmt: skip
+def crossing_counts(
+    chains: torch.Tensor, valid: torch.Tensor, img: torch.Tensor, n_images: int, tap_channels: Sequence[int]
+) -> torch.Tensor:
     """How many large pathways cross each channel of each tap, per image.
 
     Args:
@@ -71,8 +85,14 @@ def crossing_counts(chains: torch.Tensor, valid: torch.Tensor, img: torch.Tensor
     return out
 
 
-def channel_importance(target, x: torch.Tensor, y_hat: torch.Tensor, engine: PixelDiffusion | None = None,
-                       batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def channel_importance(
+    target,
+    x: torch.Tensor,
+    y_hat: torch.Tensor,
+    engine: PixelDiffusion | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal test: zero one channel of one tap and see what the target does.
 
     Args:
@@ -150,8 +170,15 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / den) if den > 0 else 0.0
 
 
-def overlap_test(crossed: np.ndarray, important: np.ndarray, m: int, permutations: int = 1000, seed: int = 0,
-                 crossed_tiebreak: np.ndarray | None = None, important_tiebreak: np.ndarray | None = None) -> dict:  # fmt: skip
+def overlap_test(
+    crossed: np.ndarray,
+    important: np.ndarray,
+    m: int,
+    permutations: int = 1000,
+    seed: int = 0,
+    crossed_tiebreak: np.ndarray | None = None,
+    important_tiebreak: np.ndarray | None = None,
+) -> dict:
     """Do the ``m`` most-crossed channels of a tap overlap the ``m`` most important ones more than chance?
 
     Args:
@@ -179,11 +206,19 @@ def overlap_test(crossed: np.ndarray, important: np.ndarray, m: int, permutation
         [_spearman(rng.permutation(crossed).astype(np.float64), cont.astype(np.float64)) for _ in range(permutations)]
     )
     return {
-        "m": m, "channels": c, "overlap": obs, "chance": m * m / c, "overlap_fraction": obs / m, "chance_fraction": m / c,
-        "p_hypergeom": hypergeom_sf(obs, c, m, m), "p_permutation": float((1 + (null >= obs).sum()) / (1 + permutations)),
-        "spearman": rho, "spearman_p_permutation": float((1 + (rho_null >= rho).sum()) / (1 + permutations)),
-        "crossed_channels": np.flatnonzero(a).tolist(), "important_channels": np.flatnonzero(b).tolist(),
-    }  # fmt: skip
+        "m": m,
+        "channels": c,
+        "overlap": obs,
+        "chance": m * m / c,
+        "overlap_fraction": obs / m,
+        "chance_fraction": m / c,
+        "p_hypergeom": hypergeom_sf(obs, c, m, m),
+        "p_permutation": float((1 + (null >= obs).sum()) / (1 + permutations)),
+        "spearman": rho,
+        "spearman_p_permutation": float((1 + (rho_null >= rho).sum()) / (1 + permutations)),
+        "crossed_channels": np.flatnonzero(a).tolist(),
+        "important_channels": np.flatnonzero(b).tolist(),
+    }
 
 
 def _class_sums(gram: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,8 +253,13 @@ def _within_between(mat: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, t
     return within, between
 
 
-def class_similarity(profiles: torch.Tensor | list[torch.Tensor], classes: torch.Tensor, num_classes: int,
-                     permutations: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+def class_similarity(
+    profiles: torch.Tensor | list[torch.Tensor],
+    classes: torch.Tensor,
+    num_classes: int,
+    permutations: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Cosine similarity of crossing profiles within vs between classes, with a label-permutation null.
 
     Args:
@@ -246,14 +286,26 @@ def class_similarity(profiles: torch.Tensor | list[torch.Tensor], classes: torch
     null_t = torch.cat(null).double().cpu()
     diff = within - between
     return {
-        "within": within, "between": between, "difference": diff, "null_mean": float(null_t.mean()),
-        "null_std": float(null_t.std()), "p_permutation": float((1 + (null_t >= diff).sum()) / (1 + permutations)),
+        "within": within,
+        "between": between,
+        "difference": diff,
+        "null_mean": float(null_t.mean()),
+        "null_std": float(null_t.std()),
+        "p_permutation": float((1 + (null_t >= diff).sum()) / (1 + permutations)),
         "matrix": mat[0].tolist(),
-    }  # fmt: skip
+    }
 
 
-def perturb(kind: str, x: torch.Tensor, y_hat: torch.Tensor, forward=None, noise_std: float = 0.2,
-            occlusion_size: int = 8, fgsm_eps: float = 0.05, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def perturb(
+    kind: str,
+    x: torch.Tensor,
+    y_hat: torch.Tensor,
+    forward=None,
+    noise_std: float = 0.2,
+    occlusion_size: int = 8,
+    fgsm_eps: float = 0.05,
+    seed: int = 0,
+) -> torch.Tensor:
     """Perturbed copies of ``x [B, C, H, W]`` (normalised input units).
 
     Args:
@@ -308,8 +360,9 @@ def split_taps(t: torch.Tensor, channels: Sequence[int]) -> list[torch.Tensor]:
     return list(torch.split(t, list(channels), dim=-1))
 
 
-def per_image_overlap(cross: torch.Tensor, mass: torch.Tensor, drop: torch.Tensor, m: int, permutations: int,
-                       seed: int) -> dict:  # fmt: skip
+def per_image_overlap(
+    cross: torch.Tensor, mass: torch.Tensor, drop: torch.Tensor, m: int, permutations: int, seed: int
+) -> dict:
     """Per image: overlap of its ``m`` most-crossed channels with its ``m`` most important ones (log p drop).
 
     Baselines: random channel sets (hypergeometric, ``m / C``) and another image's important channels.
@@ -336,14 +389,25 @@ def per_image_overlap(cross: torch.Tensor, mass: torch.Tensor, drop: torch.Tenso
         pair[p] = p.roll(1)
         others.append(float((a & b[pair]).sum()) / (n * m))
     others_t = np.array(others)
-    return {"m": m, "channels": c, "overlap_fraction": mean, "chance_fraction": m / c,
-            "other_image_fraction": float(mism.mean()),
-            "p_permutation": float((1 + (null >= mean).sum()) / (1 + len(null))),
-            "p_vs_other_images": float((1 + (others_t >= mean).sum()) / (1 + len(others_t)))}  # fmt: skip
+    return {
+        "m": m,
+        "channels": c,
+        "overlap_fraction": mean,
+        "chance_fraction": m / c,
+        "other_image_fraction": float(mism.mean()),
+        "p_permutation": float((1 + (null >= mean).sum()) / (1 + len(null))),
+        "p_vs_other_images": float((1 + (others_t >= mean).sum()) / (1 + len(others_t))),
+    }
 
 
-def class_pathway_overlap(pathways: torch.Tensor, cross_class: torch.Tensor, mass_class: torch.Tensor,
-                          channels: Sequence[int], tap_names: Sequence[str], class_names: Sequence[str]) -> dict:  # fmt: skip
+def class_pathway_overlap(
+    pathways: torch.Tensor,
+    cross_class: torch.Tensor,
+    mass_class: torch.Tensor,
+    channels: Sequence[int],
+    tap_names: Sequence[str],
+    class_names: Sequence[str],
+) -> dict:
     """Overlap of each class's most-crossed channels with GEN-CNP's class pathway ``M_c`` (same size per tap).
 
     Args:
@@ -353,8 +417,10 @@ def class_pathway_overlap(pathways: torch.Tensor, cross_class: torch.Tensor, mas
     pathways = torch.as_tensor(pathways).bool().cpu()
     d = int(sum(channels))
     if pathways.dim() != 2 or pathways.shape[1] != d or pathways.shape[0] != cross_class.shape[0]:
-        return {"skipped": f"bank class pathways have shape {tuple(pathways.shape)}, expected [{cross_class.shape[0]}, {d}] "
-                           "for this target; export the bank from the same target"}  # fmt: skip
+        return {
+            "skipped": f"bank class pathways have shape {tuple(pathways.shape)}, expected [{cross_class.shape[0]}, {d}] "
+            "for this target; export the bank from the same target"
+        }
     rows = []
     per_tap: dict[str, dict[str, float]] = {}
     offs = [0, *np.cumsum(channels).tolist()]
@@ -371,8 +437,16 @@ def class_pathway_overlap(pathways: torch.Tensor, cross_class: torch.Tensor, mas
             top = torch.zeros(c, dtype=torch.bool)
             top[key.topk(size).indices] = True
             ov = int((top & mk).sum())
-            rows.append({"class": class_names[k], "tap": name, "size": size, "overlap": ov, "chance": size * size / c,
-                         "p_hypergeom": hypergeom_sf(ov, c, size, size)})  # fmt: skip
+            rows.append(
+                {
+                    "class": class_names[k],
+                    "tap": name,
+                    "size": size,
+                    "overlap": ov,
+                    "chance": size * size / c,
+                    "p_hypergeom": hypergeom_sf(ov, c, size, size),
+                }
+            )
             acc = per_tap.setdefault(name, {"overlap": 0.0, "chance": 0.0, "size": 0.0})
             acc["overlap"] += ov
             acc["chance"] += size * size / c
@@ -381,5 +455,10 @@ def class_pathway_overlap(pathways: torch.Tensor, cross_class: torch.Tensor, mas
         return {"skipped": "every class pathway keeps all or none of a tap's channels; nothing to compare"}
     tot_ov = sum(r["overlap"] for r in rows)
     tot_ch = sum(r["chance"] for r in rows)
-    return {"rows": rows, "per_tap": per_tap, "overlap": tot_ov, "chance": tot_ch,
-            "ratio_to_chance": tot_ov / tot_ch if tot_ch else float("nan")}
+    return {
+        "rows": rows,
+        "per_tap": per_tap,
+        "overlap": tot_ov,
+        "chance": tot_ch,
+        "ratio_to_chance": tot_ov / tot_ch if tot_ch else float("nan"),
+    }

@@ -24,4 +24,13 @@ from gencnp.report.passes import BASELINES
 from gencnp.report.run import report
 from gencnp.report.summaries import BETTER, CI_KEYS, ci_keys, paired_bootstrap, same_class_partners
 
-__all__ = ["report", "paired_bootstrap", "CI_KEYS", "BASELINES", "BETTER", "TABLE_KEYS", "ci_keys", "same_class_partners"]
+__all__ = [
+    "report",
+    "paired_bootstrap",
+    "CI_KEYS",
+    "BASELINES",
+    "BETTER",
+    "TABLE_KEYS",
+    "ci_keys",
+    "same_class_partners",
+]

@@ -59,8 +59,9 @@ class Evaluator:
             start += len(x)
             yield rows, x, labels
 
-    def batch(self, pos: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
-              y_hat: torch.Tensor) -> Batch:  # fmt: skip
+    def batch(
+        self, pos: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, y_hat: torch.Tensor
+    ) -> Batch:
         """A ``Batch`` with its control inputs."""
         return Batch(pos, x, labels, logits, y_hat, self.model.control_inputs(x, y_hat))
 
@@ -73,8 +74,9 @@ class Evaluator:
         """Per image: does ``x`` through ``pathway`` give ``classes``?"""
         return self.masked_forward(x, pathway).argmax(1) == classes
 
-    def measure(self, res: Results, b: Batch, pathway: torch.Tensor, seconds: float,
-                masked: torch.Tensor | None = None) -> None:  # fmt: skip
+    def measure(
+        self, res: Results, b: Batch, pathway: torch.Tensor, seconds: float, masked: torch.Tensor | None = None
+    ) -> None:
         """Masked prediction (timed into ``seconds`` unless given as ``masked``), controls and per-sample metrics of
         ``pathway`` on ``b``, added to ``res``."""
         if masked is None:
@@ -86,8 +88,15 @@ class Evaluator:
         vals = per_sample(b.logits, masked, b.y_hat, pathway, b.labels, **ctrl)
         res.add(b.pos, vals, pathway, b.y_hat, seconds)
 
-    def run_baseline(self, m: str, res: dict[tuple[str, str], Results], b: Batch, counts: torch.Tensor,
-                     keep_fraction: float, opts: dict) -> torch.Tensor:  # fmt: skip
+    def run_baseline(
+        self,
+        m: str,
+        res: dict[tuple[str, str], Results],
+        b: Batch,
+        counts: torch.Tensor,
+        keep_fraction: float,
+        opts: dict,
+    ) -> torch.Tensor:
         """Baseline ``m`` on ``b``: scores (timed once), then its matched (per-tap ``counts``) and native pathways,
         each measured into ``res[m, setting]``. Returns the scores ``[B, D]`` (for the curves)."""
         with Timer(self.dev) as t_scores:

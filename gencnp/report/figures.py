@@ -46,8 +46,11 @@ def plot_null(path: Path, r: dict) -> str:
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(y, [n for n, _ in entries], fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle(f"Null-input forcing ({r['provenance']['split']} split; black tick: chance, the unmasked target on the "
-                 "same inputs)", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Null-input forcing ({r['provenance']['split']} split; black tick: chance, the unmasked target on the "
+        "same inputs)",
+        fontsize=10,
+    )
     save_figure(fig, path, dpi=110)
     return str(path)
 
@@ -60,8 +63,15 @@ def plot_curves(path: Path, r: dict) -> str:
     """
     from matplotlib.figure import Figure  # matplotlib only when drawing
 
-    colors = {"gencnp": "C0", "random": "C7", "neuron_mct": "C1", "neuron_intgrad": "C2", "dgr": "C3", "transfer": "C4",
-              "class_lookup": "C5"}
+    colors = {
+        "gencnp": "C0",
+        "random": "C7",
+        "neuron_mct": "C1",
+        "neuron_intgrad": "C2",
+        "dgr": "C3",
+        "transfer": "C4",
+        "class_lookup": "C5",
+    }
     groups = [("matched", r["methods"]), ("native", r["methods_native"])]
     groups += [("class pathway", {"transfer": r["transfer"]})] if r["transfer"] else []
     bars = []  # (label, entry, color)
@@ -85,17 +95,43 @@ def plot_curves(path: Path, r: dict) -> str:
             label = f"GEN-CNP (score threshold {ts[-1]:g} ... {ts[0]:g}, left to right)"
         else:
             label = f"{m} (global kept percentile)"
-        ax.plot([q["kept_mean"] for q in ps], [q["agreement"] for q in ps], "o-", color=colors[m], label=label,
-                lw=2.2 if m == "gencnp" else 1.4, zorder=3 if m == "gencnp" else 2, clip_on=False)  # fmt: skip
+        ax.plot(
+            [q["kept_mean"] for q in ps],
+            [q["agreement"] for q in ps],
+            "o-",
+            color=colors[m],
+            label=label,
+            lw=2.2 if m == "gencnp" else 1.4,
+            zorder=3 if m == "gencnp" else 2,
+            clip_on=False,
+        )
     sub = r["subset"]
     dgr = (sub.get("methods_native") or {}).get("dgr")
     if dgr:
-        ax.plot(dgr["kept_mean"], dgr["agreement"], "D", color=colors["dgr"], ms=9, mec="k", label="dgr native (gates > 0)",
-                zorder=5, clip_on=False)  # fmt: skip
+        ax.plot(
+            dgr["kept_mean"],
+            dgr["agreement"],
+            "D",
+            color=colors["dgr"],
+            ms=9,
+            mec="k",
+            label="dgr native (gates > 0)",
+            zorder=5,
+            clip_on=False,
+        )
     if sub.get("transfer"):
         t = sub["transfer"]
-        ax.plot(t["kept_mean"], t["agreement"], "*", color=colors["transfer"], ms=17, mec="k",
-                label="transfer (class pathways)", zorder=5, clip_on=False)  # fmt: skip
+        ax.plot(
+            t["kept_mean"],
+            t["agreement"],
+            "*",
+            color=colors["transfer"],
+            ms=17,
+            mec="k",
+            label="transfer (class pathways)",
+            zorder=5,
+            clip_on=False,
+        )
     ax.set_xlabel("kept fraction of the D tap channels")
     ax.set_ylabel("agreement (masked argmax = class source)")
     ax.set_title(f"Agreement vs kept ({sub['images']})", fontsize=10)
@@ -110,8 +146,15 @@ def plot_curves(path: Path, r: dict) -> str:
     zero = [b[1].get("zero_forcing") for b in bars]
     cols = [b[2] for b in bars]
     ax2.barh(y - h / 2, swap, h, color=cols, label="swap forcing (another class's image)")
-    ax2.barh(y + h / 2, [z if z is not None else 0 for z in zero], h, color=cols, alpha=0.45, hatch="//",
-             label="zero forcing (all-zero image)")  # fmt: skip
+    ax2.barh(
+        y + h / 2,
+        [z if z is not None else 0 for z in zero],
+        h,
+        color=cols,
+        alpha=0.45,
+        hatch="//",
+        label="zero forcing (all-zero image)",
+    )
     for yi, s, z in zip(y, swap, zero):
         ax2.text(min(s, 0.9) + 0.01, yi - h / 2, f"{s:.2f}", va="center", fontsize=7)
         if z is not None:
@@ -186,8 +229,19 @@ def plot_bank(path: Path, bank) -> str:
     return str(path)
 
 
-def plot_attribution(path: Path, model, dataset, y_hat: torch.Tensor, labels: torch.Tensor, pathways: torch.Tensor,
-                     class_paths: torch.Tensor | None, class_names: list[str], per_class: int, fills, dev) -> str:  # fmt: skip
+def plot_attribution(
+    path: Path,
+    model,
+    dataset,
+    y_hat: torch.Tensor,
+    labels: torch.Tensor,
+    pathways: torch.Tensor,
+    class_paths: torch.Tensor | None,
+    class_names: list[str],
+    per_class: int,
+    fills,
+    dev,
+) -> str:
     """Per predicted class ``per_class`` images: pathway gradient and Grad-CAM of the unmasked target, through
     GEN-CNP's pathway and through the class pathway (with a bank). Returns ``''`` when no image was picked."""
     from matplotlib import cm  # matplotlib only when drawing
@@ -246,10 +300,22 @@ def plot_attribution(path: Path, model, dataset, y_hat: torch.Tensor, labels: to
             axes[0, s * block + 1 + v].set_title(f"grad\n{short[name]}", fontsize=8)
             axes[0, s * block + 1 + nv + v].set_title(f"Grad-CAM\n{short[name]}", fontsize=8)
     # The colour bar added last sits nearest the grid: gradients (the left columns) there, Grad-CAM below.
-    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"), ax=axes, location="bottom", shrink=0.4, aspect=40,
-                 label="Grad-CAM of H(x; m) at the last tap (each sample's maps share one scale)")  # fmt: skip
-    fig.colorbar(cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"), ax=axes, location="bottom", shrink=0.4, aspect=40,
-                 label="pathway gradient dS(y)/dx, signed (each sample's maps share one scale)")  # fmt: skip
+    fig.colorbar(
+        cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"),
+        ax=axes,
+        location="bottom",
+        shrink=0.4,
+        aspect=40,
+        label="Grad-CAM of H(x; m) at the last tap (each sample's maps share one scale)",
+    )
+    fig.colorbar(
+        cm.ScalarMappable(mcolors.Normalize(-1, 1), "RdBu_r"),
+        ax=axes,
+        location="bottom",
+        shrink=0.4,
+        aspect=40,
+        label="pathway gradient dS(y)/dx, signed (each sample's maps share one scale)",
+    )
     fig.suptitle(
         f"Attribution through pathways: {per_class} test image(s) per predicted class (row); unmasked target vs "
         "GEN-CNP pathway vs class pathway",

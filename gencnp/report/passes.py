@@ -110,8 +110,15 @@ def gencnp_pass(ev: Evaluator, sp: Split, res: dict[tuple[str, str], Results], b
         parts["scores"].append(ex["scores"].float().cpu())
     gen.finish()
     pathways = torch.cat(parts["pathway"])
-    return GenPass(torch.cat(parts["logits"]), torch.cat(parts["y_hat"]), torch.cat(parts["labels"]), pathways,
-                   torch.cat(parts["scores"]), tap_counts(pathways, ev.chans), float(pathways.double().mean()))  # fmt: skip
+    return GenPass(
+        torch.cat(parts["logits"]),
+        torch.cat(parts["y_hat"]),
+        torch.cat(parts["labels"]),
+        pathways,
+        torch.cat(parts["scores"]),
+        tap_counts(pathways, ev.chans),
+        float(pathways.double().mean()),
+    )
 
 
 def add_results(res: dict[tuple[str, str], Results], sp: Split) -> None:
@@ -121,14 +128,19 @@ def add_results(res: dict[tuple[str, str], Results], sp: Split) -> None:
         res[m, "matched"] = Results(m, "GEN-CNP's per-sample and per-tap kept counts", images)
         res[m, "native"] = Results(m, METHODS[m].native, images)
     if sp.bank is not None:
-        res["transfer", "matched"] = Results("transfer", f"class pathway M_c = f_c >= tau (tau = {sp.bank.tau:g}) of the "
-                                             "predicted class", sp.all_images)  # fmt: skip
-        res["class_lookup", "matched"] = Results("class_lookup", "the predicted class's channels ranked by the bank's "
-                                                 "f_c, GEN-CNP's per-sample and per-tap kept counts", sp.all_images)  # fmt: skip
+        res["transfer", "matched"] = Results(
+            "transfer", f"class pathway M_c = f_c >= tau (tau = {sp.bank.tau:g}) of the predicted class", sp.all_images
+        )
+        res["class_lookup", "matched"] = Results(
+            "class_lookup",
+            "the predicted class's channels ranked by the bank's f_c, GEN-CNP's per-sample and per-tap kept counts",
+            sp.all_images,
+        )
 
 
-def full_pass(ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], Results], fractions: list[float],
-              batch_size: int) -> tuple[torch.Tensor, dict[float, list[torch.Tensor]]]:  # fmt: skip
+def full_pass(
+    ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], Results], fractions: list[float], batch_size: int
+) -> tuple[torch.Tensor, dict[float, list[torch.Tensor]]]:
     """Pass 2: the cheap baselines, transfer, the class lookup and the lookup frontier on every image.
 
     Returns NeuronMCT's scores ``[N, D]`` and the frontier's hits: per share of GEN-CNP's counts, per image
@@ -148,14 +160,22 @@ def full_pass(ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], 
                 c = torch.round(counts.double() * f).long()
                 own = topk_per_tap(gp.scores[pos].to(ev.dev), c, ev.chans)
                 look = topk_per_tap(sp.class_freq[b.y_hat], c, ev.chans)
-                hits[f].append(torch.stack([ev.keeps_class(x, own, b.y_hat).double().cpu(),
-                                            ev.keeps_class(x, look, b.y_hat).double().cpu(),
-                                            own.double().mean(1).cpu()], dim=1))  # fmt: skip
+                hits[f].append(
+                    torch.stack(
+                        [
+                            ev.keeps_class(x, own, b.y_hat).double().cpu(),
+                            ev.keeps_class(x, look, b.y_hat).double().cpu(),
+                            own.double().mean(1).cpu(),
+                        ],
+                        dim=1,
+                    )
+                )
     return mct_scores, hits
 
 
-def _class_pathways(ev: Evaluator, sp: Split, res: dict[tuple[str, str], Results], b: Batch,
-                    counts: torch.Tensor) -> None:  # fmt: skip
+def _class_pathways(
+    ev: Evaluator, sp: Split, res: dict[tuple[str, str], Results], b: Batch, counts: torch.Tensor
+) -> None:
     """Transfer (the predicted class's pathway ``M_c``) and the class lookup (its ``f_c`` at GEN-CNP's counts)."""
     with Timer(ev.dev) as tm:
         p = sp.class_paths[b.y_hat]
@@ -165,8 +185,16 @@ def _class_pathways(ev: Evaluator, sp: Split, res: dict[tuple[str, str], Results
     ev.measure(res["class_lookup", "matched"], b, p, tm.seconds)
 
 
-def subset_pass(ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], Results], mct_scores: torch.Tensor,
-                opts: dict[str, dict], curves: Curves, batch_size: int) -> torch.Tensor:  # fmt: skip
+def subset_pass(
+    ev: Evaluator,
+    sp: Split,
+    gp: GenPass,
+    res: dict[tuple[str, str], Results],
+    mct_scores: torch.Tensor,
+    opts: dict[str, dict],
+    curves: Curves,
+    batch_size: int,
+) -> torch.Tensor:
     """Pass 3: the expensive baselines (options ``opts[method]``) on the subset, and the ``curves`` there.
 
     Returns the subset's images ``[n_sub, C, H, W]`` (on the CPU)."""
@@ -182,7 +210,10 @@ def subset_pass(ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str]
         for m in SUB_METHODS:
             scores = ev.run_baseline(m, res, b, counts, gp.keep_fraction, opts[m])
             extra_scores[m][rows] = scores.float().cpu()
-        ranked = {"random": torch.rand(len(x), sum(ev.chans), generator=ev.g_rand, device=ev.dev),
-                  "neuron_mct": mct_scores[pos].to(ev.dev), **{m: extra_scores[m][rows].to(ev.dev) for m in SUB_METHODS}}  # fmt: skip
+        ranked = {
+            "random": torch.rand(len(x), sum(ev.chans), generator=ev.g_rand, device=ev.dev),
+            "neuron_mct": mct_scores[pos].to(ev.dev),
+            **{m: extra_scores[m][rows].to(ev.dev) for m in SUB_METHODS},
+        }
         curves.add(ev, b, gp.scores[pos].to(ev.dev), ranked)
     return torch.cat(x_sub)

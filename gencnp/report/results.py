@@ -26,8 +26,14 @@ class Results:
         self.seconds = 0.0
         self.vals: dict[str, torch.Tensor] = {}
 
-    def add(self, pos: torch.Tensor, vals: dict[str, torch.Tensor], pathway: torch.Tensor, classes: torch.Tensor,
-            seconds: float) -> None:  # fmt: skip
+    def add(
+        self,
+        pos: torch.Tensor,
+        vals: dict[str, torch.Tensor],
+        pathway: torch.Tensor,
+        classes: torch.Tensor,
+        seconds: float,
+    ) -> None:
         for k, v in vals.items():
             self._vals[k].append(v.cpu())
         self._paths.append(pathway.bool().cpu())

@@ -42,15 +42,32 @@ __all__ = ["report"]
 
 
 def report(
-    generator: str = "runs/fashion_mnist/gencnp/best.ckpt", bank: str | None = "runs/fashion_mnist/bank.safetensors",
-    data: ImageDataModule | None = None, out_dir: str = "runs/fashion_mnist/eval", target_checkpoint: str | None = None,
-    split: str = "test", subset_n: int = 1000, subset_seed: int = 0, batch_size: int = 500, grad_batch_size: int = 100,
-    bootstrap_samples: int = 1000, seed: int = 0, device: str = "cpu",
-    intgrad_steps: int = 11, dgr_steps: int = 30, dgr_lr: float = 0.1, dgr_momentum: float = 0.9, dgr_l1: float = 0.05,
-    curve_thresholds: list[float] | None = None, curve_kept: list[float] | None = None, samples_per_class: int = 2,
-    limit: int | None = None, threads: int | None = None, progress: bool = True,
+    generator: str = "runs/fashion_mnist/gencnp/best.ckpt",
+    bank: str | None = "runs/fashion_mnist/bank.safetensors",
+    data: ImageDataModule | None = None,
+    out_dir: str = "runs/fashion_mnist/eval",
+    target_checkpoint: str | None = None,
+    split: str = "test",
+    subset_n: int = 1000,
+    subset_seed: int = 0,
+    batch_size: int = 500,
+    grad_batch_size: int = 100,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    device: str = "cpu",
+    intgrad_steps: int = 11,
+    dgr_steps: int = 30,
+    dgr_lr: float = 0.1,
+    dgr_momentum: float = 0.9,
+    dgr_l1: float = 0.05,
+    curve_thresholds: list[float] | None = None,
+    curve_kept: list[float] | None = None,
+    samples_per_class: int = 2,
+    limit: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
     lookup_fractions: list[float] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
 
     Every method is measured at GEN-CNP's per-sample **and** per-tap kept counts (``methods``) and at its own
@@ -123,8 +140,16 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
         raise ValueError(f"lookup_fractions must lie in (0, 1] (shares of GEN-CNP's per-tap counts), got {fractions}.")
     mct_scores, hits = full_pass(ev, sp, gp, res, fractions, o.batch_size)
     ev.lap("random_neuron_mct_transfer")
-    x_sub = subset_pass(ev, sp, gp, res, mct_scores, {"neuron_intgrad": {"steps": o.intgrad_steps}, "dgr": _dgr_opts(o)},
-                        curves, o.grad_batch_size)  # fmt: skip
+    x_sub = subset_pass(
+        ev,
+        sp,
+        gp,
+        res,
+        mct_scores,
+        {"neuron_intgrad": {"steps": o.intgrad_steps}, "dgr": _dgr_opts(o)},
+        curves,
+        o.grad_batch_size,
+    )
     for r in res.values():
         r.finish()
     ev.lap("neuron_intgrad_dgr_curves")
@@ -152,8 +177,14 @@ def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
     """Refuse bad options and missing inputs before any work. Returns the curves' thresholds and kept fractions."""
     if o.split not in ("test", "val"):
         raise ValueError(f"split must be 'test' (or 'val' for development), got '{o.split}'.")
-    for name, lo in (("subset_n", 1), ("batch_size", 1), ("grad_batch_size", 1), ("bootstrap_samples", 10),
-                     ("intgrad_steps", 2), ("samples_per_class", 0)):  # fmt: skip
+    for name, lo in (
+        ("subset_n", 1),
+        ("batch_size", 1),
+        ("grad_batch_size", 1),
+        ("bootstrap_samples", 10),
+        ("intgrad_steps", 2),
+        ("samples_per_class", 0),
+    ):
         if getattr(o, name) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {getattr(o, name)}.")
     thresholds = list(o.curve_thresholds or (0.3, 0.4, 0.5, 0.6, 0.7))
@@ -163,8 +194,10 @@ def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
             f"curve_thresholds must lie in (0, 1) and curve_kept in [0, 1]; got {thresholds} and {kept_grid}."
         )
     if not Path(o.generator).is_file():
-        raise FileNotFoundError(f"generator checkpoint '{o.generator}' does not exist; train one with "
-                                "python train.py fit --config configs/fashion_mnist/gencnp.yaml, or fix the path.")  # fmt: skip
+        raise FileNotFoundError(
+            f"generator checkpoint '{o.generator}' does not exist; train one with "
+            "python train.py fit --config configs/fashion_mnist/gencnp.yaml, or fix the path."
+        )
     if o.bank is not None and not Path(o.bank).is_file():
         raise FileNotFoundError(
             f"pathway bank '{o.bank}' does not exist; export it with python train.py predict --config "
@@ -207,18 +240,44 @@ def _load(o: SimpleNamespace, dev: torch.device, t_start: float) -> tuple[Evalua
     subset_pos = torch.sort(torch.randperm(n_all, generator=g_sub)[: min(o.subset_n, n_all)]).values
     all_images = f"all {n_all} {o.split} images" + (f" (first {n_all}, limit)" if o.limit is not None else "")
     sub_images = f"seeded subset of {len(subset_pos)} {o.split} images (seed {o.subset_seed})"
-    return ev, Split(data, dataset, n_all, class_names, subset_pos, all_images, sub_images, bank,
-                     bank.class_pathways().to(dev) if bank is not None else None,
-                     bank.frequencies().to(dev) if bank is not None else None)  # fmt: skip
+    return ev, Split(
+        data,
+        dataset,
+        n_all,
+        class_names,
+        subset_pos,
+        all_images,
+        sub_images,
+        bank,
+        bank.class_pathways().to(dev) if bank is not None else None,
+        bank.frequencies().to(dev) if bank is not None else None,
+    )
 
 
-def _result(o: SimpleNamespace, ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], Results],
-            curves: Curves, same_class: dict, hits: dict[float, list[torch.Tensor]]) -> dict[str, Any]:  # fmt: skip
+def _result(
+    o: SimpleNamespace,
+    ev: Evaluator,
+    sp: Split,
+    gp: GenPass,
+    res: dict[tuple[str, str], Results],
+    curves: Curves,
+    same_class: dict,
+    hits: dict[float, list[torch.Tensor]],
+) -> dict[str, Any]:
     """The content of ``report.json`` but figures and timings: entries, comparisons, curves and provenance."""
     model, bank = ev.model, sp.bank
     settings = method_settings(model, bank, gp.keep_fraction, o.intgrad_steps, _dgr_opts(o), ev.fills is not None)
-    entries = Entries(res, sp.subset_pos, sp.sub_images, model.target.tap_names, ev.chans, settings,
-                      o.bootstrap_samples, o.seed, o.progress)  # fmt: skip
+    entries = Entries(
+        res,
+        sp.subset_pos,
+        sp.sub_images,
+        model.target.tap_names,
+        ev.chans,
+        settings,
+        o.bootstrap_samples,
+        o.seed,
+        o.progress,
+    )
     block = entries.block
     names = ["gencnp", *BASELINES]
     matched_names = names + (["class_lookup"] if bank is not None else [])
@@ -250,8 +309,15 @@ def _result(o: SimpleNamespace, ev: Evaluator, sp: Split, gp: GenPass, res: dict
     }
 
 
-def _figures(out: Path, result: dict, ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], Results],
-             samples_per_class: int) -> dict[str, str]:  # fmt: skip
+def _figures(
+    out: Path,
+    result: dict,
+    ev: Evaluator,
+    sp: Split,
+    gp: GenPass,
+    res: dict[tuple[str, str], Results],
+    samples_per_class: int,
+) -> dict[str, str]:
     """Draw the figures into ``out``; returns figure name -> file name."""
     figures = {}
     figures["agreement_vs_kept"] = plot_curves(out / "agreement_vs_kept.png", result)
@@ -262,6 +328,16 @@ def _figures(out: Path, result: dict, ev: Evaluator, sp: Split, gp: GenPass, res
         figures["bank_heatmap"] = plot_bank(out / "bank_heatmap.png", sp.bank)
     if samples_per_class > 0:
         figures["attribution_grid"] = plot_attribution(
-            out / "attribution_grid.png", ev.model, sp.dataset, gp.y_hat, gp.labels, gp.pathways, sp.class_paths,
-            sp.class_names, samples_per_class, ev.fills, ev.dev)  # fmt: skip
+            out / "attribution_grid.png",
+            ev.model,
+            sp.dataset,
+            gp.y_hat,
+            gp.labels,
+            gp.pathways,
+            sp.class_paths,
+            sp.class_names,
+            samples_per_class,
+            ev.fills,
+            ev.dev,
+        )
     return {k: Path(v).name for k, v in figures.items() if v}

@@ -14,19 +14,41 @@ from gencnp.metrics import null_families_of
 from gencnp.report.evaluator import Evaluator
 from gencnp.report.results import Results
 
-__all__ = ["BETTER", "CI_KEYS", "Entries", "ci_keys", "compare", "frontier_rows", "paired_bootstrap",
-           "same_class_partners", "same_class_transfer"]  # fmt: skip
+__all__ = [
+    "BETTER",
+    "CI_KEYS",
+    "Entries",
+    "ci_keys",
+    "compare",
+    "frontier_rows",
+    "paired_bootstrap",
+    "same_class_partners",
+    "same_class_transfer",
+]
 
 # Key comparisons: report key -> per-sample value of gencnp.metrics.per_sample, and which direction is better.
-CI_KEYS = {"agreement": "agree", "kept_mean": "kept", "swap_forcing": "swap_forced", "zero_forcing": "zero_forced",
-           "necessity": "necessity", "mDC": "dc"}  # fmt: skip
-BETTER = {"agreement": "higher", "kept_mean": "lower", "swap_forcing": "lower", "zero_forcing": "lower",
-          "necessity": "lower", "mDC": "lower"}  # fmt: skip
+CI_KEYS = {
+    "agreement": "agree",
+    "kept_mean": "kept",
+    "swap_forcing": "swap_forced",
+    "zero_forcing": "zero_forced",
+    "necessity": "necessity",
+    "mDC": "dc",
+}
+BETTER = {
+    "agreement": "higher",
+    "kept_mean": "lower",
+    "swap_forcing": "lower",
+    "zero_forcing": "lower",
+    "necessity": "lower",
+    "mDC": "lower",
+}
 
 
 # ----- paired bootstrap -----
-def paired_bootstrap(diffs: torch.Tensor, n_boot: int = 1000, seed: int = 0, chunk: int = 100,
-                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def paired_bootstrap(
+    diffs: torch.Tensor, n_boot: int = 1000, seed: int = 0, chunk: int = 100, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Percentile 95% intervals of mean paired differences, vectorised over resamples and comparisons.
 
     Each resample draws ``N`` images with replacement (the same draw for every column, so columns stay paired);
@@ -101,8 +123,18 @@ class Entries:
     subset at ``subset_pos``. Comparisons on all images use bootstrap seed ``seed``, those on the subset ``seed + 1``.
     """
 
-    def __init__(self, res: dict[tuple[str, str], Results], subset_pos: torch.Tensor, sub_images: str,
-                 taps: Sequence[str], chans: Sequence[int], settings: dict, n_boot: int, seed: int, progress: bool):  # fmt: skip
+    def __init__(
+        self,
+        res: dict[tuple[str, str], Results],
+        subset_pos: torch.Tensor,
+        sub_images: str,
+        taps: Sequence[str],
+        chans: Sequence[int],
+        settings: dict,
+        n_boot: int,
+        seed: int,
+        progress: bool,
+    ):
         self.res, self.subset_pos, self.sub_images = res, subset_pos, sub_images
         self.taps, self.chans, self.settings = taps, chans, settings
         self.gen = res["gencnp", "matched"]
@@ -149,9 +181,17 @@ def frontier_rows(hits: dict[float, list[torch.Tensor]], n_boot: int, seed: int)
     for f, parts in hits.items():
         h = torch.cat(parts)
         mean, lo, hi = paired_bootstrap((h[:, 0] - h[:, 1])[:, None], n_boot, seed)
-        rows.append({"fraction": f, "n": len(h), "kept_mean": float(h[:, 2].mean()), "gencnp_agreement": float(h[:, 0].mean()),
-                     "lookup_agreement": float(h[:, 1].mean()), "gencnp_minus_lookup": float(mean[0]),
-                     "ci95": [float(lo[0]), float(hi[0])]})  # fmt: skip
+        rows.append(
+            {
+                "fraction": f,
+                "n": len(h),
+                "kept_mean": float(h[:, 2].mean()),
+                "gencnp_agreement": float(h[:, 0].mean()),
+                "lookup_agreement": float(h[:, 1].mean()),
+                "gencnp_minus_lookup": float(mean[0]),
+                "ci95": [float(lo[0]), float(hi[0])],
+            }
+        )
     return rows
 
 
@@ -167,8 +207,14 @@ def same_class_partners(classes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def same_class_transfer(ev: Evaluator, res: dict[tuple[str, str], Results], subset_pos: torch.Tensor,
-                        x_sub: torch.Tensor, y_sub: torch.Tensor, batch_size: int) -> dict[str, dict]:  # fmt: skip
+def same_class_transfer(
+    ev: Evaluator,
+    res: dict[tuple[str, str], Results],
+    subset_pos: torch.Tensor,
+    x_sub: torch.Tensor,
+    y_sub: torch.Tensor,
+    batch_size: int,
+) -> dict[str, dict]:
     """Input specificity: each subset image's pathway applied to the next subset image of the same predicted class.
 
     A pathway that explains its own input should keep the class less often on another image of the class than on
