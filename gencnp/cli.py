@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import lightning as L
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import gencnp  # noqa: F401  (registers targets and makes class paths importable)
+from gencnp.callbacks.preemption import EXIT_INTERRUPTED, PreemptionCheckpoint, deferred_sigterm
 from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint, read_checkpoint
 from gencnp.preflight import ConfigHintParser, preflight
 from gencnp.tracking import ConfigSaver, check_loggers  # a missing tracker package fails in check_loggers
@@ -78,6 +81,9 @@ class GenCNPCLI(LightningCLI):
         for cb in trainer.callbacks:
             if type(cb) is LightningModelCheckpoint:
                 cb.__class__ = ModelCheckpoint  # same state_key: checkpoints stay interchangeable
+        # A signal (SIGTERM from a scheduler, Ctrl+C) saves the exact step and exits 75: gencnp.callbacks.preemption.
+        if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -120,7 +126,31 @@ def importable_cwd() -> None:
         sys.path.insert(0, cwd)
 
 
-def main(args=None) -> GenCNPCLI:
-    importable_cwd()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
-    return GenCNPCLI(args=args)
+
+def main(args=None) -> GenCNPCLI:
+    """``python train.py``. Exit status 75 (``EXIT_INTERRUPTED``) when a signal stopped the run: a fit saved its
+    step to ``last.ckpt`` and resumes with ``--ckpt_path last``. A full disk (or file-size limit) is one line on
+    stderr and exit status 1; the files written before are whole (every writer replaces files atomically)."""
+    importable_cwd()
+    with deferred_sigterm() as received:
+        try:
+            cli = GenCNPCLI(args=args)
+        except SIGTERMException:  # Lightning's SystemExit with status 0: the stage must not pass for finished
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            print(f"train.py: stopped: {err.strerror or err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+    if received:
+        # A SIGTERM that arrived when no step was left to stop (after training, or between stages of the CLI).
+        print(
+            "interrupted: SIGTERM received after the run's last step; its outputs are written. Exit status "
+            f"{EXIT_INTERRUPTED}: a rerun with --ckpt_path last finishes at once.",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_INTERRUPTED)
+    return cli

@@ -100,12 +100,14 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            limit = err.errno == errno.EFBIG
+            why = "the file size limit (ulimit -f) was reached" if limit else "no space left on the device (or quota)"
+            fix = "Raise the limit (ulimit -f)" if limit else f"Free space in '{directory}'"
             raise OSError(
                 err.errno,
-                f"no space left on the device (or quota exceeded) while writing '{path}' ({len(data)} bytes); the "
-                f"previous file is unchanged and no partial file was left. Free space in '{directory}', or choose "
-                "an output folder on another disk",
+                f"{why} while writing '{path}' ({len(data)} bytes); the previous file is unchanged and no partial "
+                f"file was left. {fix}, or choose an output folder on another disk",
                 str(path),
             ) from err
         raise
