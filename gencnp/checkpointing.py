@@ -103,7 +103,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     run's final weights are in no file at all. Here ``last.ckpt`` is also written after every validation (or every
     training epoch when it saves at epoch ends) and when training ends, whenever it does not hold that step yet.
     A run whose ``max_steps`` ends before its first validation validates at its last step, so it writes its
-    monitored checkpoint too. Everything else (top-k files, ``save_last: link``, the callback's state in checkpoints)
+    monitored checkpoint too. A resumed run restores the latest top-k score as well (Lightning leaves it ``None``). Everything else (top-k files, ``save_last: link``, the callback's state in checkpoints)
     is Lightning's.
     """
 
@@ -121,10 +121,19 @@ class ModelCheckpoint(LightningModelCheckpoint):
             or trainer.check_val_every_n_epoch not in (1, None)
         ):
             return
-        batches = (steps - trainer.global_step) * trainer.accumulate_grad_batches
+        # The epoch's batch index at max_steps (counted from the epoch start, as Lightning counts val checks): the
+        # same in a run resumed mid-epoch as in the uninterrupted one.
+        batches = steps * trainer.accumulate_grad_batches
         check = trainer.val_check_batch
         if trainer.current_epoch == 0 and isinstance(check, (int, float)) and 0 < batches < check:
             trainer.val_check_batch = batches
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Lightning restores everything but the score of the latest top-k check: without it, a resumed run's next
+        # checkpoint would differ from the uninterrupted run's (metadata only; weights are equal either way).
+        if self.dirpath == state_dict.get("dirpath", self.dirpath) and "current_score" in state_dict:
+            self.current_score = state_dict["current_score"]
 
     def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
