@@ -38,12 +38,14 @@ A failure is one message and exit code 2; an ``OSError`` later (a full disk) is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +55,8 @@ from typing import Any
 
 import yaml
 
+from gencnp.callbacks.preemption import EXIT_INTERRUPTED
+from gencnp.checkpoint_files import read_checkpoint
 from gencnp.data import FashionMNISTDataModule
 from gencnp.fileio import write_json
 from gencnp.preflight import _exists, check_writable_dir
@@ -63,7 +67,9 @@ from gencnp.stages import (  # noqa: F401  (re-exported: the pipeline's names st
     PipelineError,
     Stage,
     StageFailed,
+    StageInterrupted,
     _chdir,
+    _checkpoint_folder,
     _find,
     _fmt_time,
     _log_path,
@@ -75,6 +81,7 @@ from gencnp.stages import (  # noqa: F401  (re-exported: the pipeline's names st
     load_pipeline,
     preflight_stages,
     resolved_config,
+    resume_point,
 )
 from gencnp.version import __version__
 
@@ -89,6 +96,7 @@ __all__ = [
     "PipelineError",
     "DataUnavailable",
     "StageFailed",
+    "StageInterrupted",
 ]
 
 
@@ -221,9 +229,9 @@ def run_pipeline(
             [(st, text) for st, text, (_, r) in zip(stages, printed, plan) if r is not None], stages, workdir, quiet
         )
     results = []
-    for i, (st, argv, (config_hash, reason)) in enumerate(zip(stages, argvs, plan), 1):
+    for i, (st, argv, text, (config_hash, reason)) in enumerate(zip(stages, argvs, printed, plan), 1):
         head = f"[{i}/{len(stages)}] {st.name}"
-        results.append(_run_or_reuse(st, argv, config_hash, reason, head, workdir, quiet, dry_run, say))
+        results.append(_run_or_reuse(st, argv, text, config_hash, reason, head, workdir, quiet, dry_run, say))
     out: dict[str, Any] = {"stages": results, "summary": None, "seconds": time.perf_counter() - t0}
     if not dry_run:
         _finish(out, stages, spec["report"], workdir, say)
@@ -286,6 +294,7 @@ def _plan(
 def _run_or_reuse(
     st: Stage,
     argv: list[str],
+    text: str,
     config_hash: str,
     reason: str | None,
     head: str,
@@ -294,7 +303,10 @@ def _run_or_reuse(
     dry_run: bool,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Run one stage (or reuse it, or say what would happen) and write its stamp; returns its result row."""
+    """Run one stage (or reuse it, or say what would happen) and write its stamp; returns its result row.
+
+    A ``fit`` stage whose earlier run did not finish (attempt record, same key) resumes from its ``last.ckpt``
+    (``--ckpt_path last``), unless ``--force`` or ``--redo`` asks for a fresh run."""
     inputs = {name: file_hash(workdir / name) for name in st.inputs}  # now: upstream stages may have rewritten them
     shown = f"python {Path(st.entry).name} {st.command} --config {st.config}" + "".join(f" {a}" for a in argv[4:])
     row = {"name": st.name, "reason": reason, "seconds": 0.0, "outputs": list(st.outputs)}
@@ -306,6 +318,11 @@ def _run_or_reuse(
             f"stamp {st.stamp_path(workdir)})"
         )
         return row
+    resume = None if reason in ("--force", "--redo") else resume_point(st, workdir, text, config_hash, inputs)
+    if resume is not None:
+        argv, shown = [*argv, "--ckpt_path", "last"], f"{shown} --ckpt_path last"
+        reason = f"{reason}; resuming the unfinished run from step {resume[1]} of {_show(resume[0])}"
+        row["reason"], row["resumed_from_step"] = reason, resume[1]
     if dry_run:
         row["status"] = "would run"
         say(f"{head}: would run ({reason}): {shown}")
@@ -318,17 +335,52 @@ def _run_or_reuse(
         )
     stamp_path = st.stamp_path(workdir)
     stamp_path.unlink(missing_ok=True)  # a failed or interrupted rerun must not leave a valid stamp behind
+    record = {"format": STAMP_FORMAT, "stage": st.name, "config_hash": config_hash, "inputs": inputs}
+    write_json(st.attempt_path(workdir), {**record, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     log = _log_path(st, workdir) if quiet else None
     # --quiet: the stage's own progress bars go to its log; say where, so a long stage can be followed (tail -f).
     say(f"{head}: running ({reason}): {shown}" + (f"; output in {_show(log)}" if log else ""))
     t_stage = time.perf_counter()
-    proc = _run_stage(argv, workdir, log)
+    proc, received = _run_stage(argv, workdir, log)
     seconds = time.perf_counter() - t_stage
     if proc != 0:
-        where = f"; see {log}" if log else ""
-        raise StageFailed(
-            f"stage '{st.name}' failed with exit code {proc} after {_fmt_time(seconds)}: {shown}{where}", proc
+        _stage_failed(st, workdir, text, proc, received, seconds, shown, log)
+    _write_stamp(st, workdir, record, seconds)
+    say(f"{head}: done in {_fmt_time(seconds)}")
+    row.update(status="ran", seconds=seconds)
+    if received is not None:  # the stage finished anyway: it is done, but no further stage starts
+        raise StageInterrupted(
+            f"{signal.Signals(received).name} received; stage '{st.name}' finished first and is done (stamped). "
+            "Rerun the same pipeline command to run the stages after it."
         )
+    return row
+
+
+def _stage_failed(
+    st: Stage, workdir: Path, text: str, code: int, received: int | None, seconds: float, shown: str, log: Path | None
+) -> None:
+    """Raise ``StageInterrupted`` (a signal stopped it: 75, or killed by one) or ``StageFailed``; no stamp."""
+    where = f"; see {log}" if log else ""
+    if received is None and code != EXIT_INTERRUPTED and code >= 0:
+        raise StageFailed(
+            f"stage '{st.name}' failed with exit code {code} after {_fmt_time(seconds)}: {shown}{where}", code
+        )
+    why = signal.Signals(received or -code).name if (received or code < 0) else f"exit code {code}"
+    folder = _checkpoint_folder(text) if st.resumable else None
+    found = sorted((workdir / folder).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder else []
+    step = None
+    if found:
+        with contextlib.suppress(OSError, ValueError):
+            step = int(read_checkpoint(found[-1]).get("global_step") or 0)
+    resumes = f"resumes from step {step} ({_show(found[-1])})" if step is not None else "runs it again"
+    raise StageInterrupted(
+        f"stage '{st.name}' was interrupted ({why}) after {_fmt_time(seconds)}{where}; it is not done (no stamp). "
+        f"Rerun the same pipeline command: it {resumes}."
+    )
+
+
+def _write_stamp(st: Stage, workdir: Path, record: dict[str, Any], seconds: float) -> None:
+    """The stage's stamp (its outputs must exist), then its attempt record removed."""
     outputs = {name: file_hash(workdir / name) for name in st.outputs}
     absent = [name for name, h in outputs.items() if h is None]
     if absent:
@@ -337,7 +389,7 @@ def _run_or_reuse(
             f"'outputs' match the paths in {st.config}."
         )
     write_json(
-        stamp_path,
+        st.stamp_path(workdir),
         {
             "format": STAMP_FORMAT,
             "stage": st.name,
@@ -345,17 +397,15 @@ def _run_or_reuse(
             "command": st.command,
             "config": st.config,
             "args": st.args,
-            "config_hash": config_hash,
-            "inputs": inputs,
+            "config_hash": record["config_hash"],
+            "inputs": record["inputs"],
             "outputs": outputs,
             "seconds": round(seconds, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "gencnp": __version__,
         },
     )
-    say(f"{head}: done in {_fmt_time(seconds)}")
-    row.update(status="ran", seconds=seconds)
-    return row
+    st.attempt_path(workdir).unlink(missing_ok=True)
 
 
 def _finish(

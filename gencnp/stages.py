@@ -10,9 +10,11 @@ import io
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from gencnp.callbacks.preemption import EXIT_INTERRUPTED
+from gencnp.checkpoint_files import read_checkpoint
 from gencnp.preflight import check_name_lengths, check_writable_dir
 
 __all__ = [
@@ -32,6 +36,8 @@ __all__ = [
     "PipelineError",
     "DataUnavailable",
     "StageFailed",
+    "StageInterrupted",
+    "resume_point",
     "STAMP_FORMAT",
     "REPO",
 ]
@@ -58,6 +64,13 @@ class StageFailed(RuntimeError):
         self.returncode = returncode
 
 
+class StageInterrupted(StageFailed):
+    """A stage (or the pipeline) stopped by a signal: not done, resumable (exit code 75, ``EX_TEMPFAIL``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_INTERRUPTED)
+
+
 @dataclass
 class Stage:
     """One step of the pipeline: ``python <entry> <command> --config <config> <args...>``.
@@ -82,6 +95,15 @@ class Stage:
 
     def stamp_path(self, workdir: Path) -> Path:
         return (workdir / self.outputs[0]).parent / f"{self.name}.stamp.json"
+
+    def attempt_path(self, workdir: Path) -> Path:
+        """The record of a run of this stage that has not finished (written before it starts, removed once its stamp
+        is written): a rerun of a ``fit`` stage with the same key resumes from its ``last.ckpt``."""
+        return self.stamp_path(workdir).with_name(f"{self.name}.attempt.json")
+
+    @property
+    def resumable(self) -> bool:
+        return Path(self.entry).name == "train.py" and self.command == "fit"
 
 
 # ----- the pipeline file -----
@@ -210,6 +232,37 @@ def _why_redo(stage: Stage, workdir: Path, config_hash: str, inputs: dict[str, s
     return None
 
 
+def _checkpoint_folder(text: str) -> str | None:
+    """The folder of the first ``ModelCheckpoint`` with ``save_last`` in a resolved config (where ``--ckpt_path last``
+    looks)."""
+    trainer = (yaml.safe_load(text) or {}).get("trainer")
+    for cb in (trainer.get("callbacks") if isinstance(trainer, dict) else None) or []:
+        args = (cb.get("init_args") or {}) if isinstance(cb, dict) else {}
+        if args.get("save_last") and args.get("dirpath") and "://" not in str(args["dirpath"]):
+            return str(args["dirpath"])
+    return None
+
+
+def resume_point(
+    stage: Stage, workdir: Path, text: str, config_hash: str, inputs: dict[str, str | None]
+) -> tuple[Path, int] | None:
+    """``(last.ckpt, its step)`` when an unfinished earlier run of a ``fit`` stage (its attempt record) had the same
+    key (resolved config and inputs) and left a readable ``last.ckpt``; ``None``: start over."""
+    record = _read_stamp(stage.attempt_path(workdir))
+    if not stage.resumable or record is None:
+        return None
+    if record.get("config_hash") != config_hash or record.get("inputs") != inputs:
+        return None
+    folder = _checkpoint_folder(text)
+    found = sorted((workdir / folder).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder else []
+    if not found:
+        return None
+    try:
+        return found[-1], int(read_checkpoint(found[-1]).get("global_step") or 0)
+    except (OSError, ValueError):  # damaged: the stage's own preflight would refuse it; start over instead
+        return None
+
+
 # ----- preflight of the stages -----
 def _config_folders(text: str) -> list[tuple[str, str]]:
     """``(folder, what)`` for every place a stage's resolved config writes (logger, checkpoints, bank, report)."""
@@ -303,10 +356,37 @@ def _show(path: Path) -> str:
         return str(path)
 
 
-def _run_stage(argv: list[str], workdir: Path, log: Path | None) -> int:
-    cmd = [sys.executable, *argv]
-    if log is None:
-        return subprocess.run(cmd, cwd=workdir).returncode
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as f:
-        return subprocess.run(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT).returncode
+def _run_stage(argv: list[str], workdir: Path, log: Path | None) -> tuple[int, int | None]:
+    """Run a stage's process; returns ``(exit code, signal the pipeline received meanwhile or None)``.
+
+    SIGTERM, SIGINT or SIGUSR1 to the pipeline is passed on to the stage as SIGTERM (a fit then saves its exact step
+    and exits 75), and the pipeline waits for it to finish instead of dying first: a scheduler's or a ``kill``'s
+    signal reaches the stage even when sent to the pipeline alone. A stage that received the signal itself too (the
+    whole process group: Ctrl+C, a scheduler) handles repeated SIGTERMs as one.
+    """
+    received: list[int] = []
+    out = open(log, "w", encoding="utf-8") if log is not None else None  # noqa: SIM115  (closed below)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, *argv], cwd=workdir, stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+
+        def forward(signum: int, frame: Any) -> None:
+            received.append(signum)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+
+        names = ("SIGTERM", "SIGINT", "SIGUSR1")
+        sigs = [getattr(signal, n) for n in names if hasattr(signal, n)]
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, forward) for s in sigs} if main else {}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    finally:
+        if out is not None:
+            out.close()
+    return code, (received[0] if received else None)

@@ -436,8 +436,12 @@ def test_pipeline_stamps_are_0644_and_quiet_runs_get_their_own_logs(tmp_path):
 def test_pipeline_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     pipe, work = fake_pipeline(tmp_path), tmp_path / "work"
 
+    real = P.write_json
+
     def full(path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if str(path).endswith(".stamp.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(P, "write_json", full)  # the stamp writer gencnp.pipeline uses
     assert P.main(["--config", str(pipe), "--workdir", str(work)]) == 1

@@ -3,11 +3,12 @@
 What a scheduler, a terminal or a shell script sends before it takes the machine away:
 
 - **SIGTERM** (SLURM, Kubernetes, ``kill``): Lightning's own signal connector notes it and raises
-  ``SIGTERMException`` at the end of the step in progress (or at the next validation batch). This callback, a
-  Lightning ``OnExceptionCheckpoint``, then writes ``last.ckpt`` of that step (weights, optimiser, schedulers, loop
-  and data position, every buffer: class frequencies and prototypes included) through the Trainer's checkpoint IO
-  (``AtomicCheckpointIO``: temporary file, fsync, rename), and ``gencnp.cli.main`` exits with
-  ``EXIT_INTERRUPTED`` (75, ``EX_TEMPFAIL``: "try again later"). Lightning alone ends such a run with status 0.
+  ``SIGTERMException`` at the end of the step in progress (or at the next validation batch). This callback (what
+  Lightning's ``OnExceptionCheckpoint`` does, for interruptions only) then writes ``last.ckpt`` of that step
+  (weights, optimiser, schedulers, loop and data position, every buffer: class frequencies and prototypes
+  included) through the Trainer's checkpoint IO (``AtomicCheckpointIO``: temporary file, fsync, rename), and
+  ``gencnp.cli.main`` exits with ``EXIT_INTERRUPTED`` (75, ``EX_TEMPFAIL``: "try again later"). Lightning alone
+  ends such a run with status 0.
 - **SIGINT** (Ctrl+C) and **SIGUSR1**: handled the same way, at the end of the step (Lightning would raise
   ``KeyboardInterrupt`` anywhere, even inside an optimiser step, and SIGUSR1 kills a process by default). A second
   Ctrl+C stops at once without saving: ``last.ckpt`` keeps the last complete step saved before. Under SLURM with
@@ -15,7 +16,9 @@ What a scheduler, a terminal or a shell script sends before it takes the machine
 
 ``python train.py fit ... --ckpt_path last`` then continues from the saved step and ends as the uninterrupted run
 would (bitwise on CPU; ``tests/test_preemption.py``). Any other exception saves nothing: its state may be torn
-mid-step, and ``last.ckpt`` keeps the last complete one.
+mid-step, and ``last.ckpt`` keeps the last complete one. Not an ``OnExceptionCheckpoint`` subclass: a Trainer with
+one resumes every ``fit`` without ``--ckpt_path`` from ``last`` on its own, so a fresh run (``--force``) would
+silently continue an old one.
 
 ``every_minutes`` also writes ``last.ckpt`` every N minutes of training, at the end of a step, for epochs longer
 than what a preemption may cost. ``gencnp.cli`` adds this callback (without ``every_minutes``) to every run whose
@@ -39,7 +42,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -81,7 +84,7 @@ def deferred_sigterm():
         _received.pop()
 
 
-class PreemptionCheckpoint(OnExceptionCheckpoint):
+class PreemptionCheckpoint(Checkpoint):
     """Save ``last.ckpt`` of the exact step when a signal stops a fit, and every ``every_minutes`` of training.
 
     Args:
@@ -98,13 +101,19 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
                 f"PreemptionCheckpoint every_minutes must be a positive number of minutes or null, got "
                 f"{every_minutes!r}; e.g. every_minutes: 30."
             )
-        super().__init__(dirpath or "", filename)
-        self.dirpath = dirpath
+        super().__init__()
+        if not filename:
+            raise ValueError(
+                "PreemptionCheckpoint filename cannot be empty; the default, last, is what --ckpt_path last finds."
+            )
+        self.dirpath, self.filename = dirpath, filename
         self.every_minutes = every_minutes
         self.saved_step: int | None = None  # step of the interruption checkpoint written by this run
         self._trainer: L.Trainer | None = None
         self._last_save = time.monotonic()
         self._start_step = 0
+
+    FILE_EXTENSION = ".ckpt"
 
     @property
     def ckpt_path(self) -> str:
@@ -208,6 +217,3 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
                 file=sys.stderr,
                 flush=True,
             )
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pass  # unlike OnExceptionCheckpoint, keep the file: last.ckpt is the newest state, the one to resume from
