@@ -13,7 +13,7 @@ from jsonargparse import CLI
 
 from gencnp.attributions.evaluate import attribution
 from gencnp.banks import inspect_bank
-from gencnp.cli import importable_cwd
+from gencnp.cli import importable_cwd, stop_on_full_disk
 from gencnp.diffusion import diffusion
 from gencnp.lookup import lookup_frontier
 from gencnp.preflight import ConfigHintArgumentParser
@@ -22,15 +22,16 @@ from gencnp.taps import list_taps
 
 if __name__ == "__main__":
     importable_cwd()  # targets given by class path resolve from the working directory
-    CLI(
-        {
-            "report": report,
-            "inspect": inspect_bank,
-            "diffusion": diffusion,
-            "lookup": lookup_frontier,
-            "taps": list_taps,
-            "attribution": attribution,
-        },
-        as_positional=False,
-        parser_class=ConfigHintArgumentParser,
-    )  # "did you mean" for config keys that do not exist
+    with stop_on_full_disk("evaluate.py"):  # a full disk: one line, exit 1; earlier files whole (atomic writes)
+        CLI(
+            {
+                "report": report,
+                "inspect": inspect_bank,
+                "diffusion": diffusion,
+                "lookup": lookup_frontier,
+                "taps": list_taps,
+                "attribution": attribution,
+            },
+            as_positional=False,
+            parser_class=ConfigHintArgumentParser,
+        )  # "did you mean" for config keys that do not exist

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -129,21 +130,29 @@ def importable_cwd() -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+@contextlib.contextmanager
+def stop_on_full_disk(prog: str):
+    """A full disk, quota or file-size limit (``ulimit -f``) ends the command with one line on stderr and exit status
+    1, not a traceback: every gencnp writer replaces files atomically, so the files written before are whole."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        print(f"{prog}: stopped: {err.strerror or err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def main(args=None) -> GenCNPCLI:
     """``python train.py``. Exit status 75 (``EXIT_INTERRUPTED``) when a signal stopped the run: a fit saved its
     step to ``last.ckpt`` and resumes with ``--ckpt_path last``. A full disk (or file-size limit) is one line on
     stderr and exit status 1; the files written before are whole (every writer replaces files atomically)."""
     importable_cwd()
-    with deferred_sigterm() as received:
+    with deferred_sigterm() as received, stop_on_full_disk("train.py"):
         try:
             cli = GenCNPCLI(args=args)
         except SIGTERMException:  # Lightning's SystemExit with status 0: the stage must not pass for finished
             raise SystemExit(EXIT_INTERRUPTED) from None
-        except OSError as err:
-            if err.errno not in DISK_FULL:
-                raise
-            print(f"train.py: stopped: {err.strerror or err}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
     if received:
         # A SIGTERM that arrived when no step was left to stop (after training, or between stages of the CLI).
         print(

@@ -191,10 +191,7 @@ class PreemptionCheckpoint(Checkpoint):
             if not (isinstance(cb, ModelCheckpoint) and cb.dirpath and cb.save_last):
                 continue
             if Path(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}") == Path(self.ckpt_path):
-                # The ModelCheckpoint's own last.ckpt from now on (in the saved state too: a resumed run rewrites it
-                # instead of starting a last-v1.ckpt), holding this step (gencnp's ModelCheckpoint skips a rewrite).
-                cb.last_model_path = self.ckpt_path
-                cb._latest_step = trainer.global_step
+                cb._latest_step = trainer.global_step  # gencnp's ModelCheckpoint: its last.ckpt holds this step
         trainer.save_checkpoint(self.ckpt_path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
