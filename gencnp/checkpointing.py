@@ -136,6 +136,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self.current_score = state_dict["current_score"]
 
     def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        resumed = str(trainer.ckpt_path or "")
+        if not self.last_model_path and self.dirpath and os.path.basename(resumed) == "last.ckpt":
+            # Resumed from a last.ckpt this callback did not write (an interruption's, gencnp.callbacks.preemption):
+            # it is this run's last.ckpt, rewritten in place rather than beside it as last-v1.ckpt.
+            if os.path.abspath(resumed) == os.path.abspath(os.path.join(self.dirpath, "last.ckpt")):
+                self.last_model_path = resumed
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._latest_step = trainer.global_step

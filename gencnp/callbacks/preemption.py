@@ -187,12 +187,16 @@ class PreemptionCheckpoint(Checkpoint):
             self._last_save = time.monotonic()
 
     def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.ckpt_path)
         for cb in trainer.checkpoint_callbacks:
             if not (isinstance(cb, ModelCheckpoint) and cb.dirpath and cb.save_last):
                 continue
             if Path(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}") == Path(self.ckpt_path):
-                cb._latest_step = trainer.global_step  # gencnp's ModelCheckpoint: its last.ckpt holds this step
-        trainer.save_checkpoint(self.ckpt_path)
+                # The ModelCheckpoint's own last.ckpt, now holding this step: rewritten in place later (not beside it
+                # as last-v1.ckpt), and not again for this step. Set after saving, so the saved state is the one an
+                # uninterrupted run would hold.
+                cb.last_model_path = self.ckpt_path
+                cb._latest_step = trainer.global_step  # gencnp's ModelCheckpoint
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
