@@ -64,7 +64,7 @@ class SignalAt(L.Callback):
         if self.where == "val" and trainer.global_step == self.step and not trainer.sanity_checking:
             os.kill(os.getpid(), self.signum)
 
-    def on_predict_batch_end(self, trainer, outputs, batch, batch_idx, *args):
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.where == "predict" and batch_idx == self.step:
             os.kill(os.getpid(), self.signum)
 
@@ -250,7 +250,18 @@ def test_sigterm_from_outside_at_drawn_steps_saves_the_step_reached_and_resumes_
     extra = ["--trainer.max_epochs", "2", "--trainer.val_check_interval", "4"]
     extra += ["--model.init_args.target_checkpoint", str(synthetic_runs["target"])]
     code = preempt.main(
-        ["--config", "configs/synthetic/gencnp.yaml", "--trials", "2", "--seed", "1", "--out", str(tmp_path), *extra]
+        [
+            "--config",
+            "configs/synthetic/gencnp.yaml",
+            "--trials",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--",
+            *extra,
+        ]
     )
     summary = json.loads((tmp_path / "preempt.json").read_text())
     for row in summary["trials"]:
@@ -276,7 +287,7 @@ def _numbers(report: dict) -> dict:
 
 
 @pytest.mark.slow  # two synthetic pipelines (one interrupted and rerun), as a subprocess and in this process
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_sigterm_to_the_pipeline_during_gencnp_leaves_no_stamp_and_a_rerun_resumes_the_stage(tmp_path):
     from gencnp import pipeline as P
 
@@ -309,7 +320,8 @@ def test_sigterm_to_the_pipeline_during_gencnp_leaves_no_stamp_and_a_rerun_resum
     assert f"resuming from step {step} (epoch 0)" in stage_log
     assert (runs / "gencnp/gencnp.stamp.json").exists() and not (runs / "gencnp/gencnp.attempt.json").exists()
 
-    whole = tmp_path / "whole"
+    whole = tmp_path / "whole"  # the uninterrupted pipeline, on the same target (its stage reused)
+    shutil.copytree(runs / "target", whole / "runs/synthetic/target")
     P.run_pipeline(pipe, whole, quiet=True, say=lambda _: None)
     for name in ("gencnp/last.ckpt", "gencnp/best.ckpt"):
         assert_same_run(read_checkpoint(runs / name), read_checkpoint(whole / "runs/synthetic" / name))
