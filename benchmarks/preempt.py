@@ -82,7 +82,7 @@ def interrupted_run(cmd: list[str], log: Path, at: int, sig: int = signal.SIGTER
 
 
 def read(path: Path) -> dict:
-    from gencnp.checkpointing import read_checkpoint
+    from gencnp.io.checkpoint_io import read_checkpoint
 
     return read_checkpoint(path)
 

@@ -23,7 +23,7 @@ from conftest import QUIET, ROOT, cli, snapshot
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gencnp.callbacks import EXIT_INTERRUPTED, PreemptionCheckpoint
-from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint, read_checkpoint
+from gencnp.io.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint, read_checkpoint
 
 pytestmark = pytest.mark.resume
 
