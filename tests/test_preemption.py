@@ -110,8 +110,8 @@ def whole(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(
     "step,where",
-    [(3, "train"), (4, "train"), (10, "train"), (29, "train"), (30, "train"), (4, "val")],
-    ids=["mid-epoch", "after-validation", "epoch-end", "second-last", "last-step", "during-validation"],
+    [(3, "train"), (4, "train"), (14, "train"), (10, "train"), (29, "train"), (30, "train"), (4, "val")],
+    ids=["mid-epoch", "after-validation", "after-validation-2", "epoch-end", "second-last", "last-step", "during-val"],
 )
 def test_sigterm_saves_the_exact_step_and_resuming_ends_as_the_uninterrupted_run(tmp_path, whole, step, where):
     with pytest.raises(SIGTERMException):
@@ -289,7 +289,7 @@ def _numbers(report: dict) -> dict:
 @pytest.mark.slow  # two synthetic pipelines (one interrupted and rerun), as a subprocess and in this process
 @pytest.mark.timeout(1200)
 def test_sigterm_to_the_pipeline_during_gencnp_leaves_no_stamp_and_a_rerun_resumes_the_stage(tmp_path):
-    from gencnp import pipeline as P
+    from gencnp.pipeline import run as P
 
     pipe, work = _pipeline_spec(tmp_path), tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}

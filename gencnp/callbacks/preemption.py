@@ -112,6 +112,8 @@ class PreemptionCheckpoint(Checkpoint):
         self._trainer: L.Trainer | None = None
         self._last_save = time.monotonic()
         self._start_step = 0
+        self._validated_at: int | None = None
+        self._interrupting = False
 
     FILE_EXTENSION = ".ckpt"
 
@@ -198,6 +200,20 @@ class PreemptionCheckpoint(Checkpoint):
                 cb.last_model_path = self.ckpt_path
                 cb._latest_step = trainer.global_step  # gencnp's ModelCheckpoint
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Stopped right after a mid-epoch validation: Lightning's restart takes such a checkpoint for one saved at
+        # validation end (before the step's logger counter is incremented) and increments it again. Store it as
+        # that checkpoint would, so the resumed run's counters equal the uninterrupted run's.
+        if not self._interrupting or self._validated_at != trainer.global_step or trainer.fit_loop.epoch_loop.done:
+            return
+        state = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
+        if "_batches_that_stepped" in state:
+            state["_batches_that_stepped"] -= 1
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return  # a crash (or a second Ctrl+C) may leave a torn step: last.ckpt keeps the last complete one
@@ -208,7 +224,11 @@ class PreemptionCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.global_step == self._start_step:
             where = f"nothing was trained since step {trainer.global_step}"
         else:
-            self._save(trainer)
+            self._interrupting = True
+            try:
+                self._save(trainer)
+            finally:
+                self._interrupting = False
             self.saved_step = trainer.global_step
             where = f"step {trainer.global_step} (epoch {trainer.current_epoch}) saved to {self.ckpt_path}"
         if trainer.is_global_zero:
