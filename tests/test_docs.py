@@ -324,9 +324,18 @@ def test_config_paths_in_the_docs_exist():
     assert seen > 20 and problems == []
 
 
+def _nav_pages(nav) -> list[str]:
+    """The page files of a (possibly nested) mkdocs nav."""
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, dict):
+        return [p for v in nav.values() for p in _nav_pages(v)]
+    return [p for item in nav for p in _nav_pages(item)]
+
+
 def test_every_page_is_in_the_nav_and_every_api_object_imports():
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    nav = {next(iter(entry.values())) for entry in config["nav"]}
+    nav = set(_nav_pages(config["nav"]))
     pages = {p.name for p in DOCS.glob("*.md")}
     assert nav == pages, f"in the nav but missing: {nav - pages}; pages left out of the nav: {pages - nav}"
     for name in re.findall(r"^::: ([\w.]+)$", (DOCS / "api.md").read_text(), flags=re.M):
