@@ -256,13 +256,13 @@ def test_weak_target_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_python_api_block_runs(tmp_path, monkeypatch, one_thread):
-    text = (ROOT / "README.md").read_text()
+def test_python_api_block_runs(tmp_path, monkeypatch, one_thread):
+    text = (ROOT / "docs" / "getting-started.md").read_text()
     section = text[text.index("## Python API") :]
     code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md#python-api", "exec"), scope)
+    exec(compile(code, "docs/getting-started.md#python-api", "exec"), scope)
     model, ex, x, bank = scope["model"], scope["ex"], scope["x"], scope["bank"]
     assert list(ex["masks"]) == model.target.tap_names
     assert scope["logits"].shape == (len(x), 4) and set(scope["kept"]) == set(model.target.tap_names)

@@ -46,7 +46,9 @@ class PathwayBankWriter(L.Callback):
         path: where rank 0 writes the bank (one ``.safetensors`` file, atomically).
         taus: candidate thresholds in ``(0, 1]`` (default ``0.05, 0.10, ..., 0.95``).
         min_agreement: transfer agreement a tau must reach on validation to be preferred.
-        w_swap, w_zero, w_kept: weights of the selection score (GenCNP's ``val/score`` defaults).
+        w_swap: weight of swap forcing in the selection score (GenCNP's ``val/score`` default).
+        w_zero: weight of zero forcing in the selection score (GenCNP's ``val/score`` default).
+        w_kept: weight of the kept fraction in the selection score (GenCNP's ``val/score`` default).
         max_kept: kept budget of the class pathways (fraction of the ``D`` channels, measured on validation);
             ``None``: no budget.
         val_batches: validation batches used for the search (all when ``None``).

@@ -83,9 +83,10 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     class (the ``zero_forcing`` control as a loss; 0 disables it).
 
     Args:
-        target / target_checkpoint: the frozen classifier (as ``TargetClassifier.arch``) and its weights. ``target``,
-            ``num_classes``, ``in_chans``, ``image_size`` and ``target_kwargs`` left unset are read from the spec the
-            target checkpoint records; a value that differs from it is an error naming both.
+        target: the frozen classifier (as ``TargetClassifier.arch``). ``target``, ``num_classes``, ``in_chans``,
+            ``image_size`` and ``target_kwargs`` left unset are read from the spec the target checkpoint records; a
+            value that differs from it is an error naming both.
+        target_checkpoint: its weights (a ``TargetClassifier`` checkpoint or a state dict).
         embed_target: keep the target's weights in this model's checkpoints, so ``GenCNP.load_from_checkpoint(path)``
             works without the target checkpoint (from any folder); the tensor-hash check stays.
         target_spec: filled in by gencnp (the resolved target, stored in checkpoints); leave it unset.
@@ -102,8 +103,8 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             most easily forced; ``losses.partners``).
         dependence_gate: when set, a sample's sparsity pressure also stops while its pathway gives its class a
             probability above this value on its swap partner or on the all-zero image (``None``: faithfulness only).
-        selection weights: checkpoints select on ``val/score = agreement - w_swap swap_forcing - w_zero
-            zero_forcing - w_kept kept_mean``.
+        w_swap: checkpoints select on ``val/score = agreement - w_swap swap_forcing - w_zero zero_forcing - w_kept
+            kept_mean`` (``w_zero`` and ``w_kept`` likewise).
         control_fraction: opt-in speed setting (default 1.0: every sample). The ``swap`` and ``zero`` losses (and
             the dependence gate) use only the first ``ceil(control_fraction * B)`` samples of each training batch,
             so the masked pass holds ``B + 2 ceil(f B)`` rather than ``3B`` images; samples outside that subset are
@@ -117,16 +118,16 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             every step). Families evaluated but never trained on measure whether the control generalises.
         lambda_null: weight of the ``null`` loss, ``-log(1 - p^{m_i}(n_i)_{y_i})`` for the null input ``n_i``
             paired with ``x_i`` (the ``zero`` loss generalised to families of uninformative inputs).
-        lambda_lookup / lookup_margin: the ``lookup`` loss asks each pathway to beat the class lookup at the same
-            per-tap counts: ``relu(KL(p || p^m) - KL(p || p^lookup) + margin)`` per sample, where the lookup keeps,
-            per tap, the sample's own number of channels ranked by the class's running selection frequency
-            (``class_freq``, an EMA of the hard pathways of each predicted class, momentum ``freq_momentum``).
-            The same lookup is measured in validation and test (``lookup_agreement``, ``lookup_gain`` = agreement
-            minus lookup agreement).
-        lambda_nested / nested_min: the ``nested`` loss trains the score *ranking* below the operating point: each
-            step, every sample keeps only its top ``rho`` share of its own kept channels per tap (by generator
-            score, ``rho ~ U(nested_min, 1)``), and ``kd`` is applied to that thinner pathway. Its gradient reaches
-            the scores of the channels kept, so the most useful channels of each input rank first.
+        lambda_lookup: the ``lookup`` loss (``lookup_margin``: its margin) asks each pathway to beat the class lookup at
+            the same per-tap counts: ``relu(KL(p || p^m) - KL(p || p^lookup) + margin)`` per sample, where the lookup
+            keeps, per tap, the sample's own number of channels ranked by the class's running selection frequency
+            (``class_freq``, an EMA of the hard pathways of each predicted class, momentum ``freq_momentum``). The same
+            lookup is measured in validation and test (``lookup_agreement``, ``lookup_gain`` = agreement minus lookup
+            agreement).
+        lambda_nested: the ``nested`` loss (``nested_min``: see ``rho``) trains the score *ranking* below the operating
+            point: each step, every sample keeps only its top ``rho`` share of its own kept channels per tap (by
+            generator score, ``rho ~ U(nested_min, 1)``), and ``kd`` is applied to that thinner pathway. Its gradient
+            reaches the scores of the channels kept, so the most useful channels of each input rank first.
         class_prior: weight ``alpha`` of a class prior on the score logits: ``alpha * (f_c - mean_j f_c)`` with ``f_c``
             the running selection frequencies ``class_freq`` of the predicted class. The generator then starts
             from its class's ranking and learns per-input corrections; 0 disables it.

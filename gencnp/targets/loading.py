@@ -379,9 +379,9 @@ class FrozenTarget(nn.Module):
         """Logits ``[B, K]``; with ``record=True`` also the tap outputs (list, tap order).
 
         Args:
-            masks: per-tap ``[B, C_l]`` masks in tap order, or ``{tap name: mask}`` (or ``None``): the masked
+            masks (list | dict | None): per-tap ``[B, C_l]`` masks in tap order, or ``{tap name: mask}`` (or ``None``): the masked
                 forward ``H(x; m)``.
-            fill: per-tap ``[C_l]`` values of removed channels (mean ablation), or ``None`` for zeros.
+            fill (list | None): per-tap ``[C_l]`` values of removed channels (mean ablation), or ``None`` for zeros.
             first_tap: the first tap's *unmasked* output for ``x`` (``feats[0]`` of a recorded pass on the same
                 inputs, rows in the same order). The first tap's module is then not run again; a masked pass after
                 a recorded one skips that much work (for ``fmnist_cnn`` the whole first block, the costliest at
