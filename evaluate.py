@@ -7,6 +7,8 @@
   (``gencnp.lookup``).
 - ``taps``: a model's candidate taps with channels, and what ``taps: auto`` picks (``gencnp.taps.list_taps``).
 - ``attribution``: input attributions against ground truth, sanity checks and deletion curves (``gencnp.attributions``).
+- ``detect``: pathway scores that flag attacked and out-of-distribution inputs, against pytorch-ood's detectors
+  (``gencnp.detection``).
 """
 
 from jsonargparse import CLI
@@ -14,6 +16,7 @@ from jsonargparse import CLI
 from gencnp.attributions.evaluate import attribution
 from gencnp.banks import inspect_bank
 from gencnp.cli import importable_cwd
+from gencnp.detection import detect
 from gencnp.diffusion import diffusion
 from gencnp.lookup import lookup_frontier
 from gencnp.preflight import ConfigHintArgumentParser
@@ -30,6 +33,7 @@ if __name__ == "__main__":
             "lookup": lookup_frontier,
             "taps": list_taps,
             "attribution": attribution,
+            "detect": detect,
         },
         as_positional=False,
         parser_class=ConfigHintArgumentParser,

@@ -1,0 +1,128 @@
+"""``Scorer``: one pass over a batch gives every pathway score, the target's logits and its penultimate features (for
+the pytorch-ood baselines); ``soft_surprise`` is the differentiable pathway score the adaptive attack pushes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gencnp.baselines import split_pathway
+from gencnp.detection import scores as S
+
+__all__ = ["Scorer", "head_of"]
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The classifier's last linear layer (its input is the penultimate feature the baselines read): timm's
+    ``get_classifier()`` when it is a ``Linear``, else the last ``nn.Linear`` registered in the model."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                f"target {type(model).__name__} has no nn.Linear head; the feature baselines (Mahalanobis, ViM, KNN) "
+                "need one. Give the model a linear classifier, or remove those baselines from `baselines`."
+            )
+        head = linears[-1]
+    return head
+
+
+@contextmanager
+def _penultimate(head: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the input of ``head`` (flattened to ``[B, F]``) while the block runs; the hook is removed on exit."""
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().flatten(1)))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+class Scorer:
+    """Pathway scores of a trained GEN-CNP model against a pathway bank.
+
+    Args:
+        model: a ``GenCNP`` system (eval mode, on its device).
+        class_paths: bool ``[K, D]``, the bank's class pathways ``M_c``.
+        freqs: ``[K, D]``, the bank's selection frequencies ``f_c``.
+    """
+
+    def __init__(self, model, class_paths: torch.Tensor, freqs: torch.Tensor):
+        self.model, self.target = model, model.target
+        self.dev = next(model.parameters()).device
+        self.chans = list(self.target.tap_channels)
+        self.tap_names = list(self.target.tap_names)
+        self.class_paths = class_paths.bool().to(self.dev)
+        self.freqs = freqs.double().to(self.dev)
+        self.fills = model.fills()
+        self.head = head_of(self.target.model)
+
+    def names(self) -> list[str]:
+        """The pathway score names, per-tap distances included, in table order."""
+        return [*S.PATHWAY_SCORES, *(f"tap_distance/{t}" for t in self.tap_names)]
+
+    def batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every score of ``x [B, C, H, W]`` (float64 ``[B]`` each, on the CPU), plus ``logits [B, K]``,
+        ``features [B, F]`` (the head's input) and ``y_hat``."""
+        x = x.to(self.dev)
+        with torch.no_grad(), _penultimate(self.head) as feats:
+            ex = self.model.explain(x)
+        with torch.no_grad():
+            y_hat = ex["y_hat"]
+            ref = split_pathway(self.class_paths[y_hat].to(x.dtype), self.chans)
+            class_logits = self.target(x, masks=ref, fill=self.fills)
+        pathway = ex["pathway"]
+        out = {
+            "pathway_distance": S.pathway_distance(pathway, self.class_paths, y_hat),
+            "pathway_surprise": S.pathway_surprise(pathway, self.freqs, y_hat),
+            "kept_fraction": S.kept_fraction(pathway),
+            "score_margin": S.score_margin(ex["scores"]),
+            "masked_logit_gap": S.masked_logit_gap(ex["logits"], ex["masked_logits"], y_hat),
+            "class_pathway_gap": S.class_pathway_gap(ex["logits"], class_logits, y_hat),
+        }
+        taps = S.tap_distances(pathway, self.class_paths, y_hat, self.chans)
+        out.update({f"tap_distance/{t}": taps[:, i] for i, t in enumerate(self.tap_names)})
+        out = {k: v.double().cpu() for k, v in out.items()}
+        out.update(logits=ex["logits"].float().cpu(), features=feats[0].float().cpu(), y_hat=y_hat.cpu())
+        return out
+
+    def dataset(self, data: Dataset | torch.Tensor, batch_size: int, desc: str, progress: bool) -> dict:
+        """``batch`` over a dataset (or a tensor of images), concatenated; ``labels`` added when the data has them."""
+        parts: list[dict] = []
+        labels: list[torch.Tensor] = []
+        if isinstance(data, torch.Tensor):
+            batches = ((xb, None) for xb in data.split(batch_size))
+        else:
+            loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+            batches = ((b[0], b[1] if len(b) > 1 else None) for b in loader)
+        for xb, yb in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            parts.append(self.batch(xb))
+            if yb is not None:
+                labels.append(torch.as_tensor(yb).long())
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if labels:
+            out["labels"] = torch.cat(labels)
+        return out
+
+    def soft_surprise(self, x: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """``pathway_surprise`` of the generator's keep probabilities ``a`` (not the binary pathway), differentiable
+        in ``x``: the generator's forward without its input ``detach`` (``PathwayGenerator.forward`` cuts the
+        gradient to the target on purpose; an attacker does not). ``feats`` are the recorded tap outputs of
+        ``x``, ``logits`` its output; ``ŷ`` is the current prediction (no gradient through the argmax)."""
+        gen = self.model.generator
+        y_hat = logits.argmax(1).detach()
+        hs = gen.rfe_shallow(feats[: gen.n_shallow])
+        hd = gen.rfe_deep(feats[gen.n_shallow :])
+        z, _ = gen.pdn(hs[-1], hd[-1])
+        score_logits = torch.cat(gen.rpd(z, hs + hd), dim=1)
+        prior = self.model.prior(y_hat)
+        if prior is not None:
+            score_logits = score_logits + prior.detach().to(score_logits.dtype)
+        a = torch.sigmoid(score_logits.float())
+        return S.pathway_surprise(a, self.freqs.float(), y_hat)
