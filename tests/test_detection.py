@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, says
+from conftest import FASHION, ROOT, says
 from jsonargparse import ArgumentParser
 from PIL import Image
 
@@ -188,6 +188,7 @@ def test_scorer_gives_every_score_per_image_and_a_differentiable_surprise(tiny_r
     ex = model.explain(x)
     assert torch.allclose(out["kept_fraction"], ex["pathway"].double().mean(1))
     assert out["features"].shape == (12, model.target.model.head.in_features)
+    assert torch.allclose(scorer.embed(x, 5), out["features"])
     xg = x.clone().requires_grad_(True)
     logits, feats = model.target(xg, record=True)
     s = scorer.soft_surprise(xg, logits, feats)
@@ -258,3 +259,15 @@ def test_detect_configs_parse(name):
     parser.add_function_arguments(detect)
     cfg = parser.parse_path(str(ROOT / "configs" / name / "detect.yaml"))
     assert cfg.generator == f"runs/{name}/gencnp/best.ckpt" and cfg.out_dir == f"runs/{name}/detect"
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
+def test_fashion_mnist_classes_keeps_and_relabels():
+    from gencnp import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(classes=[8, 9], val_size=100)
+    test = dm.split("test")
+    assert dm.num_classes == 2 and dm.class_names == ["Bag", "Ankle boot"]
+    assert len(test) == 2000 and set(test.labels.tolist()) == {0, 1}
+    with pytest.raises(ValueError, match=says("classes must be distinct", "[0, 9]")):
+        FashionMNISTDataModule(classes=[3, 3])

@@ -110,6 +110,15 @@ class Scorer:
             out["labels"] = torch.cat(labels)
         return out
 
+    def embed(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The head's input features ``[N, F]`` of images ``x`` (one unmasked forward each; fitting the baselines)."""
+        parts = []
+        with torch.no_grad(), _penultimate(self.head) as feats:
+            for xb in x.split(batch_size):
+                self.target(xb.to(self.dev))
+                parts.append(feats.pop().float().cpu())
+        return torch.cat(parts)
+
     def soft_surprise(self, x: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         """``pathway_surprise`` of the generator's keep probabilities ``a`` (not the binary pathway), differentiable
         in ``x``: the generator's forward without its input ``detach`` (``PathwayGenerator.forward`` cuts the

@@ -298,8 +298,7 @@ def _detect(o: SimpleNamespace) -> dict[str, Any]:
 
     train = data.split("train")
     x_fit, y_fit = _images(train, _pick(len(train), o.fit_n, o.seed))
-    fit = scorer.dataset(x_fit, o.batch_size, "fit baselines", o.progress)
-    ctx.base = Baselines(o.baselines, scorer.head, o.knn_k, o.vim_dim).fit(fit["features"], y_fit)
+    ctx.base = Baselines(o.baselines, scorer.head, o.knn_k, o.vim_dim).fit(scorer.embed(x_fit, o.batch_size), y_fit)
     lap("setup_fit_baselines")
     val_clean, val_flagged = _validation(o, ctx)
     names = scorer.names()
