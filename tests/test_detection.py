@@ -15,7 +15,6 @@ from PIL import Image
 
 from gencnp import GenCNP, SyntheticDataModule
 from gencnp.banks import PathwayBank
-from gencnp.checkpointing import seal
 from gencnp.detection import detect
 from gencnp.detection import scores as S
 from gencnp.detection.combine import LogisticCombination, orient
@@ -23,6 +22,7 @@ from gencnp.detection.features import Scorer
 from gencnp.detection.metrics import point, weighted_metrics
 from gencnp.detection.perturb import CORRUPTIONS, corrupt
 from gencnp.detection.sources import parse_sources
+from gencnp.io.checkpoints import seal
 
 
 @pytest.fixture(autouse=True, scope="module")

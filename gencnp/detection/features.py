@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from gencnp.baselines import split_pathway
 from gencnp.detection import scores as S
+from gencnp.pathways.baselines import split_pathway
 
 __all__ = ["Scorer", "head_of"]
 

@@ -10,7 +10,7 @@ from torchmetrics.functional.classification import binary_roc
 
 from gencnp.detection.metrics import bootstrap, point
 from gencnp.detection.scores import PATHWAY_SCORES
-from gencnp.fileio import save_figure
+from gencnp.io.files import save_figure
 
 __all__ = ["figures", "markdown", "tables"]
 

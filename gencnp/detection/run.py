@@ -13,7 +13,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from gencnp.banks import PathwayBank
-from gencnp.checkpointing import read_checkpoint
 from gencnp.data import FashionMNISTDataModule, ImageDataModule
 from gencnp.detection.baselines import BASELINES, Baselines
 from gencnp.detection.combine import LogisticCombination, orient
@@ -21,8 +20,8 @@ from gencnp.detection.features import Scorer
 from gencnp.detection.perturb import CORRUPTIONS, PathwayAdaptivePGD, corrupt, make_attack, pixel_stats
 from gencnp.detection.report import figures, markdown, tables
 from gencnp.detection.sources import parse_sources
-from gencnp.fileio import json_safe, write_atomic
-from gencnp.preflight import check_writable_dir
+from gencnp.io.checkpoints import read_checkpoint
+from gencnp.io.files import check_writable_dir, json_safe, write_atomic
 from gencnp.systems import GenCNP
 from gencnp.threads import torch_threads
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import functional as TF
 
-from gencnp.data import convert_images
+from gencnp.data.base import convert_images
 
 __all__ = ["OODSource", "parse_sources"]
 
