@@ -123,21 +123,21 @@ def markdown(result: dict) -> str:
         f"anomalous. 95% intervals: {st['bootstrap_samples']} stratified bootstrap resamples. Signs and the "
         "combination were fitted on validation; the baselines on train images.",
         "",
-        "## Best pathway score vs best baseline (AUROC)",
+        "## Best pathway score vs best baseline (AUROC, FPR at 95% TPR; [95% CI])",
         "",
-        "| set | inputs flagged | best pathway score | AUROC | best baseline | AUROC | difference [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "| set | inputs flagged | best pathway score | AUROC | FPR95 | best baseline | AUROC | FPR95 | AUROC difference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in result["sets"].items():
         if not e.get("metrics"):
-            lines.append(f"| {name} | {e.get('flagged', 0)} | - | - | - | - | {e.get('note', '')} |")
+            lines.append(f"| {name} | {e.get('flagged', 0)} | - | - | - | - | - | - | {e.get('note', '')} |")
             continue
         bp, bb = e["best_pathway"], e["best_baseline"]
         d = e.get("auroc_difference")
         diff = f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-"
         lines.append(
-            f"| {name} | {e['flagged']} | {bp} | {_fmt(e['metrics'][bp])} | {bb} | "
-            f"{_fmt(e['metrics'].get(bb))} | {diff} |"
+            f"| {name} | {e['flagged']} | {bp} | {_fmt(e['metrics'][bp])} | {_fmt(e['metrics'][bp], 'fpr95')} | {bb} | "
+            f"{_fmt(e['metrics'].get(bb))} | {_fmt(e['metrics'].get(bb), 'fpr95')} | {diff} |"
         )
     methods = [*result["methods"]["pathway"], *result["methods"]["baselines"]]
     for key, title in (("auroc", "AUROC"), ("fpr95", "FPR at 95% TPR (lower is better)"), ("aupr", "AUPR")):
@@ -152,6 +152,10 @@ def markdown(result: dict) -> str:
         for m in methods:
             row = [f"{result['sets'][n]['metrics'][m][key]:.3f}" for n in names]
             lines.append(f"| {m} | " + " | ".join(row) + " |")
+        if result["methods"]["baselines"]:  # the best baseline beside every pathway row
+            pick = min if key == "fpr95" else max
+            best = [pick(result["sets"][n]["metrics"][b][key] for b in result["methods"]["baselines"]) for n in names]
+            lines.append("| **best baseline** | " + " | ".join(f"{v:.3f}" for v in best) + " |")
     lines += ["", "## Scores", ""] + [f"- `{k}`: {v}" for k, v in result["legend"].items()]
     lines += [
         "",
