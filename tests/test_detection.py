@@ -55,6 +55,16 @@ def test_pathway_surprise_is_the_bernoulli_nll_per_channel():
     assert typical < S.pathway_surprise(torch.tensor([[0, 1, 1]]).bool(), f, torch.tensor([0]))
 
 
+def test_class_standardisation_uses_each_predicted_class_statistics():
+    v = torch.tensor([1.0, 3.0, 10.0, 14.0, 7.0])
+    y = torch.tensor([0, 0, 1, 1, 2])  # class 2 has one input: pooled statistics; class 3 none: pooled too
+    mean, std = S.class_stats(v, y, 4)
+    assert mean[:2].tolist() == [2.0, 12.0] and std[0].item() == pytest.approx(math.sqrt(2))
+    assert mean[2].item() == pytest.approx(v.mean().item()) and mean[3].item() == pytest.approx(v.mean().item())
+    z = S.class_standardise(torch.tensor([2.0, 12.0]), torch.tensor([0, 1]), mean, std)
+    assert torch.allclose(z, torch.zeros(2, dtype=torch.float64))
+
+
 def test_kept_fraction_score_margin_and_logit_gaps():
     assert S.kept_fraction(torch.tensor([[1, 0, 0, 1]]).bool()).item() == pytest.approx(0.5)
     a = torch.tensor([[0.0, 1.0, 0.5, 0.75]])
@@ -189,6 +199,13 @@ def test_scorer_gives_every_score_per_image_and_a_differentiable_surprise(tiny_r
     assert torch.allclose(out["kept_fraction"], ex["pathway"].double().mean(1))
     assert out["features"].shape == (12, model.target.model.head.in_features)
     assert torch.allclose(scorer.embed(x, 5), out["features"])
+    scorer.calibrate(out)
+    calibrated = scorer.batch(x)
+    assert scorer.names()[-1].endswith("@class") and len(scorer.names()) == 2 * (
+        len(S.PATHWAY_SCORES) + len(model.target.tap_names)
+    )
+    for name in scorer.names():
+        assert calibrated[name].shape == (12,) and torch.isfinite(calibrated[name]).all(), name
     xg = x.clone().requires_grad_(True)
     logits, feats = model.target(xg, record=True)
     s = scorer.soft_surprise(xg, logits, feats)

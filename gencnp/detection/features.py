@@ -62,10 +62,25 @@ class Scorer:
         self.freqs = freqs.double().to(self.dev)
         self.fills = model.fills()
         self.head = head_of(self.target.model)
+        self.calib: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def names(self) -> list[str]:
-        """The pathway score names, per-tap distances included, in table order."""
-        return [*S.PATHWAY_SCORES, *(f"tap_distance/{t}" for t in self.tap_names)]
+        """The pathway score names in table order: the raw scores (per-tap distances included), then, once
+        ``calibrate`` has run, each one standardised per predicted class (``<name>@class``)."""
+        raw = [*S.PATHWAY_SCORES, *(f"tap_distance/{t}" for t in self.tap_names)]
+        return raw + [f"{k}@class" for k in raw if k in self.calib]
+
+    def calibrate(self, clean: dict) -> None:
+        """Per predicted class, the mean and std of every raw score on ``clean`` (scored clean validation images);
+        from now on ``batch`` and ``dataset`` add the ``<name>@class`` scores (``scores.class_standardise``)."""
+        k = self.model.num_classes
+        self.calib = {n: S.class_stats(clean[n], clean["y_hat"], k) for n in self.names()}
+
+    def with_class_scores(self, s: dict) -> dict:
+        """``s`` with the ``<name>@class`` scores added (after ``calibrate``)."""
+        for n, (mean, std) in self.calib.items():
+            s[f"{n}@class"] = S.class_standardise(s[n], s["y_hat"], mean, std)
+        return s
 
     def batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every score of ``x [B, C, H, W]`` (float64 ``[B]`` each, on the CPU), plus ``logits [B, K]``,
@@ -90,7 +105,7 @@ class Scorer:
         out.update({f"tap_distance/{t}": taps[:, i] for i, t in enumerate(self.tap_names)})
         out = {k: v.double().cpu() for k, v in out.items()}
         out.update(logits=ex["logits"].float().cpu(), features=feats[0].float().cpu(), y_hat=y_hat.cpu())
-        return out
+        return self.with_class_scores(out)
 
     def dataset(self, data: Dataset | torch.Tensor, batch_size: int, desc: str, progress: bool) -> dict:
         """``batch`` over a dataset (or a tensor of images), concatenated; ``labels`` added when the data has them."""

@@ -61,7 +61,11 @@ def tables(
     return {
         "sets": sets,
         "methods": {"pathway": pathway, "baselines": list(baselines)},
-        "legend": {**PATHWAY_SCORES, COMBINED: "logistic regression of the pathway scores, fitted on validation"},
+        "legend": {
+            **PATHWAY_SCORES,
+            "<score>@class": "(s - mu_ŷ) / sigma_ŷ, clean-validation mean and std of the predicted class",
+            COMBINED: "logistic regression of the pathway scores, fitted on validation",
+        },
     }
 
 

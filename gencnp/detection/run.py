@@ -300,6 +300,8 @@ def _detect(o: SimpleNamespace) -> dict[str, Any]:
     ctx.base = Baselines(o.baselines, scorer.head, o.knn_k, o.vim_dim).fit(scorer.embed(x_fit, o.batch_size), y_fit)
     lap("setup_fit_baselines")
     val_clean, val_flagged = _validation(o, ctx)
+    scorer.calibrate(val_clean)  # per-class statistics of the clean validation scores
+    val_clean, val_flagged = scorer.with_class_scores(val_clean), scorer.with_class_scores(val_flagged)
     names = scorer.names()
     ctx.signs = orient({k: val_clean[k] for k in names}, {k: val_flagged[k] for k in names})
     oriented = lambda s: {k: ctx.signs[k] * s[k] for k in names}  # noqa: E731

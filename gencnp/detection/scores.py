@@ -16,6 +16,8 @@ __all__ = [
     "PATHWAY_SCORES",
     "class_margin",
     "class_pathway_gap",
+    "class_standardise",
+    "class_stats",
     "kept_fraction",
     "masked_logit_gap",
     "pathway_distance",
@@ -116,8 +118,29 @@ def class_pathway_gap(logits: torch.Tensor, class_logits: torch.Tensor, y_hat: t
     return class_margin(logits, y_hat) - class_margin(class_logits, y_hat)
 
 
+def class_stats(values: torch.Tensor, y_hat: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per predicted class, the mean and std of a score over (clean validation) inputs: float64 ``[K]`` each. A class
+    with fewer than 2 inputs takes the pooled mean and std; a std of 0 becomes 1."""
+    v = values.double()
+    mean = torch.full((num_classes,), float(v.mean()), dtype=torch.float64)
+    std = torch.full((num_classes,), float(v.std()) if len(v) > 1 else 1.0, dtype=torch.float64)
+    for c in range(num_classes):
+        sel = v[y_hat == c]
+        if len(sel) >= 2:
+            mean[c], std[c] = sel.mean(), sel.std()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+def class_standardise(values: torch.Tensor, y_hat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A score relative to its predicted class: ``(s(x) - mu_ŷ) / sigma_ŷ`` with ``mu``, ``sigma`` from
+    ``class_stats`` on clean validation inputs. Classes differ in how much their inputs' pathways stray (a class with
+    varied shapes keeps more varied channels); standardising per class stops a whole class from looking anomalous.
+    Returns float64 ``[B]``."""
+    return (values.double() - mean[y_hat]) / std[y_hat]
+
+
 # Scores computed for every input: name -> one-line formula (the report's legend). Per-tap distances are added as
-# ``tap_distance/<tap>``.
+# ``tap_distance/<tap>``; every score also as ``<name>@class`` (``class_standardise``).
 PATHWAY_SCORES = {
     "pathway_distance": "1 - |m ∩ M_ŷ| / |m ∪ M_ŷ| (pooled over taps)",
     "pathway_surprise": "-(1/D) Σ [m log f_ŷ + (1-m) log(1-f_ŷ)]",
