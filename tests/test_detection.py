@@ -288,3 +288,16 @@ def test_fashion_mnist_classes_keeps_and_relabels():
     assert len(test) == 2000 and set(test.labels.tolist()) == {0, 1}
     with pytest.raises(ValueError, match=says("classes must be distinct", "[0, 9]")):
         FashionMNISTDataModule(classes=[3, 3])
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
+def test_class_path_set_converted_by_its_image_size_is_accepted():
+    entry = {
+        "name": "fmnist_small",
+        "data": {"class_path": "gencnp.FashionMNISTDataModule", "init_args": {"image_size": 16, "classes": [8]}},
+    }
+    (src,) = parse_sources([entry], (1, 16, 16))
+    x = src.images((1, 16, 16), [0.5], [0.25], n=5, seed=0)
+    assert x.shape == (5, 1, 16, 16)
+    with pytest.raises(ValueError, match=says("image_size: 16")):
+        parse_sources([{**entry, "data": {"class_path": "gencnp.FashionMNISTDataModule"}}], (1, 16, 16))
