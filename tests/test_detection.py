@@ -207,10 +207,19 @@ def test_scorer_gives_every_score_per_image_and_a_differentiable_surprise(tiny_r
     for name in scorer.names():
         assert calibrated[name].shape == (12,) and torch.isfinite(calibrated[name]).all(), name
     xg = x.clone().requires_grad_(True)
-    logits, feats = model.target(xg, record=True)
-    s = scorer.soft_surprise(xg, logits, feats)
-    (grad,) = torch.autograd.grad(s.sum(), xg)
-    assert grad.abs().sum() > 0  # the adaptive attack gets a gradient through the generator
+    for name in ("pathway_surprise", "masked_logit_gap", "pathway_surprise@class", "masked_logit_gap@class"):
+        logits, feats = model.target(xg, record=True)
+        s = scorer.adaptive_score(name, xg, logits, feats)
+        assert s.shape == (12,)
+        (grad,) = torch.autograd.grad(s.sum(), xg)
+        assert grad.abs().sum() > 0, name  # the adaptive attack gets a gradient through the generator
+    # the soft masked gap equals the scored one (DAQ's forward is exactly the binary pathway)
+    with torch.no_grad():
+        logits, feats = model.target(x, record=True)
+        soft = scorer.adaptive_score("masked_logit_gap", x, logits, feats)
+    assert torch.allclose(soft, out["masked_logit_gap"], atol=1e-4)
+    with pytest.raises(ValueError, match=says("adaptive_target must be one of")):
+        scorer.adaptive_score("kept_fraction", x, logits, feats)
 
 
 @pytest.mark.slow
@@ -251,7 +260,14 @@ def test_detect_end_to_end_with_folder_and_class_path_sets(tiny_run, tmp_path):
     )
     saved = json.loads((out / "detect.json").read_text())
     assert saved["sets"].keys() == res["sets"].keys()
-    assert {"folder", "other_patterns", "pgd_eps0.3", "adaptive_pgd_eps0.3", "contrast_s5"} <= set(res["sets"])
+    assert {
+        "folder",
+        "other_patterns",
+        "pgd_eps0.3",
+        "adaptive_pgd_eps0.3_w1",
+        "adaptive_pgd_eps0.3_w10",
+        "contrast_s5",
+    } <= set(res["sets"])
     e = res["sets"]["folder"]
     assert e["inputs"] == 12 and e["family"] == "ood"
     for m in [*res["methods"]["pathway"], *res["methods"]["baselines"]]:

@@ -134,19 +134,46 @@ class Scorer:
                 parts.append(feats.pop().float().cpu())
         return torch.cat(parts)
 
-    def soft_surprise(self, x: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
-        """``pathway_surprise`` of the generator's keep probabilities ``a`` (not the binary pathway), differentiable
-        in ``x``: the generator's forward without its input ``detach`` (``PathwayGenerator.forward`` cuts the
-        gradient to the target on purpose; an attacker does not). ``feats`` are the recorded tap outputs of
-        ``x``, ``logits`` its output; ``ŷ`` is the current prediction (no gradient through the argmax)."""
+    def soft_keep(self, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The generator's keep probabilities ``a [B, D]``, differentiable in the input: its forward without the input
+        ``detach`` (``PathwayGenerator.forward`` cuts the gradient to the target on purpose; an attacker does not).
+        ``feats`` are the recorded tap outputs, ``logits`` the target's output (the class prior reads its argmax)."""
         gen = self.model.generator
-        y_hat = logits.argmax(1).detach()
         hs = gen.rfe_shallow(feats[: gen.n_shallow])
         hd = gen.rfe_deep(feats[gen.n_shallow :])
         z, _ = gen.pdn(hs[-1], hd[-1])
         score_logits = torch.cat(gen.rpd(z, hs + hd), dim=1)
-        prior = self.model.prior(y_hat)
+        prior = self.model.prior(logits.argmax(1).detach())
         if prior is not None:
             score_logits = score_logits + prior.detach().to(score_logits.dtype)
-        a = torch.sigmoid(score_logits.float())
-        return S.pathway_surprise(a, self.freqs.float(), y_hat)
+        return torch.sigmoid(score_logits.float())
+
+    def soft_surprise(self, x: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """``pathway_surprise`` of the keep probabilities ``a`` instead of the binary pathway, differentiable in ``x``;
+        ``ŷ`` is the current prediction (no gradient through the argmax)."""
+        return S.pathway_surprise(self.soft_keep(logits, feats), self.freqs.float(), logits.argmax(1).detach())
+
+    def soft_masked_gap(self, x: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """``masked_logit_gap`` with the pathway binarised by the generator's own binariser (DAQ: exact forward,
+        soft-argmax gradient), differentiable in ``x``."""
+        gen = self.model.generator
+        m = gen.binarize(self.soft_keep(logits, feats))
+        masked = self.target(x, masks=gen.split(m.to(x.dtype)), fill=self.fills)
+        return S.masked_logit_gap(logits, masked, logits.argmax(1).detach())
+
+    def adaptive_score(
+        self, name: str, x: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """A differentiable version of score ``name`` (``pathway_surprise`` or ``masked_logit_gap``, optionally
+        ``@class``-standardised after ``calibrate``) for the adaptive attack, ``[B]``."""
+        base, _, per_class = name.partition("@")
+        fns = {"pathway_surprise": self.soft_surprise, "masked_logit_gap": self.soft_masked_gap}
+        if base not in fns or (per_class and per_class != "class"):
+            raise ValueError(f"adaptive_target must be one of {sorted(fns)}, optionally with '@class'; got '{name}'.")
+        s = fns[base](x, logits, feats)
+        if per_class:
+            if base not in self.calib:
+                raise ValueError(f"'{name}' needs the per-class statistics: call Scorer.calibrate first.")
+            mean, std = self.calib[base]
+            s = S.class_standardise(s, logits.argmax(1).detach(), mean.to(s.device), std.to(s.device))
+        return s

@@ -93,23 +93,28 @@ def make_attack(name: str, model: nn.Module, eps: float, steps: int, mean: list[
 
 
 class PathwayAdaptivePGD(Attack):
-    """PGD that fools the target **and** keeps the pathway looking clean (the adaptive test of a detector, Carlini &
+    """PGD that fools the target **and** keeps a pathway score looking clean (the adaptive test of a detector, Carlini &
     Wagner, "Adversarial Examples Are Not Easily Detected", AISec 2017; Tramèr et al., NeurIPS 2020).
 
-    Each step ascends ``CE(H(x'), y) - weight * s_soft(x')``, ``s_soft`` the differentiable pathway surprise of the
-    generator's keep probabilities (``Scorer.soft_surprise``), under the same L-inf budget and step rule as ``PGD``
-    (the sign step, projection and clamping are torchattacks' PGD loop with this loss).
+    Each step ascends ``CE(H(x'), y) - weight * sign * s(x')``, ``s`` a differentiable version of the detector's score
+    ``target`` (``Scorer.adaptive_score``: gradients through the generator and, for ``masked_logit_gap``, through the
+    masked forward) and ``sign`` its orientation (+1 when higher means flagged), under the same L-inf budget, random
+    start, sign step and projection as torchattacks' ``PGD``.
 
     Args:
         scorer: a ``gencnp.detection.features.Scorer``.
         eps, alpha, steps: PGD budget (pixel units), step size and steps.
-        weight: ``weight`` of the pathway term.
+        weight: weight of the pathway term.
+        target: the score attacked, e.g. ``'masked_logit_gap@class'``.
+        sign: the orientation of ``target`` set on validation.
     """
 
-    def __init__(self, scorer, eps: float, alpha: float, steps: int, weight: float, seed: int = 0):
+    def __init__(
+        self, scorer, eps: float, alpha: float, steps: int, weight: float, target: str, sign: float, seed: int = 0
+    ):
         super().__init__("PathwayAdaptivePGD", scorer.target)
         self.scorer, self.eps, self.alpha, self.steps, self.weight = scorer, eps, alpha, steps, weight
-        self.seed = seed
+        self.score_name, self.sign, self.seed = target, sign, seed
         self.supported_mode = ["default"]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,7 +128,8 @@ class PathwayAdaptivePGD(Attack):
             adv.requires_grad_(True)
             x = self.normalize(adv) if self._normalization_applied is False else adv
             logits, feats = self.scorer.target(x, record=True)
-            cost = ce(logits, labels) - self.weight * self.scorer.soft_surprise(x, logits, feats).mean()
+            score = self.scorer.adaptive_score(self.score_name, x, logits, feats)
+            cost = ce(logits, labels) - self.weight * self.sign * score.float().mean()
             grad = torch.autograd.grad(cost, adv)[0]
             adv = adv.detach() + self.alpha * grad.sign()
             adv = torch.clamp(images + torch.clamp(adv - images, -self.eps, self.eps), 0, 1).detach()

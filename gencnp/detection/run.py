@@ -44,7 +44,8 @@ def detect(
     pgd_steps: int = 10,
     adaptive_eps: float = 0.1,
     adaptive_steps: int = 10,
-    adaptive_weight: float = 10.0,
+    adaptive_weights: list[float] | None = None,
+    adaptive_target: str = "masked_logit_gap@class",
     corruptions: list[str] | None = None,
     severities: list[int] | None = None,
     ood: list[dict] | None = None,
@@ -79,8 +80,9 @@ def detect(
         fgsm_eps: FGSM budgets, L-inf in pixel units (default ``0.05, 0.1``).
         pgd_eps: PGD budgets (default ``0.05, 0.1``).
         pgd_steps: PGD steps (step size ``2.5 eps / steps``).
-        adaptive_eps, adaptive_steps, adaptive_weight: the adaptive PGD against the pathway surprise
-            (``PathwayAdaptivePGD``).
+        adaptive_eps, adaptive_steps: budget and steps of the adaptive PGD (``PathwayAdaptivePGD``).
+        adaptive_weights: weights of its pathway term, one attacked set each (default ``1, 10``): report the worst.
+        adaptive_target: the pathway score the adaptive PGD pushes toward clean (``Scorer.adaptive_score``).
         corruptions: names in ``CORRUPTIONS`` (default all).
         severities: corruption severities 1-5 (default ``1, 3, 5``).
         ood: OOD sets, each ``{name, path}`` or ``{name, data: {class_path, init_args}}`` (``gencnp.detection.sources``).
@@ -109,6 +111,15 @@ def _check(o: SimpleNamespace) -> None:
     o.corruptions = list(o.corruptions if o.corruptions is not None else CORRUPTIONS)
     o.severities = list(o.severities if o.severities is not None else (1, 3, 5))
     o.baselines = list(o.baselines if o.baselines is not None else BASELINES)
+    o.adaptive_weights = list(o.adaptive_weights if o.adaptive_weights is not None else (1.0, 10.0))
+    if any(w < 0 for w in o.adaptive_weights):
+        raise ValueError(f"adaptive_weights must be >= 0, got {o.adaptive_weights}.")
+    base, _, per_class = o.adaptive_target.partition("@")
+    if base not in ("pathway_surprise", "masked_logit_gap") or per_class not in ("", "class"):
+        raise ValueError(
+            "adaptive_target must be pathway_surprise or masked_logit_gap, optionally with '@class'; "
+            f"got '{o.adaptive_target}'."
+        )
     for name, lo in (("val_n", 10), ("fit_n", 10), ("attack_n", 1), ("ood_n", 1), ("batch_size", 1)):
         if getattr(o, name) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {getattr(o, name)}.")
@@ -242,25 +253,9 @@ def _test_sets(o, ctx, clean: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[d
             "flagged": len(sets[name]["y_hat"]),
             "seconds": time.perf_counter() - t0,
         }
-    t0 = time.perf_counter()
-    torch.manual_seed(o.seed)
-    mean, std = ctx.stats
-    alpha = 2.5 * o.adaptive_eps / o.adaptive_steps
-    atk = PathwayAdaptivePGD(ctx.scorer, o.adaptive_eps, alpha, o.adaptive_steps, o.adaptive_weight, seed=o.seed)
-    atk.set_normalization_used(mean=mean, std=std)
-    x_a = _attack(atk, x[att], y[att], o.batch_size, ctx.dev)
-    name = f"adaptive_pgd_eps{o.adaptive_eps:g}"
-    sets[name] = _flagged(ctx, x_a, y[att], clean["y_hat"][att], True, f"test {name}")
-    info[name] = {
-        "family": "adaptive",
-        "attack": "pathway-adaptive PGD",
-        "eps": o.adaptive_eps,
-        "steps": o.adaptive_steps,
-        "weight": o.adaptive_weight,
-        "inputs": len(att),
-        "flagged": len(sets[name]["y_hat"]),
-        "seconds": time.perf_counter() - t0,
-    }
+    for w in o.adaptive_weights:
+        name = f"adaptive_pgd_eps{o.adaptive_eps:g}_w{w:g}"
+        sets[name], info[name] = _adaptive(o, ctx, w, x[att], y[att], clean["y_hat"][att], name)
     for src in ctx.sources:
         t0 = time.perf_counter()
         x_o = src.images(ctx.model.target.input_shape, *ctx.stats, o.ood_n, o.seed + 4)
@@ -273,6 +268,31 @@ def _test_sets(o, ctx, clean: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[d
             "seconds": time.perf_counter() - t0,
         }
     return sets, info
+
+
+def _adaptive(o, ctx, weight: float, x: torch.Tensor, y: torch.Tensor, clean_pred: torch.Tensor, name: str):
+    """The adaptive PGD at one weight: scores of its successful attacks and the set's description."""
+    t0 = time.perf_counter()
+    mean, std = ctx.stats
+    alpha = 2.5 * o.adaptive_eps / o.adaptive_steps
+    sign = ctx.signs[o.adaptive_target]
+    atk = PathwayAdaptivePGD(
+        ctx.scorer, o.adaptive_eps, alpha, o.adaptive_steps, weight, o.adaptive_target, sign, o.seed
+    )
+    atk.set_normalization_used(mean=mean, std=std)
+    scored = _flagged(ctx, _attack(atk, x, y, o.batch_size, ctx.dev), y, clean_pred, True, f"test {name}")
+    info = {
+        "family": "adaptive",
+        "attack": "pathway-adaptive PGD",
+        "target_score": o.adaptive_target,
+        "eps": o.adaptive_eps,
+        "steps": o.adaptive_steps,
+        "weight": weight,
+        "inputs": len(x),
+        "flagged": len(scored["y_hat"]),
+        "seconds": time.perf_counter() - t0,
+    }
+    return scored, info
 
 
 def _methods(ctx, s: dict) -> dict[str, torch.Tensor]:
