@@ -7,12 +7,15 @@
   (``gencnp.evaluation.lookup``).
 - ``taps``: a model's candidate taps with channels, and what ``taps: auto`` picks (``gencnp.targets.taps.list_taps``).
 - ``attribution``: input attributions against ground truth, sanity checks and deletion curves (``gencnp.evaluation.attributions``).
+- ``detect``: pathway scores that flag attacked and out-of-distribution inputs, against pytorch-ood's detectors
+  (``gencnp.detection``).
 """
 
 from jsonargparse import CLI
 
 from gencnp.banks.bank import inspect_bank
 from gencnp.cli import importable_cwd, stop_on_full_disk
+from gencnp.detection import detect
 from gencnp.evaluation.attributions.evaluate import attribution
 from gencnp.evaluation.diffusion import diffusion
 from gencnp.evaluation.lookup import lookup_frontier
@@ -31,6 +34,7 @@ if __name__ == "__main__":
                 "lookup": lookup_frontier,
                 "taps": list_taps,
                 "attribution": attribution,
+                "detect": detect,
             },
             as_positional=False,
             parser_class=ConfigHintArgumentParser,

@@ -31,6 +31,7 @@ READERS = {
     "evaluate.yaml": ("evaluate.py", "report"),
     "attribution.yaml": ("evaluate.py", "attribution"),
     "diffusion.yaml": ("evaluate.py", "diffusion"),
+    "detect.yaml": ("evaluate.py", "detect"),
 }
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 PIPELINES = [p for p in ALL if p.name == "pipeline.yaml"]

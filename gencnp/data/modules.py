@@ -78,6 +78,19 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
+def _check_classes(classes: list[int] | None, total: int, what: str) -> list[int] | None:
+    """``classes`` as a list of distinct indices in ``[0, total)`` (at least one), or ``None``."""
+    if classes is None:
+        return None
+    classes = list(classes)
+    if not classes or len(set(classes)) != len(classes) or any(not 0 <= int(c) < total for c in classes):
+        raise ValueError(
+            f"{what}: classes must be distinct class indices in [0, {total - 1}] (at least one), got {classes}. "
+            "List the classes to keep, e.g. [0, 1, 2, 3, 4, 5, 6, 7], or set classes: null for all."
+        )
+    return [int(c) for c in classes]
+
+
 class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST (60k train, 10k test, 28x28 grey, 10 classes).
 
@@ -88,6 +101,9 @@ class FashionMNISTDataModule(ImageDataModule):
             When set it must exist. When unset: the Debian package's folder, then ``torchvision_root``.
         torchvision_root: torchvision's root folder, used when ``data_dir`` is unset.
         download: let torchvision download into ``torchvision_root`` when nothing is found locally.
+        classes: keep only these class indices (of the 10), relabelled ``0 .. len(classes)-1`` in the given order
+            (``class_names`` follows): an open-set target trains on some classes, and the others, given as their own
+            data module, become an out-of-distribution set (``configs/fashion_mnist_open``). ``None``: all 10.
     """
 
     num_classes = 10
@@ -110,9 +126,14 @@ class FashionMNISTDataModule(ImageDataModule):
         predict_split: str = "test",
         image_size: int = 28,
         in_chans: int = 1,
+        classes: list[int] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, val_size, seed, predict_split)
         self._set_shape(in_chans, image_size, "FashionMNISTDataModule")
+        self.classes = _check_classes(classes, len(FASHION_MNIST_CLASSES), "FashionMNISTDataModule")
+        if self.classes is not None:
+            self.num_classes = len(self.classes)
+            self.class_names = [FASHION_MNIST_CLASSES[c] for c in self.classes]
         self.data_dir = data_dir
         self.torchvision_root = torchvision_root
         self.download = download
@@ -152,6 +173,11 @@ class FashionMNISTDataModule(ImageDataModule):
         img_stem, lbl_stem = FASHION_FILES[split]
         images = torch.from_numpy(_read_idx(_find_idx(root, img_stem)).copy()).unsqueeze(1)
         labels = torch.from_numpy(_read_idx(_find_idx(root, lbl_stem)).astype(np.int64))
+        if self.classes is not None:  # keep the chosen classes, relabelled 0 .. n-1 in their given order
+            keep = torch.isin(labels, torch.tensor(self.classes))
+            relabel = torch.full((len(FASHION_MNIST_CLASSES),), -1, dtype=torch.long)
+            relabel[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+            images, labels = images[keep], relabel[labels[keep]]
         return TensorImageDataset(images, labels, self.mean, self.std, self.in_chans, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
