@@ -226,8 +226,8 @@ def _load(o: SimpleNamespace, dev: torch.device, t_start: float) -> tuple[Evalua
             f"{class_names}; class indices would mean other classes. Evaluate on the data it was trained on, or "
             "train a generator on this data."
         )
-    if int((model.probe_class >= 0).sum()) == 0:  # a checkpoint saved before setup(): pick swap probes now
-        model.build_probes(data.split("train"))
+    # Swap probes are training-split indices: read their images from the data (picked now if none are recorded).
+    model.attach_probe_data(data.split("train"), class_names)
     ev = Evaluator(model, dev, o.seed, o.progress, t_start)
     bank = None
     if o.bank is not None:
