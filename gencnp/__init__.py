@@ -9,6 +9,7 @@ from gencnp.data import (
 )
 from gencnp.generator import PathwayGenerator, daq
 from gencnp.registry import Registry
+from gencnp.shaped_data import ImageNetShapedDataModule
 from gencnp.systems import GenCNP, TargetClassifier
 from gencnp.targets import FrozenTarget, create_target, list_targets, load_target, register_target
 from gencnp.version import __version__
@@ -18,6 +19,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "SyntheticDataModule",
+    "ImageNetShapedDataModule",
     "PathwayBank",
     "PathwayGenerator",
     "daq",

@@ -116,6 +116,8 @@ RULES: dict[str, Range | Choice] = {
         )
     },
     "noise": Range(0, why="std of the synthetic background noise"),
+    "signal": Range(0, why="std of the synthetic class pattern"),
+    "grid": Range(1, integer=True, why="side of the synthetic class pattern before upsampling"),
     "std": Range(0, lo_open=True, each=True, why="normalisation std; images are divided by it"),
     "mean": Range(each=True, why="normalisation mean"),
     # banks
