@@ -45,5 +45,5 @@ def test_the_class_is_learnable_from_the_pattern():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"in_chans must be 1 \(grey\) or 3"):
         ImageNetShapedDataModule(in_chans=2)
-    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+    with pytest.raises(ValueError, match=r"num_classes=1 is out of range: expected an integer >= 2"):
         ImageNetShapedDataModule(num_classes=1)
