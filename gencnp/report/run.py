@@ -38,7 +38,13 @@ from gencnp.report.summaries import Entries, ci_keys, frontier_rows, same_class_
 from gencnp.systems import GenCNP
 from gencnp.threads import torch_threads
 
-__all__ = ["report"]
+__all__ = ["report", "PRECISIONS"]
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def autocast(o: SimpleNamespace):
+    """bfloat16 autocast on the report's device for ``precision: bf16-mixed``; a no-op context for ``32-true``."""
+    return torch.autocast(torch.device(o.device).type, dtype=torch.bfloat16, enabled=o.precision == "bf16-mixed")
 
 
 def report(
@@ -67,6 +73,8 @@ def report(
     threads: int | None = None,
     progress: bool = True,
     lookup_fractions: list[float] | None = None,
+    precision: str = "32-true",
+    channels_last: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
 
@@ -107,12 +115,17 @@ def report(
         progress: show progress bars.
         lookup_fractions: shares of GEN-CNP's per-tap counts at which its score ranking is compared with the class
             lookup (``lookup_frontier``; default ``1.0, 0.8, 0.6, 0.4``).
+        precision: ``'32-true'`` or ``'bf16-mixed'`` (every pass that runs the target under bfloat16 autocast, as
+            ``trainer.precision``; summaries, bootstrap and figures stay in float32/float64).
+        channels_last: run the target in ``channels_last`` memory format; ``None`` keeps the generator's setting.
 
     Returns:
         The content of ``report.json`` as a dict.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or null (torch's default), got {threads}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (as trainer.precision), got {precision!r}.")
     options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "threads"})
     with torch_threads(threads):
         return _report(options)
@@ -130,7 +143,24 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
     torch.manual_seed(o.seed)
     ev, sp = _load(o, dev, t_start)
     ev.lap("setup")
+    with autocast(o):
+        res, gp, hits, curves, same_class = _passes(o, ev, sp, curves)
+    result = _result(o, ev, sp, gp, res, curves, same_class, hits)
+    result["precision"] = o.precision
+    ev.lap("summaries_bootstrap")
+    result["figures"] = _figures(out, result, ev, sp, gp, res, o.samples_per_class)
+    ev.lap("figures")
+    result["seconds_total"] = time.perf_counter() - t_start
+    result["seconds_by_phase"] = ev.phases
+    result = json_safe(result)
+    write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
+    write_atomic(out / "report.md", markdown(result))
+    print(screen(result, out))
+    return result
 
+
+def _passes(o: SimpleNamespace, ev: Evaluator, sp: Split, curves: Curves) -> tuple:
+    """The passes that run the target: GEN-CNP, the full split, the subset, same-class transfer."""
     res: dict[tuple[str, str], Results] = {}
     gp = gencnp_pass(ev, sp, res, o.batch_size)
     ev.lap("gencnp")
@@ -155,18 +185,7 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
     ev.lap("neuron_intgrad_dgr_curves")
     same_class = same_class_transfer(ev, res, sp.subset_pos, x_sub, gp.y_hat[sp.subset_pos], o.grad_batch_size)
     ev.lap("same_class_transfer")
-
-    result = _result(o, ev, sp, gp, res, curves, same_class, hits)
-    ev.lap("summaries_bootstrap")
-    result["figures"] = _figures(out, result, ev, sp, gp, res, o.samples_per_class)
-    ev.lap("figures")
-    result["seconds_total"] = time.perf_counter() - t_start
-    result["seconds_by_phase"] = ev.phases
-    result = json_safe(result)
-    write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
-    write_atomic(out / "report.md", markdown(result))
-    print(screen(result, out))
-    return result
+    return res, gp, hits, curves, same_class
 
 
 def _dgr_opts(o: SimpleNamespace) -> dict[str, float]:
@@ -209,6 +228,8 @@ def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
 def _load(o: SimpleNamespace, dev: torch.device, t_start: float) -> tuple[Evaluator, Split]:
     """The generator (on ``dev``), the split (``limit`` applied), the bank and the seeded common subset."""
     overrides = {"target_checkpoint": o.target_checkpoint} if o.target_checkpoint else {}
+    if o.channels_last is not None:
+        overrides["channels_last"] = bool(o.channels_last)
     recorded = read_checkpoint(o.generator).get("class_names")  # refuses truncated, altered or code-carrying files
     model = GenCNP.load_from_checkpoint(o.generator, map_location="cpu", weights_only=True, **overrides).to(dev).eval()
     data = o.data if o.data is not None else FashionMNISTDataModule(eval_batch_size=o.batch_size)
