@@ -18,6 +18,7 @@ from gencnp.data import FashionMNISTDataModule, ImageDataModule
 from gencnp.fileio import json_safe, write_atomic
 from gencnp.metrics import null_families_of
 from gencnp.preflight import check_writable_dir
+from gencnp.report.classes import class_table, summary_lines, table_summary, write_class_table
 from gencnp.report.evaluator import Evaluator
 from gencnp.report.figures import plot_attribution, plot_bank, plot_curves, plot_kept_hist, plot_null
 from gencnp.report.markdown import markdown, screen
@@ -147,6 +148,7 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
         res, gp, hits, curves, same_class = _passes(o, ev, sp, curves)
     result = _result(o, ev, sp, gp, res, curves, same_class, hits)
     result["precision"] = o.precision
+    result["per_class"] = _per_class(out, res, sp.class_names)
     ev.lap("summaries_bootstrap")
     result["figures"] = _figures(out, result, ev, sp, gp, res, o.samples_per_class)
     ev.lap("figures")
@@ -156,7 +158,15 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
     write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
     write_atomic(out / "report.md", markdown(result))
     print(screen(result, out))
+    print("\n".join(summary_lines(result["per_class"]["summary"], result["per_class"]["files"])))
     return result
+
+
+def _per_class(out: Path, res: dict[tuple[str, str], Results], class_names: list[str]) -> dict[str, Any]:
+    """Per-class agreement, kept and forcing of GEN-CNP (and transfer) to ``per_class.{csv,json}``; a summary."""
+    methods = {m: res[m, "matched"] for m in ("gencnp", "transfer") if (m, "matched") in res}
+    table = class_table(methods, class_names)
+    return {"files": write_class_table(out / "per_class", table), "summary": table_summary(table, "gencnp/agreement")}
 
 
 def _passes(o: SimpleNamespace, ev: Evaluator, sp: Split, curves: Curves) -> tuple:
