@@ -32,17 +32,25 @@ CACHE_BYTES = 64 * 2**20
 SEED = 12345  # the seeded order in which training images are considered as probes
 
 
-def candidate_order(n: int, k: int) -> list[int]:
-    """Indices of the ``max(200 K, 2000)`` training images considered as probes, in the (seeded) order considered."""
+def candidate_order(n: int, k: int, limit: int | None = None) -> list[int]:
+    """Indices of the ``limit`` (default ``max(200 K, 2000)``) training images considered as probes, in the (seeded)
+    order considered."""
     g = torch.Generator().manual_seed(SEED)
-    return torch.randperm(n, generator=g)[: max(200 * k, 2000)].tolist()
+    return torch.randperm(n, generator=g)[: limit or max(200 * k, 2000)].tolist()
 
 
 @torch.no_grad()
 def select_probes(
-    dataset: Dataset, classify, k: int, p: int, device: torch.device | str = "cpu", chunk: int = 512
+    dataset: Dataset,
+    classify,
+    k: int,
+    p: int,
+    device: torch.device | str = "cpu",
+    chunk: int = 512,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``p`` candidates (``candidate_order``) of each class that ``classify`` (images -> logits) gets right.
+    """The first ``p`` candidates (``candidate_order``) of each class that ``classify`` (images -> logits) gets right;
+    with ``classify=None`` the first ``p`` of each class (labels only, no forward).
 
     The candidates are classified in chunks of ``chunk`` and the search stops once every class has ``p`` probes, so
     its cost is about ``K p / accuracy`` target forwards (a few thousand at K = 1000), not ``200 K``.
@@ -53,13 +61,15 @@ def select_probes(
     index, cls = torch.full((k * p,), -1, dtype=torch.long), torch.full((k * p,), -1, dtype=torch.long)
     have = [0] * k
     full = 0
-    order = candidate_order(len(dataset), k)
+    order = candidate_order(len(dataset), k, limit)
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
         items = [dataset[i] for i in part]
-        xs = torch.stack([it[0] for it in items]).to(device)
         ys = [int(it[1]) for it in items]
-        preds = classify(xs).argmax(1).tolist()
+        if classify is None:
+            preds = ys
+        else:
+            preds = classify(torch.stack([it[0] for it in items]).to(device)).argmax(1).tolist()
         for i, y, pred in zip(part, ys, preds):
             if y == pred and 0 <= y < k and have[y] < p:
                 index[y * p + have[y]], cls[y * p + have[y]] = i, y

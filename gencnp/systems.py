@@ -98,6 +98,11 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             hash of its pixels, so the control does not depend on batching or process count.
         sparsity_per: ``'tap'`` (every tap's mean score counts the same) or ``'channel'`` (every channel counts the
             same: the sparsity term is the expected ``kept_mean``).
+        probe_filter: ``'correct'`` (probes are training images the target classifies correctly; the default) or
+            ``'label'`` (the first images of each class, no target forward: for targets too weak to classify two
+            classes, such as the 50-step ImageNet-shape smoke configs).
+        probe_candidates: training images searched for probes (seeded order; the search stops once every class has
+            its probes); ``None``: ``max(200 K, 2000)``.
         swap_partner: the training ``swap`` partner of sample i: ``'roll'`` (the next sample of the batch) or
             ``'hard'`` (a sample of the batch whose class is x_i's runner-up class under the target, the class
             most easily forced; ``losses.partners``).
@@ -165,6 +170,8 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         proto_momentum: float = 0.9,
         swap_probes_per_class: int = 4,
         swap_partner: str = "roll",
+        probe_filter: str = "correct",
+        probe_candidates: int | None = None,
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         schedule: str = "cosine",
@@ -198,6 +205,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             ("schedule", schedule, ("cosine", "constant")),
             ("sparsity_per", sparsity_per, ("tap", "channel")),
             ("swap_partner", swap_partner, ("roll", "hard")),
+            ("probe_filter", probe_filter, ("correct", "label")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
@@ -399,9 +407,10 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     def build_probes(self, dataset) -> None:
         """Pick ``swap_probes_per_class`` train images per class (seeded) that the target classifies correctly; store
         their indices (``gencnp.probes.select_probes``)."""
-        index, cls = PR.select_probes(
-            dataset, self.target, self.num_classes, self.hparams.swap_probes_per_class, self.device
-        )
+        h = self.hparams
+        classify = self.target if h.get("probe_filter", "correct") == "correct" else None
+        k, p = self.num_classes, h.swap_probes_per_class
+        index, cls = PR.select_probes(dataset, classify, k, p, self.device, limit=h.get("probe_candidates"))
         self.probe_index.copy_(index)
         self.probe_class.copy_(cls)
         self._legacy_probes = None

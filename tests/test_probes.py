@@ -161,3 +161,27 @@ def test_old_probes_missing_from_the_data_warn_and_are_not_saved():
         model.attach_probe_data(data)
     assert model._legacy_probes is not None
     assert int((model.state_dict()["probe_class"] >= 0).sum()) == 0  # re-picked when next attached
+
+
+def test_label_probes_need_no_forward_and_candidates_can_be_capped():
+    data = train_split()
+    index, cls = PR.select_probes(data, None, 4, 2)  # labels only: every class filled, no classifier
+    order = PR.candidate_order(len(data), 4)
+    first = {c: [i for i in order if int(data[i][1]) == c][:2] for c in range(4)}
+    assert index.tolist() == [i for c in range(4) for i in first[c]]
+    capped, _ = PR.select_probes(data, None, 4, 2, limit=5)
+    assert set(capped[capped >= 0].tolist()) <= set(order[:5])
+    model = GenCNP(
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=16,
+        d=8,
+        swap_probes_per_class=2,
+        probe_filter="label",
+        probe_candidates=40,
+    )
+    model.attach_probe_data(data)
+    assert bool((model.probe_class >= 0).all()) and set(model.probe_index.tolist()) <= set(order[:40])
+    with pytest.raises(ValueError, match="probe_filter must be one of"):
+        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, probe_filter="any")
