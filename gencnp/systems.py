@@ -322,6 +322,13 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         self.target.weights_pending, self.target._hash = None, None
         return out
 
+    def upgrade_state(self, state: dict) -> dict:
+        """A copy of ``state`` in the current layout (a ``probes`` image buffer becomes ``probe_index``), for checks
+        that compare a checkpoint's keys with this model's before loading it (``preflight.check_checkpoint``)."""
+        state = dict(state)
+        PR.migrate_state(state, self.probe_index)
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gencnp"] = {
             "format_version": FORMAT_VERSION,

@@ -185,3 +185,38 @@ def test_label_probes_need_no_forward_and_candidates_can_be_capped():
     assert bool((model.probe_class >= 0).all()) and set(model.probe_index.tolist()) <= set(order[:40])
     with pytest.raises(ValueError, match="probe_filter must be one of"):
         GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, probe_filter="any")
+
+
+@pytest.mark.slow
+def test_an_old_format_checkpoint_file_passes_preflight_loads_and_tests(tmp_path):
+    """A Lightning checkpoint written with a ``probes`` image buffer: preflight accepts it, loading migrates it, and
+    Trainer.test gives the metrics the model that wrote it gives."""
+    import lightning as L
+
+    from gencnp.checkpoint_files import seal
+    from gencnp.preflight import check_checkpoint
+
+    dm = SyntheticDataModule(num_classes=4, image_size=16, n_train=300, n_test=64, val_size=50)
+    model = tiny_model()
+    opts = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False, **opts)
+    trainer.fit(model, dm)
+    new_path, old_path = tmp_path / "new.ckpt", tmp_path / "old.ckpt"
+    trainer.save_checkpoint(new_path)
+    ckpt = torch.load(new_path, weights_only=True)
+    state, index = ckpt["state_dict"], ckpt["state_dict"]["probe_index"]
+    images = torch.zeros(len(index), 1, 16, 16)
+    for s, i in enumerate(index.tolist()):
+        if i >= 0:
+            images[s] = dm.split("train")[i][0]
+    del state["probe_index"]
+    state["probes"] = images
+    torch.save(seal(ckpt), old_path)
+    fresh = tiny_model()
+    check_checkpoint(None, fresh, str(old_path))  # raised 'missing keys: probe_index' before the migration
+    loaded = tiny_model()  # the same (seeded) target; the old file's state is migrated on load
+    loaded.load_state_dict(torch.load(old_path, weights_only=True)["state_dict"])
+    assert "probes" not in loaded.state_dict() and loaded._legacy_probes is not None
+    results = [L.Trainer(**opts).test(m, dm, verbose=False)[0] for m in (model, loaded)]
+    assert results[0] == results[1]
+    assert torch.equal(loaded.probe_index, index)  # found again in the data when test attached it
