@@ -17,14 +17,14 @@ Rows (per image unless stated):
   config's losses (swap and zero-image controls as extra masked forwards, a ``3B`` batch), kd + sparsity only
   (``lambda_swap = lambda_zero = 0``; ``cls`` and ``con`` stay, they need no target pass), and, where ``GenCNP``
   has the opt-in ``control_fraction``, the controls on a fraction of the batch (one row per ``--control_fraction``).
-- ``neuron_mct``, ``neuron_intgrad``, ``dgr`` through ``gencnp.baselines.run_method`` (class from their own
+- ``neuron_mct``, ``neuron_intgrad``, ``dgr`` through ``gencnp.pathways.baselines.run_method`` (class from their own
   forward), pathway at GEN-CNP's per-sample and per-tap counts, plus the masked forward giving the masked
   prediction; ratio to the GEN-CNP explanation.
 - Bank export: ``GenCNP.predict_step`` + ``PathwayBank.update`` over in-memory train batches (images/s), and the
   accumulated state for 1x and 4x the samples: the allocator's view (tensor memory allocated during the export and
   still live at its end, and its peak, from the profiler's allocator events on CPU), the bytes reachable from the
   bank, and the ``tracemalloc`` peak of Python allocations. Process RSS is not used.
-- ``acIOU``: ``gencnp.metrics.class_iou`` (acIOU and between-class IoU) of 10,000 pathways, D = 288, 10 classes.
+- ``acIOU``: ``gencnp.pathways.metrics.class_iou`` (acIOU and between-class IoU) of 10,000 pathways, D = 288, 10 classes.
 
 Accounting that flatters no one: the floor's masked forward reuses the recorded first-tap output exactly as GEN-CNP's
 own passes do (``FrozenTarget(first_tap=...)``), baselines get their class from their own forward, and every
@@ -212,7 +212,7 @@ def train_step(model, opt: torch.optim.Optimizer, batch, step: int) -> None:
 
 def baseline(name: str, model, x: torch.Tensor, counts: torch.Tensor) -> None:
     """A baseline's pathway at GEN-CNP's counts, then the masked forward giving its masked prediction."""
-    from gencnp.baselines import run_method, split_pathway
+    from gencnp.pathways.baselines import run_method, split_pathway
 
     target, fill = model.target, model.fills()
     out = run_method(name, target, x, None, counts=counts, fill=fill)
@@ -222,7 +222,7 @@ def baseline(name: str, model, x: torch.Tensor, counts: torch.Tensor) -> None:
 
 def bank_export(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int, timer=time.perf_counter):
     """``predict_step`` + ``PathwayBank.update`` over ``images``; returns ``(bank, seconds)``."""
-    from gencnp.banks import PathwayBank
+    from gencnp.banks.bank import PathwayBank
 
     bank = PathwayBank.for_target(model.target, class_source=model.hparams.class_source)
     t0 = timer()
@@ -303,7 +303,7 @@ def time_rounds(fns: dict, rounds: dict[str, int], timer=time.perf_counter) -> d
 
 
 def time_iou(n: int, d: int, k: int, repeats: int, seed: int, timer=time.perf_counter) -> list[float]:
-    from gencnp.metrics import class_iou
+    from gencnp.pathways.metrics import class_iou
 
     g = torch.Generator().manual_seed(seed)
     pathways = torch.rand(n, d, generator=g) < 0.7
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     b = args.batch_size
 
     # ----- interleaved rounds -----
-    from gencnp.baselines import tap_counts
+    from gencnp.pathways.baselines import tap_counts
 
     counts = tap_counts(model.explain(xb)["pathway"], target.tap_channels)
     variants = {

@@ -217,7 +217,7 @@ def stage_target(a, k: int) -> dict:
 def stage_gencnp(a, k: int) -> dict:
     import torch
 
-    from gencnp import training as ST
+    from gencnp.systems import training as ST
 
     dm = data_module(a, k)
     model = gencnp_model(a, k, dm)
@@ -295,7 +295,7 @@ def stage_report(a, k: int) -> dict:
     import torch
 
     from gencnp import PathwayBank
-    from gencnp.report import report
+    from gencnp.evaluation.report import report
 
     n = a.report_images
     dm = data_module(a, k, n_test=n)

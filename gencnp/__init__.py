@@ -1,17 +1,17 @@
 """gencnp: GEN-CNP neural-pathway explanations (Lin et al., arXiv 2309.09887) on PyTorch Lightning."""
 
-from gencnp.banks import PathwayBank
-from gencnp.data import (
+from gencnp.banks.bank import PathwayBank
+from gencnp.data.modules import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
     ImageFolderDataModule,
     SyntheticDataModule,
 )
-from gencnp.generator import PathwayGenerator, daq
+from gencnp.data.shaped import ImageNetShapedDataModule
+from gencnp.pathways.generator import PathwayGenerator, daq
 from gencnp.registry import Registry
-from gencnp.shaped_data import ImageNetShapedDataModule
-from gencnp.systems import GenCNP, TargetClassifier
-from gencnp.targets import FrozenTarget, create_target, list_targets, load_target, register_target
+from gencnp.systems.gencnp import GenCNP, TargetClassifier
+from gencnp.targets.loading import FrozenTarget, create_target, list_targets, load_target, register_target
 from gencnp.version import __version__
 
 __all__ = [

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.cli import LightningCLI
 
 import gencnp  # noqa: F401  (registers targets and makes class paths importable)
-from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint, read_checkpoint
-from gencnp.preflight import ConfigHintParser, preflight
+from gencnp.io.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint, read_checkpoint
+from gencnp.pipeline.preflight import ConfigHintParser, preflight
 from gencnp.tracking import ConfigSaver, check_loggers  # a missing tracker package fails in check_loggers
 
 
@@ -34,7 +34,7 @@ class GenCNPCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads --ckpt_path here (for the hyper-parameters it stores, which then take precedence over the
         # config) with a bare torch.load, before any gencnp check: a truncated, altered or code-carrying file must
-        # fail with gencnp's message instead (gencnp.checkpointing.read_checkpoint).
+        # fail with gencnp's message instead (gencnp.io.checkpoint_io.read_checkpoint).
         subcommand = self.config.get("subcommand")
         cfg = (self.config.get(subcommand) or {}) if subcommand else {}
         ckpt_path = cfg.get("ckpt_path")
@@ -67,14 +67,14 @@ class GenCNPCLI(LightningCLI):
             raise
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        # Crash-safe checkpoints for every config (gencnp.checkpointing), unless one names its own CheckpointIO.
+        # Crash-safe checkpoints for every config (gencnp.io.checkpoint_io), unless one names its own CheckpointIO.
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
         trainer = super()._instantiate_trainer(config, callbacks)
         # last.ckpt always holds the newest state (Lightning 2.6 leaves it at the last improvement of the monitored
-        # metric, so --ckpt_path last would resume from an older state): see gencnp.checkpointing.ModelCheckpoint.
+        # metric, so --ckpt_path last would resume from an older state): see gencnp.io.checkpoint_io.ModelCheckpoint.
         for cb in trainer.callbacks:
             if type(cb) is LightningModelCheckpoint:
                 cb.__class__ = ModelCheckpoint  # same state_key: checkpoints stay interchangeable

@@ -12,9 +12,9 @@ import yaml
 from conftest import FASHION, QUIET, ROOT, cli
 
 from gencnp import GenCNP, TargetClassifier
-from gencnp.data import FashionMNISTDataModule, convert_images
-from gencnp.systems import check_probes, partner_classes
-from gencnp.targets import create_target, load_target, read_target_spec
+from gencnp.data.modules import FashionMNISTDataModule, convert_images
+from gencnp.systems.gencnp import check_probes, partner_classes
+from gencnp.targets.loading import create_target, load_target, read_target_spec
 
 MYNET = {"class_path": "my_models.mynet.MyNet", "init_args": {"width": 8}}
 
@@ -143,7 +143,7 @@ def test_generator_without_embedded_target_needs_the_target_file(tmp_path, one_t
         for k in GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8).state_dict()
     )
     # A checkpoint without target weights (embed_target false, or written before embedding) still fits a default model.
-    from gencnp.preflight import check_checkpoint
+    from gencnp.pipeline.preflight import check_checkpoint
 
     lean = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(lean)
@@ -168,8 +168,10 @@ def test_class_path_errors_name_the_fix():
     with pytest.raises(TypeError, match="not an nn.Module subclass"):
         create_target({"class_path": "collections.OrderedDict"})
     with pytest.raises(ValueError, match="init_args num_classes=3 but the model's num_classes is 10"):
-        create_target({"class_path": "gencnp.targets.ConvBlockNet", "init_args": {"num_classes": 3}}, num_classes=10)
-    net = create_target("gencnp.targets.ConvBlockNet", num_classes=3, in_chans=2)  # a dotted string works too
+        create_target(
+            {"class_path": "gencnp.targets.loading.ConvBlockNet", "init_args": {"num_classes": 3}}, num_classes=10
+        )
+    net = create_target("gencnp.targets.loading.ConvBlockNet", num_classes=3, in_chans=2)  # a dotted string works too
     assert net(torch.zeros(1, 2, 8, 8)).shape == (1, 3)
 
 
@@ -276,7 +278,7 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch, one_thread):
 
 
 def test_auto_taps_for_own_torchvision_and_timm_models(one_thread):
-    from gencnp.taps import discover_taps, list_taps, resolve_taps
+    from gencnp.targets.taps import discover_taps, list_taps, resolve_taps
 
     own = create_target("examples.mynet.MyNet", num_classes=4, in_chans=1)
     assert resolve_taps(own, "auto", (1, 28, 28)) == ["stem", "block1", "block2", "block3"]

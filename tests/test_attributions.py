@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import ROOT
 
-from gencnp.attributions import (
+from gencnp.evaluation.attributions import (
     ATTRIBUTION_METHODS,
     AttributionModel,
     attribute,
@@ -25,7 +25,7 @@ from gencnp.attributions import (
     spearman,
     ssim,
 )
-from gencnp.targets import FrozenTarget, channel_toy_batch, create_target
+from gencnp.targets.loading import FrozenTarget, channel_toy_batch, create_target
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +85,7 @@ def test_grad_cam_is_captum_layer_grad_cam_upsampled():
     y = torch.tensor([0, 1, 2])
     cam = attribute("grad_cam", AttributionModel(target), x, y)
     assert cam.shape == (3, 16, 16) and float(cam.min()) >= 0
-    from gencnp.attribution import grad_cam
+    from gencnp.pathways.gradients import grad_cam
 
     # gencnp's own Grad-CAM of the unmasked target is the same quantity (bilinear upsampling of one last-tap map).
     assert torch.allclose(cam, grad_cam(target, x, None, y), atol=1e-5)
@@ -134,7 +134,7 @@ def test_randomisation_changes_maps_and_restores_the_weights_even_on_error():
 
 
 def test_generator_reads_the_randomised_targets_features():
-    from gencnp.systems import GenCNP
+    from gencnp.systems.gencnp import GenCNP
 
     torch.manual_seed(0)
     model = GenCNP(
@@ -227,10 +227,10 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
 
 # ----- the evaluation command -----
 def test_attribution_command_end_to_end_on_the_synthetic_pair(synthetic_runs, tmp_path):
-    from gencnp.attributions.evaluate import attribution
+    from gencnp.evaluation.attributions.evaluate import attribution
 
     cfg = yaml.safe_load((ROOT / "configs/synthetic/attribution.yaml").read_text())
-    from gencnp.data import SyntheticDataModule
+    from gencnp.data.modules import SyntheticDataModule
 
     out = tmp_path / "attr"
     r = attribution(
@@ -271,7 +271,7 @@ def test_attribution_command_end_to_end_on_the_synthetic_pair(synthetic_runs, tm
 
 
 def test_attribution_command_refuses_bad_input_before_writing(synthetic_runs, tmp_path):
-    from gencnp.attributions.evaluate import attribution
+    from gencnp.evaluation.attributions.evaluate import attribution
 
     out = tmp_path / "attr"
     with pytest.raises(KeyError, match="known methods"):
@@ -288,7 +288,7 @@ def test_attribution_command_refuses_bad_input_before_writing(synthetic_runs, tm
 def test_attribution_configs_parse_and_the_synthetic_pipeline_lists_the_stage():
     from jsonargparse import ArgumentParser
 
-    from gencnp.attributions.evaluate import attribution
+    from gencnp.evaluation.attributions.evaluate import attribution
 
     for name in ("synthetic", "fashion_mnist"):
         parser = ArgumentParser()

@@ -1,7 +1,7 @@
 """The bad-input matrix: every item fails with one message that names the problem and the fix, leaves
 every file that existed before byte-for-byte unchanged, and writes nothing (no folder, no partial file).
 
-Each case runs the real entry point (``train.py`` through ``gencnp.cli.main``, or ``gencnp.report.report`` for
+Each case runs the real entry point (``train.py`` through ``gencnp.cli.main``, or ``gencnp.evaluation.report.report`` for
 ``evaluate.py report``) with every output (checkpoints, logs, bank, report, the resolved ``config.yaml``) pointed
 into ``out``, a folder holding what an earlier run left there; the current folder is an empty one that must stay
 empty. Failures found only while training (a NaN image further into the data, a loss going non-finite) stop the
@@ -29,10 +29,10 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, cli, says
 
-from gencnp import losses as LS
-from gencnp.banks import PathwayBank
-from gencnp.checkpointing import seal
-from gencnp.data import SyntheticDataModule
+from gencnp.banks.bank import PathwayBank
+from gencnp.data.modules import SyntheticDataModule
+from gencnp.io.checkpoint_io import seal
+from gencnp.pathways import losses as LS
 
 GENCNP, TARGET = str(ROOT / "configs/synthetic/gencnp.yaml"), str(ROOT / "configs/synthetic/target.yaml")
 BANK = str(ROOT / "configs/synthetic/bank.yaml")
@@ -284,7 +284,7 @@ def test_unknown_tap_names(out, synthetic_runs):
 @pytest.fixture
 def other_target(synthetic_runs, tmp_path) -> Path:
     """The synthetic target with one bias changed: same architecture, other weights."""
-    from gencnp.targets import load_target
+    from gencnp.targets.loading import load_target
 
     model = load_target("tiny_cnn", str(synthetic_runs["target"]), num_classes=4)
     with torch.no_grad():
@@ -411,7 +411,7 @@ class _Evil:
 
 @pytest.mark.parametrize("container", ["pickle", "torch_zip"])
 def test_crafted_pickle_as_a_checkpoint_is_refused_not_executed(out, synthetic_runs, tmp_path, container):
-    from gencnp.checkpointing import read_checkpoint
+    from gencnp.io.checkpoint_io import read_checkpoint
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
@@ -454,7 +454,7 @@ def report_inputs(synthetic_runs, tmp_path) -> dict:
 def report_refuses(out: Path, inputs: dict, bank: Path, match: str) -> None:
     """``evaluate.py report`` with ``bank``: refused with ``match`` (a ``says`` pattern), the earlier report
     untouched, no new report folder."""
-    from gencnp.report import report
+    from gencnp.evaluation.report import report
 
     data = SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200)
     for out_dir in (out / "eval", out / "eval_new"):
@@ -467,7 +467,7 @@ def report_refuses(out: Path, inputs: dict, bank: Path, match: str) -> None:
 
 
 def test_bank_for_another_target_or_class_list(out, report_inputs, tmp_path):
-    from gencnp.targets import FrozenTarget, create_target
+    from gencnp.targets.loading import FrozenTarget, create_target
 
     torch.manual_seed(1)
     other = FrozenTarget(
@@ -482,7 +482,7 @@ def test_bank_for_another_target_or_class_list(out, report_inputs, tmp_path):
 
 @pytest.mark.parametrize("how", ["truncated", "altered", "wrong_version"])
 def test_truncated_altered_or_wrong_version_bank(out, report_inputs, tmp_path, how):
-    from gencnp import banks as banks_module
+    from gencnp.banks import bank as banks_module
 
     good = Path(report_inputs["good"])
     data = good.read_bytes()
@@ -565,7 +565,7 @@ def test_output_folder_under_a_file(out, synthetic_runs, tmp_path):
             str(blocker / "bank.safetensors"),
         ),
     )
-    from gencnp.report import report
+    from gencnp.evaluation.report import report
 
     before = tree(out)
     with pytest.raises(NotADirectoryError, match=says("report folder", "is a file, not a folder", "set out_dir")):
@@ -582,7 +582,7 @@ def test_output_folder_under_a_file(out, synthetic_runs, tmp_path):
 def test_output_folder_without_write_permission(out, synthetic_runs, tmp_path, monkeypatch):
     """Permission bits do not stop root (these tests run as root in CI), so for root the check's own view of the
     folder is made read-only (``os.access``), as it is for any other user after ``chmod 555``."""
-    import gencnp.preflight as preflight
+    import gencnp.pipeline.preflight as preflight
 
     locked = out / "locked"
     locked.mkdir()
@@ -642,7 +642,7 @@ def test_wandb_host_whose_name_never_resolves_is_given_up_after_the_timeout(wand
     """getaddrinfo ignores socket timeouts (a dead DNS server blocks for minutes): the check does not wait for it."""
     from lightning.pytorch.loggers import WandbLogger
 
-    import gencnp.preflight as preflight
+    import gencnp.pipeline.preflight as preflight
 
     release = threading.Event()
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, cli
 
-from gencnp import banks as banks_module
-from gencnp.banks import PathwayBank, choose_tau, inspect_bank
-from gencnp.targets import FrozenTarget, create_target
+from gencnp.banks import bank as banks_module
+from gencnp.banks.bank import PathwayBank, choose_tau, inspect_bank
+from gencnp.targets.loading import FrozenTarget, create_target
 
 TAPS = ["blocks.0", "blocks.1", "blocks.2"]
 CHANNELS = [8, 16, 16]  # tiny_cnn

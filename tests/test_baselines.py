@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from gencnp import baselines as B
-from gencnp.attribution import grad_cam, pathway_gradient
-from gencnp.metrics import class_iou, per_sample, summarize
-from gencnp.taps import MaskedForward
-from gencnp.targets import FrozenTarget, channel_toy_batch, create_target
+from gencnp.pathways import baselines as B
+from gencnp.pathways.gradients import grad_cam, pathway_gradient
+from gencnp.pathways.metrics import class_iou, per_sample, summarize
+from gencnp.targets.loading import FrozenTarget, channel_toy_batch, create_target
+from gencnp.targets.taps import MaskedForward
 
 K = 4
 

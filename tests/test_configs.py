@@ -1,7 +1,7 @@
 """Every YAML under configs/ is read by the parser of the command that uses it: ``train.py`` (LightningCLI) for
 target, generator and bank configs, ``evaluate.py`` (jsonargparse ``CLI``) for report, attribution and diffusion
-configs, ``gencnp.pipeline.load_pipeline`` for pipelines (each stage's config and arguments then through its entry
-point), ``gencnp.sweep`` points as the overrides ``train.py`` receives, and logger configs as ``--trainer.logger``.
+configs, ``gencnp.pipeline.run.load_pipeline`` for pipelines (each stage's config and arguments then through its entry
+point), ``gencnp.evaluation.sweep`` points as the overrides ``train.py`` receives, and logger configs as ``--trainer.logger``.
 Parsing checks every key and type against the constructors and functions; nothing is instantiated (most configs
 need the checkpoints of earlier stages)."""
 
@@ -18,9 +18,9 @@ import yaml
 from conftest import ROOT
 from jsonargparse import capture_parser
 
-from gencnp import pipeline as P
-from gencnp import sweep
 from gencnp.cli import GenCNPCLI, main
+from gencnp.evaluation import sweep
+from gencnp.pipeline import run as P
 
 CONFIGS = ROOT / "configs"
 # (entry point, sub-command) reading each kind of config, by file name.
@@ -135,7 +135,7 @@ def test_logger_configs_parse_as_trainer_logger(parsers, path):
 
 @pytest.mark.parametrize("path", SWEEPS, ids=_id)
 def test_sweep_points_parse_as_train_overrides(parsers, path):
-    """Each point's overrides as ``gencnp.sweep.run_point`` passes them to ``train.py fit`` (its base config: the
+    """Each point's overrides as ``gencnp.evaluation.sweep.run_point`` passes them to ``train.py fit`` (its base config: the
     generator config next to the sweep file)."""
     points = yaml.safe_load(path.read_text())
     assert len({p["name"] for p in points}) == len(points) > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import FASHION
 
-from gencnp.data import CIFAR10DataModule, FashionMNISTDataModule, ImageFolderDataModule, SyntheticDataModule
+from gencnp.data.modules import CIFAR10DataModule, FashionMNISTDataModule, ImageFolderDataModule, SyntheticDataModule
 
 
 def test_synthetic_items_carry_region_masks():

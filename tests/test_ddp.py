@@ -175,7 +175,7 @@ def test_training_with_zero_loss_weights_runs_and_keeps_prototypes_identical_acr
     assert r0["world_size"] == r1["world_size"] == 2
     assert (ddp_results["out"] / "fit" / "last.ckpt").is_file()
     ckpt = torch.load(ddp_results["out"] / "fit" / "last.ckpt", map_location="cpu", weights_only=True)
-    # last.ckpt holds the final state (gencnp.checkpointing.ModelCheckpoint also writes it when training ends)
+    # last.ckpt holds the final state (gencnp.io.checkpoint_io.ModelCheckpoint also writes it when training ends)
     assert r0["global_step"] == r1["global_step"] == 4 and ckpt["global_step"] == 4
     # EMA prototypes are all-reduced before every update: both processes hold the same ones.
     assert r0["prototypes"] == r1["prototypes"] and any(r0["proto_seen"])
@@ -196,7 +196,7 @@ def test_evaluation_metrics_under_two_processes_equal_one_process(ddp_results, s
 
 
 def test_bank_export_under_two_processes_equals_one_process_on_an_odd_sample_count(ddp_results):
-    from gencnp.banks import PathwayBank
+    from gencnp.banks.bank import PathwayBank
 
     out = ddp_results["out"]
     one, two = PathwayBank.load(out / "bank_one.safetensors"), PathwayBank.load(out / "bank_ddp.safetensors")

@@ -1,4 +1,4 @@
-"""Pixel diffusion pathways (gencnp.diffusion): exactness against autograd, known routes, batching, errors."""
+"""Pixel diffusion pathways (gencnp.evaluation.diffusion): exactness against autograd, known routes, batching, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gencnp.diffusion import (
+from gencnp.evaluation.diffusion import (
     PixelDiffusion,
     UnsupportedModuleError,
     _class_sums,
@@ -25,7 +25,7 @@ from gencnp.diffusion import (
     overlap_test,
     perturb,
 )
-from gencnp.targets import ConvBlockNet, FrozenTarget, create_target
+from gencnp.targets.loading import ConvBlockNet, FrozenTarget, create_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -359,8 +359,8 @@ def test_fashion_config_parses_and_bad_arguments_fail_early(tmp_path):
 
 
 def test_bank_comparison_is_optional_and_counts_overlaps(tmp_path, monkeypatch):
-    import gencnp.banks
-    from gencnp.diffusion import _bank_overlap
+    import gencnp.banks.bank
+    from gencnp.evaluation.diffusion import _bank_overlap
 
     cross = torch.tensor([[5.0, 4, 0, 0, 9, 0, 0], [0, 0, 3, 2, 0, 1, 8]])  # 2 classes, taps of 4 and 3 channels
     mass = torch.ones(2, 7)
@@ -378,7 +378,7 @@ def test_bank_comparison_is_optional_and_counts_overlaps(tmp_path, monkeypatch):
         def class_pathways(self):
             return torch.tensor([[1, 1, 0, 0, 0, 1, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
 
-    monkeypatch.setattr(gencnp.banks, "PathwayBank", FakeBank)
+    monkeypatch.setattr(gencnp.banks.bank, "PathwayBank", FakeBank)
     res = _bank_overlap(str(path), *args)
     # class 0, tap a: pathway {0, 1}, most crossed {0, 1}: 2 shared; tap b: pathway {1} (channel 5), most crossed {4}: 0.
     # class 1, tap a: pathway {2, 3}, most crossed {2, 3}: 2 shared; tap b keeps nothing: skipped.

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from gencnp import GenCNP
-from gencnp import baselines as B
-from gencnp.generator import _ReluMeanMax
-from gencnp.metrics import _jaccard, class_iou
-from gencnp.taps import apply_mask
-from gencnp.targets import FrozenTarget, create_target
+from gencnp.pathways import baselines as B
+from gencnp.pathways.generator import _ReluMeanMax
+from gencnp.pathways.metrics import _jaccard, class_iou
+from gencnp.targets.loading import FrozenTarget, create_target
+from gencnp.targets.taps import apply_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -227,7 +227,7 @@ def test_class_iou_equals_the_pair_loop_and_ignores_sample_order(monkeypatch):
     perm = torch.randperm(60, generator=g)
     assert class_iou(p[perm], c[perm]) == (ac, bc)
     # Chunked rows (bounded memory for large classes) give the same numbers.
-    import gencnp.metrics as M
+    import gencnp.pathways.metrics as M
 
     monkeypatch.setattr(M, "_jaccard_sum", lambda a, b, block=7, f=M._jaccard_sum: f(a, b, block))
     assert class_iou(p, c) == pytest.approx((ac, bc), rel=1e-12)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gencnp.generator import PathwayGenerator, daq, straight_through
+from gencnp.pathways.generator import PathwayGenerator, daq, straight_through
 
 
 def _daq_reference(a: torch.Tensor, sigma: float = 2.0, t0: float = 2.0) -> torch.Tensor:

@@ -21,11 +21,11 @@ import yaml
 from test_bad_input import TARGET, fit_args, out, predict_args, refused, tree  # noqa: F401  (out: fixture)
 
 from gencnp import GenCNP, SyntheticDataModule, TargetClassifier
-from gencnp import pipeline as P
-from gencnp.banks import PathwayBank
-from gencnp.checkpointing import ALLOW_UNHASHED_ENV, read_checkpoint
-from gencnp.data import ImageFolderDataModule
-from gencnp.fileio import write_atomic
+from gencnp.banks.bank import PathwayBank
+from gencnp.data.modules import ImageFolderDataModule
+from gencnp.io.checkpoint_io import ALLOW_UNHASHED_ENV, read_checkpoint
+from gencnp.io.files import write_atomic
+from gencnp.pipeline import run as P
 
 SMALL = {"target": "tiny_cnn", "target_checkpoint": None, "num_classes": 4, "image_size": 16, "d": 8}
 
@@ -154,7 +154,7 @@ def test_load_from_checkpoint_checks_the_file_before_overrides_apply(synthetic_r
 
 
 def test_target_checkpoint_without_hash_is_refused(tmp_path, synthetic_runs):
-    from gencnp.targets import create_target, load_weights
+    from gencnp.targets.loading import create_target, load_weights
 
     bad = _resaved(synthetic_runs["target"], tmp_path / "t.ckpt", lambda c: c.pop("gencnp_state_hash"))
     with pytest.raises(ValueError, match=r"checkpoint '.*t.ckpt' carries no integrity hash"):
@@ -162,10 +162,12 @@ def test_target_checkpoint_without_hash_is_refused(tmp_path, synthetic_runs):
 
 
 def test_seal_upgrades_a_trusted_legacy_checkpoint_but_not_a_damaged_one(tmp_path, synthetic_runs, capsys):
-    from gencnp.checkpointing import main as checkpointing_main
+    from gencnp.io.checkpoint_io import main as checkpointing_main
 
     legacy = _resaved(synthetic_runs["gencnp"], tmp_path / "legacy.ckpt", lambda c: c.pop("gencnp_settings_hash"))
-    with pytest.raises(ValueError, match=r"carries no hash of its hyper-parameters .*gencnp.checkpointing seal FILE"):
+    with pytest.raises(
+        ValueError, match=r"carries no hash of its hyper-parameters .*gencnp.io.checkpoint_io seal FILE"
+    ):
         read_checkpoint(legacy)
     assert checkpointing_main(["seal", str(legacy)]) == 0
     assert read_checkpoint(legacy)["gencnp_settings_hash"]
@@ -274,7 +276,7 @@ def test_checkpoint_class_names_are_compared_with_the_data(out, synthetic_runs):
         r"target_checkpoint '.*' was trained on the classes",
         *fit_args(out, synthetic_runs, "--data", "test_hardening.RenamedData"),
     )
-    from gencnp.report import report
+    from gencnp.evaluation.report import report
 
     before = tree(out)
     with pytest.raises(ValueError, match=r"generator checkpoint '.*' was trained on the classes"):
@@ -305,7 +307,7 @@ def test_bank_relabelled_with_another_target_arch_is_refused(synthetic_runs, tmp
 
 
 def test_inspect_on_a_checkpoint_says_it_is_a_checkpoint(synthetic_runs):
-    from gencnp.banks import inspect_bank
+    from gencnp.banks.bank import inspect_bank
 
     with pytest.raises(ValueError, match=r"is a torch checkpoint or pickle \(e.g. a .ckpt\), not a pathway bank"):
         inspect_bank(str(synthetic_runs["gencnp"]))
@@ -384,7 +386,7 @@ def fake_pipeline(tmp_path: Path) -> Path:
 
 def read_only(monkeypatch, *folders: Path) -> None:
     """``folders`` not writable for the preflight's ``os.access`` (permission bits do not stop root)."""
-    import gencnp.preflight as preflight
+    import gencnp.pipeline.preflight as preflight
 
     real, locked = os.access, {Path(f) for f in folders}
     monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if Path(p) in locked else real(p, mode))
@@ -439,7 +441,7 @@ def test_pipeline_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch, c
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(P, "write_json", full)  # the stamp writer gencnp.pipeline uses
+    monkeypatch.setattr(P, "write_json", full)  # the stamp writer gencnp.pipeline.run uses
     assert P.main(["--config", str(pipe), "--workdir", str(work)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "train.stamp.json" in err and "Traceback" not in err

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gencnp import losses as LS
+from gencnp.pathways import losses as LS
 
 torch.manual_seed(0)
 B, K, D = 6, 4, 7

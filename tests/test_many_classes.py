@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from gencnp import GenCNP, PathwayBank
-from gencnp import banks as BK
-from gencnp.class_views import MAX_ROWS, shown_classes
-from gencnp.report import figures as FG
-from gencnp.report.classes import class_table, summary_lines, table_summary, write_class_table
-from gencnp.report.results import Results
-from gencnp.shaped_data import ShapedImages
+from gencnp.banks import bank as BK
+from gencnp.data.shaped import ShapedImages
+from gencnp.evaluation.report import figures as FG
+from gencnp.evaluation.report.classes import class_table, summary_lines, table_summary, write_class_table
+from gencnp.evaluation.report.results import Results
+from gencnp.io.class_views import MAX_ROWS, shown_classes
 
 K = 1000
 NAMES = [f"n{k:05d}_cls" for k in range(K)]

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gencnp import losses as LS
-from gencnp import nulls as NL
-from gencnp.banks import choose_tau
-from gencnp.metrics import PathwayMetrics, per_sample
-from gencnp.report import same_class_partners
+from gencnp.banks.bank import choose_tau
+from gencnp.evaluation.report import same_class_partners
+from gencnp.pathways import losses as LS
+from gencnp.pathways import nulls as NL
+from gencnp.pathways.metrics import PathwayMetrics, per_sample
 
 
 def _images(n=6, c=1, s=16, seed=0):
@@ -135,7 +135,7 @@ def test_same_class_partners():
 
 def test_lookup_frontier_on_the_synthetic_generator(synthetic_runs, tmp_path):
     from gencnp import GenCNP, SyntheticDataModule
-    from gencnp.lookup import lookup_frontier
+    from gencnp.evaluation.lookup import lookup_frontier
 
     dm = SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200)
     out = tmp_path / "lookup.json"

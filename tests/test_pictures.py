@@ -283,7 +283,7 @@ def test_missing_tensorboard_fails_before_anything_naming_the_extra(tmp_path, mo
 
 
 def test_logger_configs_parse_as_trainer_logger_overrides():
-    from gencnp.pipeline import resolved_config
+    from gencnp.pipeline.run import resolved_config
 
     for name, cls in (("csv", "CSVLogger"), ("tensorboard", "TensorBoardLogger"), ("wandb", "WandbLogger")):
         text = resolved_config(
@@ -349,7 +349,7 @@ def _texts_apart(fig, groups: list[list]) -> None:
 
 
 def test_frequency_figure_is_labelled_with_class_names_and_a_colour_bar():
-    from gencnp.data import FASHION_MNIST_CLASSES
+    from gencnp.data.modules import FASHION_MNIST_CLASSES
 
     taps, channels = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"], [32, 64, 64, 128]
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, snapshot
 from test_hardening import fake_pipeline
 
-from gencnp import pipeline as P
+from gencnp.pipeline import run as P
 
 # Shorter stages than configs/synthetic/pipeline.yaml (the stages, not the training, are under test).
 FAST = {
@@ -198,7 +198,7 @@ def _fake_idx(folder: Path) -> None:
 
 
 def test_obtain_data_tries_apt_as_root_then_torchvision_only_when_asked(tmp_path, monkeypatch):
-    from gencnp.data import FashionMNISTDataModule
+    from gencnp.data.modules import FashionMNISTDataModule
 
     monkeypatch.setenv("GENCNP_FASHION_MNIST", str(tmp_path / "debian"))
     spec = [{"class_path": "gencnp.FashionMNISTDataModule", "init_args": {"torchvision_root": str(tmp_path / "tv")}}]

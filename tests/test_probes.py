@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gencnp import GenCNP, SyntheticDataModule
-from gencnp import probes as PR
+from gencnp.systems import probes as PR
 
 
 def tiny_model(size: int = 16, p: int = 2) -> GenCNP:
@@ -193,8 +193,8 @@ def test_an_old_format_checkpoint_file_passes_preflight_loads_and_tests(tmp_path
     Trainer.test gives the metrics the model that wrote it gives."""
     import lightning as L
 
-    from gencnp.checkpoint_files import seal
-    from gencnp.preflight import check_checkpoint
+    from gencnp.io.checkpoints import seal
+    from gencnp.pipeline.preflight import check_checkpoint
 
     dm = SyntheticDataModule(num_classes=4, image_size=16, n_train=300, n_test=64, val_size=50)
     model = tiny_model()

@@ -11,11 +11,11 @@ from conftest import FASHION, ROOT
 from jsonargparse import ArgumentParser
 
 from gencnp import GenCNP, SyntheticDataModule
-from gencnp.banks import PathwayBank
-from gencnp.baselines import tap_counts, topk_per_tap
-from gencnp.checkpointing import seal
-from gencnp.metrics import KEYS
-from gencnp.report import CI_KEYS, paired_bootstrap, report
+from gencnp.banks.bank import PathwayBank
+from gencnp.evaluation.report import CI_KEYS, paired_bootstrap, report
+from gencnp.io.checkpoint_io import seal
+from gencnp.pathways.baselines import tap_counts, topk_per_tap
+from gencnp.pathways.metrics import KEYS
 
 NAMES = ["gencnp", "random", "neuron_mct", "neuron_intgrad", "dgr"]
 FIGURES = ["agreement_vs_kept.png", "kept_hist.png", "bank_heatmap.png", "attribution_grid.png", "null_forcing.png"]

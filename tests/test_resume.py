@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, cli
 
-from gencnp.banks import PathwayBank
-from gencnp.checkpointing import read_checkpoint
+from gencnp.banks.bank import PathwayBank
+from gencnp.io.checkpoint_io import read_checkpoint
 
 pytestmark = pytest.mark.resume
 
@@ -245,7 +245,7 @@ def test_last_ckpt_is_the_newest_state_even_when_the_monitored_metric_stops_impr
     the best state; gencnp's ModelCheckpoint rewrites it after every validation and when training ends."""
     from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-    from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint
+    from gencnp.io.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint
 
     callback = (LightningModelCheckpoint if cls == "lightning" else ModelCheckpoint)(
         dirpath=tmp_path, filename="best", monitor="val/m", mode="max", save_last=True
@@ -272,7 +272,7 @@ def test_last_ckpt_is_the_newest_state_even_when_the_monitored_metric_stops_impr
 def test_resuming_from_last_ckpt_continues_to_the_weights_of_an_uninterrupted_run(tmp_path):
     """The fast counterpart of the SIGKILL test: a toy run stopped after 3 of 7 steps and resumed from its
     ``last.ckpt`` (gencnp's ModelCheckpoint and AtomicCheckpointIO) ends where an uninterrupted run ends."""
-    from gencnp.checkpointing import AtomicCheckpointIO, ModelCheckpoint
+    from gencnp.io.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint
 
     def fit(folder: Path, max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
         torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_resuming_from_last_ckpt_continues_to_the_weights_of_an_uninterrupted_ru
 
 @pytest.mark.slow  # the module's runs fixture: four short trainings, a killed subprocess, three banks
 def test_the_cli_puts_gencnp_model_checkpoint_in_place_of_lightnings(runs):
-    from gencnp.checkpointing import ModelCheckpoint
+    from gencnp.io.checkpoint_io import ModelCheckpoint
 
     assert type(runs["checkpoint_callback"]) is ModelCheckpoint
     assert runs["first"]["global_step"] == TOTAL_STEPS
@@ -316,7 +316,7 @@ def test_a_checkpoint_save_interrupted_mid_write_leaves_the_previous_last_ckpt_i
     """What a kill during ``trainer.save_checkpoint`` leaves: the previous ``last.ckpt``, whole, and no temp file."""
     import shutil
 
-    from gencnp.checkpointing import AtomicCheckpointIO
+    from gencnp.io.checkpoint_io import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     shutil.copy(synthetic_runs["gencnp_last"], path)

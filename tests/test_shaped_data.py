@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gencnp import ImageNetShapedDataModule
-from gencnp.shaped_data import ShapedImages
+from gencnp.data.shaped import ShapedImages
 
 
 @pytest.mark.parametrize("k,size,chans", [(1000, 224, 3), (7, 19, 1)])

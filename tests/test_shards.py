@@ -10,7 +10,7 @@ from PIL import Image
 from gencnp import GenCNP, ImageFolderDataModule
 
 pytest.importorskip("litdata")
-from gencnp.shards import ShardDataModule, convert_imagefolder, main  # noqa: E402
+from gencnp.data.shards import ShardDataModule, convert_imagefolder, main  # noqa: E402
 
 
 def image_folder(root, classes=("ant", "bee", "cat"), n_train=6, n_test=2):
@@ -57,7 +57,7 @@ def test_shards_read_back_as_the_image_folder(tmp_path):
 
 
 def test_a_folder_without_shards_says_how_to_convert(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python -m gencnp.shards IMAGEFOLDER"):
+    with pytest.raises(FileNotFoundError, match=r"python -m gencnp.data.shards IMAGEFOLDER"):
         ShardDataModule(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="has no 'train' folder"):
         convert_imagefolder(str(tmp_path), str(tmp_path / "out"))

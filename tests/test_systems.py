@@ -6,7 +6,7 @@ import torch
 from conftest import QUIET, ROOT, cli
 
 from gencnp import GenCNP
-from gencnp.targets import channel_toy_batch, load_target, tensor_hash
+from gencnp.targets.loading import channel_toy_batch, load_target, tensor_hash
 
 # A GEN-CNP built without data: zero ablation, no null inputs, no class prior (they need the data's statistics).
 NO_DATA = {"ablation": "zero", "lambda_null": 0.0, "class_prior": 0.0}

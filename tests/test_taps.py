@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gencnp.taps import FeatureTaps, MaskedForward, apply_mask, split_shallow_deep
-from gencnp.targets import FrozenTarget, create_target
+from gencnp.targets.loading import FrozenTarget, create_target
+from gencnp.targets.taps import FeatureTaps, MaskedForward, apply_mask, split_shallow_deep
 
 
 def _model():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gencnp.checkpointing import seal
-from gencnp.targets import FrozenTarget, create_target, list_targets, load_weights, register_target, tensor_hash
+from gencnp.io.checkpoint_io import seal
+from gencnp.targets.loading import FrozenTarget, create_target, list_targets, load_weights, register_target, tensor_hash
 
 
 def test_registry_lists_and_creates():

@@ -1,4 +1,4 @@
-"""Lightning callbacks: they observe a run and feed the data structures that live elsewhere (``gencnp.banks``)."""
+"""Lightning callbacks: they observe a run and feed the data structures that live elsewhere (``gencnp.banks.bank``)."""
 
 from gencnp.callbacks.bank_writer import PathwayBankWriter
 from gencnp.callbacks.pathway_images import PathwayImageLogger

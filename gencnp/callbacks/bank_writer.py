@@ -1,8 +1,8 @@
 """``PathwayBankWriter``: export a pathway bank from ``trainer.predict`` of a ``GenCNP`` model (docs/design.md section 6).
 
-The callback only observes: it feeds each predicted batch to a ``gencnp.banks.PathwayBank``, sums the counts
+The callback only observes: it feeds each predicted batch to a ``gencnp.banks.bank.PathwayBank``, sums the counts
 across processes, measures transferred class pathways on the **validation** split for a grid of ``tau`` values
-(never the test split, which stays for reporting transfer), lets ``gencnp.banks.choose_tau`` pick one, and asks
+(never the test split, which stays for reporting transfer), lets ``gencnp.banks.bank.choose_tau`` pick one, and asks
 the bank to save itself on rank 0. Run it through the predict loop (Lightning's unrepeated sampler), so no
 sample is counted twice::
 
@@ -19,12 +19,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from gencnp.banks import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, choose_tau
-from gencnp.fileio import check_writable, json_safe
-from gencnp.metrics import per_sample
-from gencnp.selection import W_KEPT, W_SWAP, W_ZERO
+from gencnp.banks.bank import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, choose_tau
+from gencnp.io.files import check_writable, json_safe
+from gencnp.pathways.metrics import per_sample
+from gencnp.pathways.selection import W_KEPT, W_SWAP, W_ZERO
 from gencnp.settings import check_settings
-from gencnp.targets import FrozenTarget
+from gencnp.targets.loading import FrozenTarget
 
 __all__ = ["PathwayBankWriter"]
 
@@ -36,7 +36,7 @@ _SUMS = ("n", "agree", "masked_correct", "n_labelled", "swap_forced", "n_swap", 
 class PathwayBankWriter(L.Callback):
     """Accumulate a ``PathwayBank`` during ``trainer.predict``, choose ``tau`` on validation, save it on rank 0.
 
-    Tau rule (``gencnp.banks.choose_tau``): for each candidate ``tau``, every validation image ``x`` of class
+    Tau rule (``gencnp.banks.bank.choose_tau``): for each candidate ``tau``, every validation image ``x`` of class
     ``c`` (the model's class source) goes through its class pathway ``H(x; M_c)``, with the swap and zero-image
     forcing controls of ``GenCNP.controls``. Among the taus with transfer agreement ``>= min_agreement`` and
     kept fraction ``<= max_kept`` (when set), the highest ``agreement - w_swap swap_forcing - w_zero zero_forcing - w_kept kept`` wins; if none qualifies, the

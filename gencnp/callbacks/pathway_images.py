@@ -6,7 +6,7 @@ sections 5 and 8), and logs:
 
 - ``pathway_frequency``: per tap, a class-by-channel heatmap of how often each channel is in the pathway;
 - ``pathway_gradients``: for ``grid_samples`` images, the input, the input gradient of the unmasked target, the
-  pathway gradient and Grad-CAM through the image's pathway (``gencnp.attribution``);
+  pathway gradient and Grad-CAM through the image's pathway (``gencnp.pathways.gradients``);
 - ``pathway_per_class``: per class, the kept fraction, acIOU, agreement and the swap/zero forcing controls.
 
 Where they go: CSV (and any logger with a ``log_dir``): PNG, CSV and Markdown files under
@@ -29,9 +29,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
-from gencnp.attribution import grad_cam, pathway_gradient
-from gencnp.baselines import grad_enabled, plain
-from gencnp.metrics import class_iou, per_sample
+from gencnp.pathways.baselines import grad_enabled, plain
+from gencnp.pathways.gradients import grad_cam, pathway_gradient
+from gencnp.pathways.metrics import class_iou, per_sample
 
 __all__ = ["PathwayImageLogger", "frequency_figure", "gradient_figure", "class_table", "TABLE_COLUMNS"]
 

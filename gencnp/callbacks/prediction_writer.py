@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import save
 
-from gencnp.fileio import check_writable, write_atomic
+from gencnp.io.files import check_writable, write_atomic
 
 __all__ = ["PathwayPredictionWriter", "load_predictions", "SHARD_GLOB"]
 
