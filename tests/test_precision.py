@@ -67,3 +67,11 @@ def test_bf16_mixed_and_channels_last_fit_and_test_agree_with_float32():
     assert got["masked_logits"].dtype == torch.float32
     assert float((got["pathway"] == ref["pathway"]).float().mean()) > 0.95
     assert torch.allclose(got["logits"], ref["logits"], atol=0.1, rtol=0.05)
+
+
+def test_report_refuses_an_unknown_precision_before_writing(tmp_path):
+    from gencnp.evaluation.report import report
+
+    with pytest.raises(ValueError, match=r"precision must be one of \('32-true', 'bf16-mixed'\)"):
+        report(generator=str(tmp_path / "missing.ckpt"), out_dir=str(tmp_path / "eval"), precision="16-mixed")
+    assert not (tmp_path / "eval").exists()

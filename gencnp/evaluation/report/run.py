@@ -115,8 +115,7 @@ def report(
         progress: show progress bars.
         lookup_fractions: shares of GEN-CNP's per-tap counts at which its score ranking is compared with the class
             lookup (``lookup_frontier``; default ``1.0, 0.8, 0.6, 0.4``).
-        precision: ``'32-true'`` or ``'bf16-mixed'`` (every pass that runs the target under bfloat16 autocast, as
-            ``trainer.precision``; summaries, bootstrap and figures stay in float32/float64).
+        precision: ``'32-true'`` or ``'bf16-mixed'`` (the passes that run the target under bfloat16 autocast).
         channels_last: run the target in ``channels_last`` memory format; ``None`` keeps the generator's setting.
 
     Returns:
@@ -124,8 +123,6 @@ def report(
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or null (torch's default), got {threads}.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (as trainer.precision), got {precision!r}.")
     options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "threads"})
     with torch_threads(threads):
         return _report(options)
@@ -203,6 +200,8 @@ def _dgr_opts(o: SimpleNamespace) -> dict[str, float]:
 
 def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
     """Refuse bad options and missing inputs before any work. Returns the curves' thresholds and kept fractions."""
+    if o.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (as trainer.precision), got {o.precision!r}.")
     if o.split not in ("test", "val"):
         raise ValueError(f"split must be 'test' (or 'val' for development), got '{o.split}'.")
     for name, lo in (
