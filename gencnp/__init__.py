@@ -7,6 +7,7 @@ from gencnp.data.modules import (
     ImageFolderDataModule,
     SyntheticDataModule,
 )
+from gencnp.data.shaped import ImageNetShapedDataModule
 from gencnp.pathways.generator import PathwayGenerator, daq
 from gencnp.registry import Registry
 from gencnp.systems.gencnp import GenCNP, TargetClassifier
@@ -18,6 +19,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "SyntheticDataModule",
+    "ImageNetShapedDataModule",
     "PathwayBank",
     "PathwayGenerator",
     "daq",

@@ -75,6 +75,7 @@ RULES: dict[str, Range | Choice] = {
     "d": Range(1, integer=True, why="generator width"),
     "groups": Range(1, integer=True, why="GroupNorm groups of the generator"),
     "swap_probes_per_class": Range(1, integer=True, why="reference images per class for the swap control"),
+    "probe_candidates": Range(1, integer=True, none_ok=True, why="training images searched for swap probes"),
     "ablation_batches": Range(1, integer=True, why="train batches averaged for mean ablation"),
     # losses and their schedule
     "lambda_sp": Range(0, why=_W.format("sparsity")),
@@ -116,6 +117,8 @@ RULES: dict[str, Range | Choice] = {
         )
     },
     "noise": Range(0, why="std of the synthetic background noise"),
+    "signal": Range(0, why="std of the synthetic class pattern"),
+    "grid": Range(1, integer=True, why="side of the synthetic class pattern before upsampling"),
     "std": Range(0, lo_open=True, each=True, why="normalisation std; images are divided by it"),
     "mean": Range(each=True, why="normalisation mean"),
     # banks

@@ -110,9 +110,10 @@ def test_evaluate_configs_parse(parsers, path):
     cfg = parse(parsers, *READERS[path.name], "--config", path)
     data = cfg.data if isinstance(cfg.data, dict) else vars(cfg.data)
     assert importable(data["class_path"]).__module__.startswith("gencnp.")
-    assert cfg.out_dir.startswith(f"runs/{path.parent.name}/")
+    runs = f"runs/{path.parent.relative_to(CONFIGS).as_posix()}"  # configs/a/b/evaluate.yaml -> runs/a/b/
+    assert cfg.out_dir.startswith(f"{runs}/")
     if path.name != "diffusion.yaml":
-        assert cfg.generator == f"runs/{path.parent.name}/gencnp/best.ckpt"
+        assert cfg.generator == f"{runs}/gencnp/best.ckpt"
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=_id)

@@ -50,7 +50,8 @@ import torch
 
 from gencnp.banks.file import DEFAULT_BANK, FORMAT_VERSION, KIND, REEXPORT, bank_bytes, check_tensors, read_bank_file
 from gencnp.banks.file import checksum as _checksum  # noqa: F401  (the name tests use)
-from gencnp.io.files import check_writable, save_figure, write_atomic
+from gencnp.io.class_views import shown_classes
+from gencnp.io.files import check_writable, save_figure, write_atomic, write_json
 from gencnp.pathways.selection import check_tau as _check_tau
 from gencnp.pathways.selection import choose_tau
 from gencnp.targets.loading import FrozenTarget
@@ -471,17 +472,26 @@ class PathwayBank:
         return bank
 
 
+def _shown(bank: PathwayBank, summary: dict) -> tuple[list[int], str]:
+    """The classes the heatmap and the screen table show (``class_views.shown_classes``, by class-pathway kept)."""
+    kept = [float("nan") if summary[c]["kept"] is None else summary[c]["kept"] for c in bank.class_names]
+    if all(v != v for v in kept):  # no tau chosen yet: rank by samples
+        return shown_classes([float(summary[c]["n"]) for c in bank.class_names], "samples")
+    return shown_classes(kept, "class-pathway kept fraction")
+
+
 def _draw_heatmap(bank: PathwayBank, png: Path, title_path: str) -> None:
     from matplotlib.figure import Figure  # matplotlib only when a heatmap is drawn
 
-    freq = bank.frequencies().numpy()
-    k, d = freq.shape
     summary = bank.summary()
+    rows, note = _shown(bank, summary)
+    freq = bank.frequencies().numpy()[rows]
+    k, d = freq.shape
     fig = Figure(figsize=(min(20.0, max(8.0, d / 24)), min(30.0, max(3.2, 0.38 * k + 1.8))), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(freq, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
     labels = []
-    for name in bank.class_names:
+    for name in [bank.class_names[c] for c in rows]:
         row = summary[name]
         kept = f", kept {100 * row['kept']:.0f}%" if row["kept"] is not None else ""
         labels.append(f"{name} (n={row['n']}{kept})")
@@ -496,7 +506,8 @@ def _draw_heatmap(bank: PathwayBank, png: Path, title_path: str) -> None:
     ax.set_ylabel(f"class c (source: {bank.class_source})")
     tau = f"tau = {bank.tau:g}" if bank.tau is not None else "tau not chosen"
     ax.set_title(
-        f"Pathway bank {title_path}\n{bank.target_arch}, {bank.split} split, {int(bank.n.sum())} samples, {tau}",
+        f"Pathway bank {title_path}\n{bank.target_arch}, {bank.split} split, {int(bank.n.sum())} samples, {tau}"
+        + (f"\n{note}" if note else ""),
         fontsize=10,
     )
     cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
@@ -538,11 +549,16 @@ def inspect_bank(bank: str = DEFAULT_BANK, out_dir: str | None = None) -> str:
     head = f"{'class':<{width}}  {'n':>7}  {'kept':>6}  {'mean f':>6}  " + "  ".join(f"{t:>10}" for t in b.tap_names)
     lines += ["", head, "-" * len(head)]
     pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
-    for name, row in summary.items():
-        taps = "  ".join(f"{pct(row['per_tap'][t]):>10}" for t in b.tap_names)
-        lines.append(f"{name:<{width}}  {row['n']:>7}  {pct(row['kept'])}  {row['mean_frequency']:6.3f}  {taps}")
     out = Path(out_dir) if out_dir is not None else Path(bank).parent
     out.mkdir(parents=True, exist_ok=True)
+    rows, note = _shown(b, summary)
+    if note:  # many classes: the table on screen shows the selection, the full one goes to CSV/JSON
+        table = out / f"{Path(bank).stem}_classes.json"
+        write_json(table, summary)
+        lines.insert(len(lines) - 3, f"  per-class table: {note}; all classes in {table}")
+    for name, row in [(b.class_names[c], summary[b.class_names[c]]) for c in rows]:
+        taps = "  ".join(f"{pct(row['per_tap'][t]):>10}" for t in b.tap_names)
+        lines.append(f"{name:<{width}}  {row['n']:>7}  {pct(row['kept'])}  {row['mean_frequency']:6.3f}  {taps}")
     png = out / f"{Path(bank).stem}_heatmap.png"
     _draw_heatmap(b, png, Path(bank).name)
     lines += ["", f"heatmap: {png}"]

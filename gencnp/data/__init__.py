@@ -1,5 +1,6 @@
 """LightningDataModules: the shared base (``base``: splits, conversion, resumable loaders) and the data sets
-(``modules``: Fashion-MNIST, CIFAR-10, ImageFolder, synthetic patterns).
+(``modules``: Fashion-MNIST, CIFAR-10, ImageFolder, synthetic patterns; ``shaped``: ImageNet-shaped synthetic
+data; ``shards``: litdata streaming shards, imported on demand).
 
 May import the base modules (``settings``); nothing else of gencnp.
 """
@@ -13,6 +14,7 @@ from gencnp.data.modules import (
     SyntheticDataModule,
     SyntheticPatterns,
 )
+from gencnp.data.shaped import ImageNetShapedDataModule, ShapedImages
 
 __all__ = [
     "ImageDataModule",
@@ -24,4 +26,6 @@ __all__ = [
     "ImageFolderDataModule",
     "SyntheticDataModule",
     "SyntheticPatterns",
+    "ImageNetShapedDataModule",
+    "ShapedImages",
 ]

@@ -73,6 +73,7 @@ def lookup_frontier(
     if data is None:
         data = FashionMNISTDataModule(eval_batch_size=batch_size)
     model.check_data(data)
+    model.attach_probe_data(data.split("train"), getattr(data, "class_names", None))  # swap probes are indices
     ds = data.split(split)
     if limit is not None:
         ds = Subset(ds, list(range(min(limit, len(ds)))))

@@ -110,6 +110,9 @@ def check_checkpoint(trainer: Any, model: Any, ckpt_path: str | None) -> None:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError(f"{source} has no 'state_dict': it is not a Lightning checkpoint; pass a .ckpt from `fit`.")
+    upgrade = getattr(model, "upgrade_state", None)
+    if callable(upgrade):  # older layouts the model migrates on load (GenCNP: probe images -> indices)
+        state = upgrade(state)
     own = model.state_dict()
     if not any(k.startswith("target.") for k in state):  # a GEN-CNP checkpoint without embedded target weights
         own = {k: v for k, v in own.items() if not k.startswith("target.")}

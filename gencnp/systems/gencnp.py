@@ -23,6 +23,7 @@ from gencnp.pathways.generator import PathwayGenerator
 from gencnp.pathways.metrics import PathwayMetrics
 from gencnp.pathways.selection import W_KEPT, W_SWAP, W_ZERO, selection_score
 from gencnp.settings import check_settings
+from gencnp.systems import probes as PR
 from gencnp.systems import training as ST
 from gencnp.systems.classifier import TargetClassifier, _check_data, _check_finite, _record_classes
 from gencnp.targets.hooks import channel_means
@@ -98,6 +99,11 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             hash of its pixels, so the control does not depend on batching or process count.
         sparsity_per: ``'tap'`` (every tap's mean score counts the same) or ``'channel'`` (every channel counts the
             same: the sparsity term is the expected ``kept_mean``).
+        probe_filter: ``'correct'`` (probes are training images the target classifies correctly; the default) or
+            ``'label'`` (the first images of each class, no target forward: for targets too weak to classify two
+            classes, such as the 50-step ImageNet-shape smoke configs).
+        probe_candidates: training images searched for probes (seeded order; the search stops once every class has
+            its probes); ``None``: ``max(200 K, 2000)``.
         swap_partner: the training ``swap`` partner of sample i: ``'roll'`` (the next sample of the batch) or
             ``'hard'`` (a sample of the batch whose class is x_i's runner-up class under the target, the class
             most easily forced; ``losses.partners``).
@@ -165,6 +171,8 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         proto_momentum: float = 0.9,
         swap_probes_per_class: int = 4,
         swap_partner: str = "roll",
+        probe_filter: str = "correct",
+        probe_candidates: int | None = None,
         lr: float = 5e-3,
         weight_decay: float = 0.0,
         schedule: str = "cosine",
@@ -198,6 +206,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             ("schedule", schedule, ("cosine", "constant")),
             ("sparsity_per", sparsity_per, ("tap", "channel")),
             ("swap_partner", swap_partner, ("roll", "hard")),
+            ("probe_filter", probe_filter, ("correct", "label")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
@@ -272,9 +281,13 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         self.register_buffer("input_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("class_freq", torch.zeros(num_classes, dd))
         self.register_buffer("freq_seen", torch.zeros(num_classes, dtype=torch.bool))
+        # Swap probes as training-set indices (gencnp.systems.probes): the images are re-read from the attached data, so
+        # neither the model nor its checkpoints grow with image size or class count beyond O(K p) integers.
         p = swap_probes_per_class
-        self.register_buffer("probes", torch.zeros(num_classes * p, in_chans, image_size, image_size))
+        self.register_buffer("probe_index", torch.full((num_classes * p,), -1, dtype=torch.long))
         self.register_buffer("probe_class", torch.full((num_classes * p,), -1, dtype=torch.long))
+        self._probe_source: PR.ProbeImages | None = None  # plain attributes: never in the state dict
+        self._legacy_probes: torch.Tensor | None = None
         self.val_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
         self.test_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
         self.val_lookup, self.test_lookup = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
@@ -285,9 +298,12 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     # ----- checkpoints: the target's weights go in (embed_target) or stay out, its identity always goes in -----
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        if prefix + "probe_index" in state:  # a probe not found in the data (old checkpoint) is not saved
+            index, cls = state[prefix + "probe_index"], state[prefix + "probe_class"]
+            state[prefix + "probe_class"] = torch.where(index >= 0, cls, torch.full_like(cls, -1))
         if self.hparams.get("embed_target", True):
             return state
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         for key in [k for k in state if k.startswith(prefix + "target.")]:
             del state[key]
         return state
@@ -302,9 +318,17 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         # Generators saved before null inputs and the class lookup existed: those buffers start empty.
         for k in ("input_mean", "input_std", "input_ready", "class_freq", "freq_seen"):
             merged.setdefault(k, getattr(self, k))
+        self._legacy_probes = PR.migrate_state(merged, self.probe_index)
         out = super().load_state_dict(merged, strict=strict, assign=assign)
         self.target.weights_pending, self.target._hash = None, None
         return out
+
+    def upgrade_state(self, state: dict) -> dict:
+        """A copy of ``state`` in the current layout (a ``probes`` image buffer becomes ``probe_index``), for checks
+        that compare a checkpoint's keys with this model's before loading it (``preflight.check_checkpoint``)."""
+        state = dict(state)
+        PR.migrate_state(state, self.probe_index)
+        return state
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gencnp"] = {
@@ -370,30 +394,36 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         self.check_data(dm)
-        if dm is not None and int((self.probe_class >= 0).sum()) == 0:
-            self.build_probes(dm.split("train"))
-            check_probes(self.probe_class, self.num_classes, getattr(dm, "class_names", None))
+        if dm is not None:
+            self.attach_probe_data(dm.split("train"), getattr(dm, "class_names", None))
         if dm is not None and stage != "fit" and not bool(self.input_ready) and self.null_eval:
             # validate/test/predict of a model that never ran fit: null inputs need the data's statistics.
             self.compute_fill(DataLoader(dm.split("train"), batch_size=128, shuffle=False))
 
+    def attach_probe_data(self, dataset, class_names=None) -> None:
+        """Read swap probes from ``dataset`` (the training split the model was trained on): pick them first when none
+        are recorded (``build_probes``, checked by ``check_probes``); recover the indices of an old checkpoint's stored
+        probe images."""
+        self._probe_source = PR.ProbeImages(dataset, self.target.input_shape)
+        if int((self.probe_class >= 0).sum()) == 0:
+            self.build_probes(dataset)
+            check_probes(self.probe_class, self.num_classes, class_names)
+        elif self._legacy_probes is not None:
+            PR.adopt_legacy(self, dataset)
+
     @torch.no_grad()
     def build_probes(self, dataset) -> None:
-        """Pick ``swap_probes_per_class`` train images per class (seeded) that the target classifies correctly."""
-        p, k = self.hparams.swap_probes_per_class, self.num_classes
-        g = torch.Generator().manual_seed(12345)
-        order = torch.randperm(len(dataset), generator=g)[: max(200 * k, 2000)].tolist()
-        items = [dataset[i] for i in order]
-        xs = torch.stack([it[0] for it in items]).to(self.device)
-        ys = torch.as_tensor([int(it[1]) for it in items], device=self.device)
-        preds = torch.cat([self.target(xs[i : i + 512]).argmax(1) for i in range(0, len(xs), 512)])
-        probes, cls = torch.zeros_like(self.probes), torch.full_like(self.probe_class, -1)
-        for c in range(k):
-            idx = torch.nonzero((ys == c) & (preds == c))[:p, 0]
-            probes[c * p : c * p + len(idx)] = xs[idx]
-            cls[c * p : c * p + len(idx)] = c
-        self.probes.copy_(probes)
+        """Pick ``swap_probes_per_class`` train images per class (seeded) that the target classifies correctly; store
+        their indices (``gencnp.systems.probes.select_probes``)."""
+        h = self.hparams
+        classify = self.target if h.get("probe_filter", "correct") == "correct" else None
+        k, p = self.num_classes, h.swap_probes_per_class
+        index, cls = PR.select_probes(dataset, classify, k, p, self.device, limit=h.get("probe_candidates"))
+        self.probe_index.copy_(index)
         self.probe_class.copy_(cls)
+        self._legacy_probes = None
+        if self._probe_source is None or self._probe_source.dataset is not dataset:
+            self._probe_source = PR.ProbeImages(dataset, self.target.input_shape)
 
     def partner_images(self, x: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each sample, a probe image of another class (chosen by an integer hash of its pixels).
@@ -401,9 +431,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         Returns ``(images [B, C, H, W], valid [B])``; ``valid`` is False when no probe of another class exists.
         """
         k, p = self.num_classes, self.hparams.swap_probes_per_class
-        q = (x.detach().float().flatten(1) * 64).round().long()
-        w = torch.arange(1, q.shape[1] + 1, device=x.device, dtype=torch.long) % 1009 + 1
-        h = (q * w).sum(1).abs()
+        h = PR.pixel_hash(x)
         avail = self.probe_class >= 0
         slot = (h // (k - 1)) % p
         partner_cls = partner_classes(h, y_hat, avail.view(k, p).any(1))
@@ -412,7 +440,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         filled = avail.view(k, p)
         first = torch.where(filled.any(1), filled.float().argmax(1), torch.zeros(k, dtype=torch.long, device=x.device))
         index = torch.where(avail[index], index, partner_cls * p + first[partner_cls])
-        return self.probes[index], avail[index] & (partner_cls != y_hat)
+        return PR.probe_images(self, index).to(x.dtype), avail[index] & (partner_cls != y_hat)
 
     @torch.no_grad()
     def compute_fill(self, loader, batches: int | None = None) -> None:

@@ -408,6 +408,8 @@ class FrozenTarget(nn.Module):
             feats = list(self.hooks.features) if record else None
         finally:
             self.hooks.clear()
+        if logits.dtype in (torch.bfloat16, torch.float16):  # autocast: losses, metrics and reports compare float32
+            logits = logits.float()
         return (logits, feats) if record else logits
 
     def masks_by_name(self, masks: Mapping[str, torch.Tensor | None]) -> list[torch.Tensor | None]:

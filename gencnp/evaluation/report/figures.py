@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gencnp.evaluation.report.classes import shown_classes
 from gencnp.evaluation.report.markdown import null_keys
 from gencnp.evaluation.report.passes import BASELINES
 from gencnp.io.files import save_figure
 from gencnp.pathways.gradients import grad_cam, pathway_gradient
 
-__all__ = ["plot_attribution", "plot_bank", "plot_curves", "plot_kept_hist", "plot_null"]
+__all__ = ["plot_attribution", "plot_bank", "plot_curves", "plot_kept_hist", "plot_null", "GRID_CLASSES"]
+GRID_CLASSES = 12  # predicted classes (rows) of the attribution grid at most
 
 
 def plot_null(path: Path, r: dict) -> str:
@@ -202,11 +204,17 @@ def plot_bank(path: Path, bank) -> str:
     from matplotlib.figure import Figure  # matplotlib only when drawing
 
     freq = bank.frequencies().numpy()
-    k, d = freq.shape
-    fig = Figure(figsize=(min(20.0, max(8.0, d / 24)), max(3.5, 0.4 * k + 2)), layout="constrained")
+    d = freq.shape[1]
+    kept = bank.class_pathways().double().mean(1).numpy()
+    rows, note = shown_classes(kept, "class-pathway kept fraction")
+    freq = freq[rows]
+    fig = Figure(figsize=(min(20.0, max(8.0, d / 24)), max(3.5, 0.4 * len(rows) + 2)), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(freq, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(k), [f"{c} (n={int(n)})" for c, n in zip(bank.class_names, bank.n.tolist())], fontsize=8)
+    names, n = bank.class_names, bank.n.tolist()
+    ax.set_yticks(
+        range(len(rows)), [f"{names[c]} (n={int(n[c])}, kept {100 * kept[c]:.0f}%)" for c in rows], fontsize=8
+    )
     bounds = np.cumsum([0, *bank.tap_channels])
     for b in bounds[1:-1]:
         ax.axvline(b - 0.5, color="white", lw=1.2)
@@ -219,7 +227,8 @@ def plot_bank(path: Path, bank) -> str:
     source = {"pred": "target prediction", "label": "label"}.get(bank.class_source, bank.class_source)
     ax.set_ylabel(f"class ({source})")
     ax.set_title(
-        f"Pathway bank: selection frequency f_c, {bank.split} split, {int(bank.n.sum())} samples, tau = {bank.tau:g}",
+        f"Pathway bank: selection frequency f_c, {bank.split} split, {int(bank.n.sum())} samples, tau = {bank.tau:g}"
+        + (f"\n{note} (all classes: report per_class table)" if note else ""),
         fontsize=10,
     )
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
@@ -249,7 +258,9 @@ def plot_attribution(
     from matplotlib.figure import Figure
 
     picks = []
-    for c in range(len(class_names)):
+    predicted = torch.bincount(y_hat.long(), minlength=len(class_names)).double()
+    shown, note = shown_classes(predicted.masked_fill(predicted == 0, float("nan")), "test predictions", GRID_CLASSES)
+    for c in sorted(shown):
         picks += torch.nonzero(y_hat == c)[:per_class, 0].tolist()
     if not picks:
         return ""
@@ -318,7 +329,7 @@ def plot_attribution(
     )
     fig.suptitle(
         f"Attribution through pathways: {per_class} test image(s) per predicted class (row); unmasked target vs "
-        "GEN-CNP pathway vs class pathway",
+        "GEN-CNP pathway vs class pathway" + (f"\nclasses shown: {note}" if note else ""),
         fontsize=10,
     )
     save_figure(fig, path, dpi=100)

@@ -14,6 +14,7 @@ from torch.utils.data import Subset
 
 from gencnp.banks.bank import PathwayBank
 from gencnp.data.modules import FashionMNISTDataModule, ImageDataModule
+from gencnp.evaluation.report.classes import class_table, summary_lines, table_summary, write_class_table
 from gencnp.evaluation.report.evaluator import Evaluator
 from gencnp.evaluation.report.figures import plot_attribution, plot_bank, plot_curves, plot_kept_hist, plot_null
 from gencnp.evaluation.report.markdown import markdown, screen
@@ -37,7 +38,13 @@ from gencnp.pathways.metrics import null_families_of
 from gencnp.systems.gencnp import GenCNP
 from gencnp.threads import torch_threads
 
-__all__ = ["report"]
+__all__ = ["report", "PRECISIONS"]
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def autocast(o: SimpleNamespace):
+    """bfloat16 autocast on the report's device for ``precision: bf16-mixed``; a no-op context for ``32-true``."""
+    return torch.autocast(torch.device(o.device).type, dtype=torch.bfloat16, enabled=o.precision == "bf16-mixed")
 
 
 def report(
@@ -66,6 +73,8 @@ def report(
     threads: int | None = None,
     progress: bool = True,
     lookup_fractions: list[float] | None = None,
+    precision: str = "32-true",
+    channels_last: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
 
@@ -106,6 +115,8 @@ def report(
         progress: show progress bars.
         lookup_fractions: shares of GEN-CNP's per-tap counts at which its score ranking is compared with the class
             lookup (``lookup_frontier``; default ``1.0, 0.8, 0.6, 0.4``).
+        precision: ``'32-true'`` or ``'bf16-mixed'`` (the passes that run the target under bfloat16 autocast).
+        channels_last: run the target in ``channels_last`` memory format; ``None`` keeps the generator's setting.
 
     Returns:
         The content of ``report.json`` as a dict.
@@ -129,7 +140,33 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
     torch.manual_seed(o.seed)
     ev, sp = _load(o, dev, t_start)
     ev.lap("setup")
+    with autocast(o):
+        res, gp, hits, curves, same_class = _passes(o, ev, sp, curves)
+    result = _result(o, ev, sp, gp, res, curves, same_class, hits)
+    result["precision"] = o.precision
+    result["per_class"] = _per_class(out, res, sp.class_names)
+    ev.lap("summaries_bootstrap")
+    result["figures"] = _figures(out, result, ev, sp, gp, res, o.samples_per_class)
+    ev.lap("figures")
+    result["seconds_total"] = time.perf_counter() - t_start
+    result["seconds_by_phase"] = ev.phases
+    result = json_safe(result)
+    write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
+    write_atomic(out / "report.md", markdown(result))
+    print(screen(result, out))
+    print("\n".join(summary_lines(result["per_class"]["summary"], result["per_class"]["files"])))
+    return result
 
+
+def _per_class(out: Path, res: dict[tuple[str, str], Results], class_names: list[str]) -> dict[str, Any]:
+    """Per-class agreement, kept and forcing of GEN-CNP (and transfer) to ``per_class.{csv,json}``; a summary."""
+    methods = {m: res[m, "matched"] for m in ("gencnp", "transfer") if (m, "matched") in res}
+    table = class_table(methods, class_names)
+    return {"files": write_class_table(out / "per_class", table), "summary": table_summary(table, "gencnp/agreement")}
+
+
+def _passes(o: SimpleNamespace, ev: Evaluator, sp: Split, curves: Curves) -> tuple:
+    """The passes that run the target: GEN-CNP, the full split, the subset, same-class transfer."""
     res: dict[tuple[str, str], Results] = {}
     gp = gencnp_pass(ev, sp, res, o.batch_size)
     ev.lap("gencnp")
@@ -154,18 +191,7 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
     ev.lap("neuron_intgrad_dgr_curves")
     same_class = same_class_transfer(ev, res, sp.subset_pos, x_sub, gp.y_hat[sp.subset_pos], o.grad_batch_size)
     ev.lap("same_class_transfer")
-
-    result = _result(o, ev, sp, gp, res, curves, same_class, hits)
-    ev.lap("summaries_bootstrap")
-    result["figures"] = _figures(out, result, ev, sp, gp, res, o.samples_per_class)
-    ev.lap("figures")
-    result["seconds_total"] = time.perf_counter() - t_start
-    result["seconds_by_phase"] = ev.phases
-    result = json_safe(result)
-    write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
-    write_atomic(out / "report.md", markdown(result))
-    print(screen(result, out))
-    return result
+    return res, gp, hits, curves, same_class
 
 
 def _dgr_opts(o: SimpleNamespace) -> dict[str, float]:
@@ -174,6 +200,8 @@ def _dgr_opts(o: SimpleNamespace) -> dict[str, float]:
 
 def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
     """Refuse bad options and missing inputs before any work. Returns the curves' thresholds and kept fractions."""
+    if o.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (as trainer.precision), got {o.precision!r}.")
     if o.split not in ("test", "val"):
         raise ValueError(f"split must be 'test' (or 'val' for development), got '{o.split}'.")
     for name, lo in (
@@ -208,6 +236,8 @@ def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
 def _load(o: SimpleNamespace, dev: torch.device, t_start: float) -> tuple[Evaluator, Split]:
     """The generator (on ``dev``), the split (``limit`` applied), the bank and the seeded common subset."""
     overrides = {"target_checkpoint": o.target_checkpoint} if o.target_checkpoint else {}
+    if o.channels_last is not None:
+        overrides["channels_last"] = bool(o.channels_last)
     recorded = read_checkpoint(o.generator).get("class_names")  # refuses truncated, altered or code-carrying files
     model = GenCNP.load_from_checkpoint(o.generator, map_location="cpu", weights_only=True, **overrides).to(dev).eval()
     data = o.data if o.data is not None else FashionMNISTDataModule(eval_batch_size=o.batch_size)
@@ -225,8 +255,8 @@ def _load(o: SimpleNamespace, dev: torch.device, t_start: float) -> tuple[Evalua
             f"{class_names}; class indices would mean other classes. Evaluate on the data it was trained on, or "
             "train a generator on this data."
         )
-    if int((model.probe_class >= 0).sum()) == 0:  # a checkpoint saved before setup(): pick swap probes now
-        model.build_probes(data.split("train"))
+    # Swap probes are training-split indices: read their images from the data (picked now if none are recorded).
+    model.attach_probe_data(data.split("train"), class_names)
     ev = Evaluator(model, dev, o.seed, o.progress, t_start)
     bank = None
     if o.bank is not None:
