@@ -267,7 +267,7 @@ def test_a_loss_going_non_finite_stops_and_names_the_step_and_the_term(out, synt
         out,
         FloatingPointError,
         says("loss term 'swap' became non-finite", "global step 3"),
-        *fit_args(out, synthetic_runs, "--model.init_args.lambda_zero", "0"),
+        *fit_args(out, synthetic_runs, "--model.init_args.losses.lambda_zero", "0"),
     )  # one LS.swap call per step
 
 

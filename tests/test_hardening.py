@@ -74,7 +74,7 @@ def test_a_setting_out_of_range_fails_before_anything_is_written(out, synthetic_
         out,
         ValueError,
         r"GenCNP: lambda_sp=-1.0 is out of range: expected a number >= 0",
-        *fit_args(out, synthetic_runs, "--model.init_args.lambda_sp", "-1"),
+        *fit_args(out, synthetic_runs, "--model.init_args.sparsity.lambda_sp", "-1"),
     )
     refused(
         out,
@@ -150,7 +150,7 @@ def test_load_from_checkpoint_checks_the_file_before_overrides_apply(synthetic_r
     with pytest.raises(ValueError, match=r"its hyper-parameters .* were edited after saving"):
         GenCNP.load_from_checkpoint(edited)
     # An intact file with a keyword override loads: the override is the caller's, not an edit of the file.
-    assert GenCNP.load_from_checkpoint(synthetic_runs["gencnp"], lambda_con=0.2).hparams.lambda_con == 0.2
+    assert GenCNP.load_from_checkpoint(synthetic_runs["gencnp"], lambda_con=0.2).settings.lambda_con == 0.2
 
 
 def test_target_checkpoint_without_hash_is_refused(tmp_path, synthetic_runs):

@@ -23,6 +23,8 @@ import yaml
 from jsonargparse import CLI
 from tqdm import tqdm
 
+from gencnp.systems.options import grouped_key
+
 COLUMNS = [
     "agreement",
     "kept_mean",
@@ -75,7 +77,7 @@ def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict
         str(folder),
     ]
     for k, v in (point.get("model") or {}).items():
-        args += _flag(f"model.init_args.{k}", v)
+        args += _flag(f"model.init_args.{grouped_key(k)}", v)  # flat names: their group (0.2 sweeps)
     for k, v in (point.get("trainer") or {}).items():
         args += _flag(f"trainer.{k}", v)
     args += extra
