@@ -172,16 +172,24 @@ def load_images(args: argparse.Namespace, shape: tuple[int, int, int], num_class
 def build(kw: dict, fill_images: torch.Tensor, args: argparse.Namespace, **overrides):
     """A ``GenCNP`` from the config's arguments (mean-ablation fill from ``fill_images``); unknown overrides -> None."""
     from gencnp import GenCNP
+    from gencnp.systems.options import grouped_key
 
     allowed = inspect.signature(GenCNP.__init__).parameters
-    if any(k not in allowed for k in overrides):
-        return None
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in kw.items()}
+    for key, value in overrides.items():
+        group, _, name = grouped_key(key).rpartition(".")
+        if group:
+            merged[group] = {**(merged.get(group) or {}), name: value}
+        elif key in allowed:
+            merged[key] = value
+        else:
+            return None
     torch.manual_seed(args.seed)
-    model = GenCNP(**{**kw, **overrides, **({"channels_last": True} if args.channels_last else {})})
+    model = GenCNP(**{**merged, **({"channels_last": True} if args.channels_last else {})})
     if args.generator_checkpoint:
         state = torch.load(args.generator_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict(state, strict=False)
-    if model.hparams.ablation == "mean":
+    if model.settings.ablation == "mean":
         bs = args.batch_size
         model.compute_fill([(fill_images[i : i + bs], None) for i in range(0, len(fill_images), bs)])
     return model.eval()  # the frozen target is in eval anyway; the generator has no batch-dependent layers
@@ -422,10 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         **{f"train_fraction_{f:g}": build(kw, xt[:n_fill], args, control_fraction=f) for f in args.control_fraction},
     }
     variants = {k: v.train() for k, v in variants.items() if v is not None}
-    opts = {
-        k: torch.optim.Adam(v.generator.parameters(), lr=v.hparams.lr, weight_decay=v.hparams.weight_decay)
-        for k, v in variants.items()
-    }
+    opts = {k: v.make_optimizer() for k, v in variants.items()}
     step = {"i": 0}
 
     def trainer_of(name):
@@ -661,10 +666,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         D=target.num_channels,
         weights=weights,
         data=data_note,
-        ablation=model.hparams.ablation,
-        lambda_swap=model.hparams.lambda_swap,
-        lambda_zero=model.hparams.lambda_zero,
-        d=model.hparams.d,
+        ablation=model.settings.ablation,
+        lambda_swap=model.settings.lambda_swap,
+        lambda_zero=model.settings.lambda_zero,
+        d=model.settings.d,
     )
     cli = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python benchmarks/bench.py", *cli])

@@ -47,18 +47,11 @@ if str(ROOT) not in sys.path:
 
 STAGES = ("model", "target", "gencnp", "bank", "report")
 # GEN-CNP settings of the measured step: the shipped recipe (configs/imagenet_shape/resnet50/gencnp.yaml).
-RECIPE = dict(
-    d=64,
+RECIPE = dict(  # configs/imagenet_shape/*/gencnp.yaml
     ablation="mean",
-    temperature=1.0,
-    lambda_sp=10.0,
-    sparsity_per="channel",
-    kappa=0.7,
-    dependence_gate=0.2,
-    lambda_swap=4.0,
-    lambda_zero=1.0,
-    lambda_cls=1.0,
-    lambda_con=0.1,
+    generator={"d": 64},
+    losses={"temperature": 1.0, "lambda_swap": 4.0, "lambda_zero": 1.0, "lambda_cls": 1.0, "lambda_con": 0.1},
+    sparsity={"lambda_sp": 10.0, "sparsity_per": "channel", "kappa": 0.7, "dependence_gate": 0.2},
 )
 
 
@@ -143,7 +136,7 @@ def gencnp_model(a: argparse.Namespace, k: int, dm):
         **RECIPE,
     ).to(a.device)
     train = dm.split("train")
-    p = model.hparams.swap_probes_per_class
+    p = model.settings.swap_probes_per_class
     first = {}
     for j, i in enumerate(train.indices):  # ShapedImages: image i has class i mod K
         first.setdefault(i % k, j)

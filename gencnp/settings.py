@@ -158,6 +158,8 @@ def _default(owner: Any, name: str) -> Any:
         param = inspect.signature(cls.__init__).parameters.get(name)
     except (TypeError, ValueError):
         return inspect.Parameter.empty
+    if param is None and hasattr(cls, "setting_defaults"):  # grouped settings (GenCNP's dataclasses)
+        return cls.setting_defaults().get(name, inspect.Parameter.empty)
     return inspect.Parameter.empty if param is None else param.default
 
 

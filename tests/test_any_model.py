@@ -136,11 +136,15 @@ def test_own_module_by_class_path_through_the_cli_and_a_self_contained_generator
 
 
 def test_generator_without_embedded_target_needs_the_target_file(tmp_path, one_thread):
-    model = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, embed_target=False)
+    model = GenCNP(
+        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, embed_target=False, generator={"d": 8}
+    )
     assert not any(k.startswith("target.") for k in model.state_dict())
     assert any(
         k.startswith("target.")
-        for k in GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8).state_dict()
+        for k in GenCNP(
+            target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, generator={"d": 8}
+        ).state_dict()
     )
     # A checkpoint without target weights (embed_target false, or written before embedding) still fits a default model.
     from gencnp.pipeline.preflight import check_checkpoint
@@ -148,12 +152,12 @@ def test_generator_without_embedded_target_needs_the_target_file(tmp_path, one_t
     lean = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(lean)
     torch.save(lean, tmp_path / "lean.ckpt")
-    same = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8)
+    same = GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, generator={"d": 8})
     same.target.model.load_state_dict(model.target.model.state_dict())
     same.target._hash = None
     check_checkpoint(None, same, str(tmp_path / "lean.ckpt"))
     recorded = dict(model.hparams.target_spec)
-    pending = GenCNP(target_checkpoint=str(tmp_path / "gone.ckpt"), target_spec=recorded, d=8)
+    pending = GenCNP(target_checkpoint=str(tmp_path / "gone.ckpt"), target_spec=recorded, generator={"d": 8})
     with pytest.raises(FileNotFoundError, match="gone.ckpt' does not exist"):
         pending.explain(torch.zeros(1, 1, 16, 16))
     with pytest.raises(FileNotFoundError, match="gone.ckpt' does not exist"):
@@ -237,7 +241,12 @@ def test_weak_target_is_refused_before_training(tmp_path):
     from gencnp import SyntheticDataModule
 
     model = GenCNP(
-        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=2
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=16,
+        generator={"d": 8},
+        controls={"swap_probes_per_class": 2},
     )
     with torch.no_grad():
         model.target.model.head.bias.copy_(torch.tensor([100.0, 0, 0, 0]))  # predicts class 0 whatever the input
@@ -309,7 +318,15 @@ def test_token_taps_mask_per_embedding_channel_on_every_token(one_thread):
             "mlp_dim": 32,
         },
     }
-    model = GenCNP(target=spec, target_checkpoint=None, num_classes=4, in_chans=3, image_size=16, d=8, ablation="zero")
+    model = GenCNP(
+        target=spec,
+        target_checkpoint=None,
+        num_classes=4,
+        in_chans=3,
+        image_size=16,
+        ablation="zero",
+        generator={"d": 8},
+    )
     names = model.target.tap_names
     assert names == [f"encoder.layers.encoder_layer_{i}" for i in range(3)] and model.target.tap_channels == [16] * 3
     x = torch.randn(3, 3, 16, 16)

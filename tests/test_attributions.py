@@ -138,7 +138,13 @@ def test_generator_reads_the_randomised_targets_features():
 
     torch.manual_seed(0)
     model = GenCNP(
-        target="tiny_cnn", target_checkpoint=None, num_classes=4, in_chans=1, image_size=16, d=8, ablation="zero"
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        in_chans=1,
+        image_size=16,
+        ablation="zero",
+        generator={"d": 8},
     ).eval()
     x = torch.randn(4, 1, 16, 16)
     before = model.explain(x)["scores"]

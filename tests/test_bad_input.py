@@ -267,7 +267,7 @@ def test_a_loss_going_non_finite_stops_and_names_the_step_and_the_term(out, synt
         out,
         FloatingPointError,
         says("loss term 'swap' became non-finite", "global step 3"),
-        *fit_args(out, synthetic_runs, "--model.init_args.lambda_zero", "0"),
+        *fit_args(out, synthetic_runs, "--model.init_args.losses.lambda_zero", "0"),
     )  # one LS.swap call per step
 
 
@@ -519,10 +519,23 @@ def test_config_key_that_does_not_exist(out, synthetic_runs, tmp_path, capsys, w
     err = capsys.readouterr().err
     assert info.value.code == 2 and tree(out) == before
     if where == "yaml":
-        assert f"'{key}' is not an argument of gencnp.GenCNP" in err and "Did you mean 'lambda_sp'" in err
+        assert f"'{key}' is not an argument of gencnp.GenCNP" in err and "Did you mean 'sparsity.lambda_sp'" in err
     else:
         assert f"'{key}' is not a config key" in err and "Did you mean 'max_epochs'" in err
     assert "Fix the key" in err
+
+
+def test_a_flat_0_2_setting_in_a_config_names_its_group(out, synthetic_runs, tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  init_args:\n    lambda_swap: 2.0\n")
+    before = tree(out)
+    with pytest.raises(SystemExit) as info:
+        cli(*fit_args(out, synthetic_runs, "--config", str(extra)))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and tree(out) == before
+    assert (
+        "flat form of gencnp 0.2" in err and "group 'losses'" in err and "--model.init_args.losses.lambda_swap" in err
+    )
 
 
 @pytest.mark.parametrize("taus", ["[0.0, 0.5]", "[0.5, 1.5]"])

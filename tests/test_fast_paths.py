@@ -108,13 +108,11 @@ def test_gencnp_step_and_explain_equal_the_paths_without_reuse(ablation):
             target_checkpoint=None,
             num_classes=4,
             image_size=16,
-            d=8,
             ablation=ablation,
-            lambda_zero=1.0,
-            dependence_gate=0.5,
-            swap_probes_per_class=1,
-            lambda_null=0.0,
-            class_prior=0.0,
+            generator={"d": 8, "class_prior": 0.0},
+            losses={"lambda_zero": 1.0, "lambda_null": 0.0},
+            sparsity={"dependence_gate": 0.5},
+            controls={"swap_probes_per_class": 1},
         )
         if ablation == "mean":
             model.compute_fill([(torch.randn(16, 1, 16, 16), None)])
@@ -158,20 +156,19 @@ def test_control_fraction_runs_the_controls_on_the_first_part_of_the_batch():
             target_checkpoint=None,
             num_classes=4,
             image_size=16,
-            d=8,
-            lambda_zero=1.0,
-            dependence_gate=0.5,
-            swap_probes_per_class=1,
-            control_fraction=fraction,
             ablation="zero",
-            lambda_null=0.0,
-            class_prior=0.0,
+            generator={"d": 8, "class_prior": 0.0},
+            losses={"lambda_zero": 1.0, "lambda_null": 0.0},
+            sparsity={"dependence_gate": 0.5},
+            controls={"swap_probes_per_class": 1, "control_fraction": fraction},
         )
         return model.training_step((x, torch.zeros(len(x), dtype=torch.long)), 0)
 
     assert torch.allclose(loss(torch.cat([a, a]), 0.5), loss(a, 1.0), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="control_fraction must lie in"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, control_fraction=0.0)
+        GenCNP(
+            target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, controls={"control_fraction": 0.0}
+        )
 
 
 # ----- generator pooling -----
@@ -245,13 +242,11 @@ def test_channels_last_target_and_training_step_agree_with_the_default_layout():
             target_checkpoint=None,
             num_classes=4,
             image_size=16,
-            d=8,
-            lambda_zero=1.0,
-            swap_probes_per_class=1,
             channels_last=cl,
             ablation="zero",
-            lambda_null=0.0,
-            class_prior=0.0,
+            generator={"d": 8, "class_prior": 0.0},
+            losses={"lambda_zero": 1.0, "lambda_null": 0.0},
+            controls={"swap_probes_per_class": 1},
         )
         loss = model.training_step((x, y), 0)
         loss.backward()

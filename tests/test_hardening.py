@@ -40,7 +40,7 @@ SMALL = {"target": "tiny_cnn", "target_checkpoint": None, "num_classes": 4, "ima
         (GenCNP, {"kappa": 5.0}, ValueError, r"kappa=5.0 is out of range: expected a number in \[0, 1\]"),
         (GenCNP, {"temperature": 0.0}, ValueError, r"temperature=0.0 is out of range: expected a number > 0"),
         (GenCNP, {"d": 0}, ValueError, r"d=0 is out of range: expected an integer >= 1"),
-        (GenCNP, {"lr": -1.0}, ValueError, r"lr=-1.0 is out of range.*Set lr to a number > 0, e.g. 0.005"),
+        (GenCNP, {"lr": -1.0}, ValueError, r"lr=-1.0 is out of range.*Set lr to a number > 0"),  # 0.2 form, migrated
         (GenCNP, {"init_score": 7.0}, ValueError, r"init_score=7.0 is out of range: expected a number in \(0, 1\)"),
         (GenCNP, {"lr": "fast"}, TypeError, r"lr='fast' is a str, not a number"),
         (GenCNP, {"d": 2.5}, TypeError, r"d=2.5 is not an integer"),
@@ -74,7 +74,7 @@ def test_a_setting_out_of_range_fails_before_anything_is_written(out, synthetic_
         out,
         ValueError,
         r"GenCNP: lambda_sp=-1.0 is out of range: expected a number >= 0",
-        *fit_args(out, synthetic_runs, "--model.init_args.lambda_sp", "-1"),
+        *fit_args(out, synthetic_runs, "--model.init_args.sparsity.lambda_sp", "-1"),
     )
     refused(
         out,
@@ -150,7 +150,7 @@ def test_load_from_checkpoint_checks_the_file_before_overrides_apply(synthetic_r
     with pytest.raises(ValueError, match=r"its hyper-parameters .* were edited after saving"):
         GenCNP.load_from_checkpoint(edited)
     # An intact file with a keyword override loads: the override is the caller's, not an edit of the file.
-    assert GenCNP.load_from_checkpoint(synthetic_runs["gencnp"], lambda_con=0.2).hparams.lambda_con == 0.2
+    assert GenCNP.load_from_checkpoint(synthetic_runs["gencnp"], lambda_con=0.2).settings.lambda_con == 0.2
 
 
 def test_target_checkpoint_without_hash_is_refused(tmp_path, synthetic_runs):

@@ -92,8 +92,8 @@ def test_attribution_grid_at_1000_classes_shows_a_few_named_rows(tmp_path, drawn
         target_checkpoint=None,
         num_classes=K,
         image_size=16,
-        d=8,
-        swap_probes_per_class=1,
+        generator={"d": 8},
+        controls={"swap_probes_per_class": 1},
         ablation="zero",
     ).eval()
     data = ShapedImages(300, num_classes=K, image_size=16, in_chans=1)

@@ -78,7 +78,9 @@ def test_rerun_reuses_every_stage_and_a_changed_stage_redoes_itself_and_downstre
 
     # Plans without running: a changed GEN-CNP config redoes it and every later stage.
     changed = _pipeline(
-        tmp_path, "gencnp_changed.yaml", gencnp={"args": FAST["gencnp"] + ["--model.init_args.lambda_con", "0.2"]}
+        tmp_path,
+        "gencnp_changed.yaml",
+        gencnp={"args": FAST["gencnp"] + ["--model.init_args.losses.lambda_con", "0.2"]},
     )
     plan = P.run_pipeline(changed, work, dry_run=True, say=lambda _: None)
     assert _status(plan) == ["would reuse", "would run", "would run", "would run"]

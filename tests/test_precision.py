@@ -33,7 +33,12 @@ def test_bf16_mixed_and_channels_last_fit_and_test_agree_with_float32():
     assert first_conv(target.model).weight.is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     model = GenCNP(
-        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=2
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=16,
+        generator={"d": 8},
+        controls={"swap_probes_per_class": 2},
     )
     model.target.model.load_state_dict(target.model.state_dict())
     model.target._hash = None
@@ -57,8 +62,8 @@ def test_bf16_mixed_and_channels_last_fit_and_test_agree_with_float32():
         target_checkpoint=None,
         num_classes=4,
         image_size=16,
-        d=8,
-        swap_probes_per_class=2,
+        generator={"d": 8},
+        controls={"swap_probes_per_class": 2},
         channels_last=True,
     )
     fast.load_state_dict(model.state_dict())

@@ -11,7 +11,12 @@ from gencnp.systems import probes as PR
 def tiny_model(size: int = 16, p: int = 2) -> GenCNP:
     torch.manual_seed(0)
     return GenCNP(
-        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=size, d=8, swap_probes_per_class=p
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=size,
+        generator={"d": 8},
+        controls={"swap_probes_per_class": p},
     )
 
 
@@ -176,15 +181,15 @@ def test_label_probes_need_no_forward_and_candidates_can_be_capped():
         target_checkpoint=None,
         num_classes=4,
         image_size=16,
-        d=8,
-        swap_probes_per_class=2,
-        probe_filter="label",
-        probe_candidates=40,
+        generator={"d": 8},
+        controls={"swap_probes_per_class": 2, "probe_filter": "label", "probe_candidates": 40},
     )
     model.attach_probe_data(data)
     assert bool((model.probe_class >= 0).all()) and set(model.probe_index.tolist()) <= set(order[:40])
-    with pytest.raises(ValueError, match="probe_filter must be one of"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, probe_filter="any")
+    with pytest.raises(ValueError, match="controls.probe_filter must be one of"):
+        GenCNP(
+            target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, controls={"probe_filter": "any"}
+        )
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ def fit_args(out: Path, target: Path) -> list[str]:
         str(out),
         "--model.init_args.target_checkpoint",
         str(target),
-        "--model.init_args.init_score",
+        "--model.init_args.generator.init_score",
         "0.5",
     ]
 

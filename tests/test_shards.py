@@ -45,9 +45,8 @@ def test_shards_read_back_as_the_image_folder(tmp_path):
         num_classes=3,
         in_chans=3,
         image_size=16,
-        d=8,
-        swap_probes_per_class=1,
-        probe_filter="label",
+        generator={"d": 8},
+        controls={"swap_probes_per_class": 1, "probe_filter": "label"},
     )
     model.attach_probe_data(shards.split("train"))
     index = model.probe_index[model.probe_index >= 0]

@@ -9,7 +9,15 @@ from gencnp import GenCNP
 from gencnp.targets.loading import channel_toy_batch, load_target, tensor_hash
 
 # A GEN-CNP built without data: zero ablation, no null inputs, no class prior (they need the data's statistics).
-NO_DATA = {"ablation": "zero", "lambda_null": 0.0, "class_prior": 0.0}
+NO_DATA = {"ablation": "zero", "losses": {"lambda_null": 0.0}, "generator": {"class_prior": 0.0}}
+
+
+def no_data(**groups: dict) -> dict:
+    """``NO_DATA`` with more grouped settings merged into its groups."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in NO_DATA.items()}
+    for name, values in groups.items():
+        out[name] = {**out.get(name, {}), **values}
+    return out
 
 
 def test_target_classifier_fast_dev_run(tmp_path):
@@ -139,7 +147,11 @@ def test_explain_returns_masks_kept_and_prediction(synthetic_runs):
 
 def test_masks_get_gradients_through_the_frozen_target():
     model = GenCNP(
-        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, d=8, swap_probes_per_class=1, **NO_DATA
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=16,
+        **no_data(generator={"d": 8}, controls={"swap_probes_per_class": 1}),
     )
     x = torch.randn(16, 1, 16, 16)
     loss = model.training_step((x, torch.randint(0, 4, (16,))), 0)
@@ -160,18 +172,18 @@ def test_toy_target_pathways_find_the_deciding_channel():
         num_classes=k,
         in_chans=k,
         image_size=4,
-        d=16,
-        lambda_sp=1.0,
-        lambda_swap=1.0,
-        lambda_con=0.0,
-        sparsity_ramp_epochs=0.0,
-        swap_probes_per_class=1,
-        temperature=4.0,
-        kappa=0.9,
-        sparsity_per="tap",
-        dependence_gate=None,
-        lambda_zero=0.0,
-        **NO_DATA,
+        **no_data(
+            generator={"d": 16},
+            losses={"lambda_swap": 1.0, "lambda_con": 0.0, "temperature": 4.0, "lambda_zero": 0.0},
+            sparsity={
+                "lambda_sp": 1.0,
+                "sparsity_ramp_epochs": 0.0,
+                "kappa": 0.9,
+                "sparsity_per": "tap",
+                "dependence_gate": None,
+            },
+            controls={"swap_probes_per_class": 1},
+        ),
     )
     opt = torch.optim.Adam(model.generator.parameters(), lr=5e-3)
     for step in range(200):
@@ -205,15 +217,15 @@ def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
         str(tmp_path),
         "--model.init_args.target_checkpoint",
         str(synthetic_runs["target"]),
-        "--model.init_args.null_train",
+        "--model.init_args.controls.null_train",
         "[uniform, constant]",
-        "--model.init_args.lambda_null",
+        "--model.init_args.losses.lambda_null",
         "1",
-        "--model.init_args.lambda_lookup",
+        "--model.init_args.losses.lambda_lookup",
         "1",
-        "--model.init_args.lambda_nested",
+        "--model.init_args.losses.lambda_nested",
         "1",
-        "--model.init_args.null_families",
+        "--model.init_args.controls.null_families",
         "[gaussian, smooth]",
     )
     rows = list(csv.DictReader(open(sorted(tmp_path.glob("logs/version_*/metrics.csv"))[-1])))
@@ -235,17 +247,35 @@ def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
 
 def test_null_settings_are_checked():
     with pytest.raises(ValueError, match="null_train is empty"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, lambda_null=1.0, null_train=[])
+        GenCNP(
+            target="tiny_cnn",
+            target_checkpoint=None,
+            num_classes=4,
+            image_size=16,
+            losses={"lambda_null": 1.0},
+            controls={"null_train": []},
+        )
     with pytest.raises(ValueError, match="unknown null families"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, null_families=["pink"])
+        GenCNP(
+            target="tiny_cnn",
+            target_checkpoint=None,
+            num_classes=4,
+            image_size=16,
+            controls={"null_families": ["pink"]},
+        )
     with pytest.raises(ValueError, match="nested_min"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, nested_min=0.0)
+        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, losses={"nested_min": 0.0})
 
 
 def test_class_prior_shifts_score_logits_by_the_class_frequencies():
     torch.manual_seed(0)
     model = GenCNP(
-        target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, class_prior=4.0, ablation="zero"
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=16,
+        ablation="zero",
+        generator={"class_prior": 4.0},
     ).eval()
     x = torch.randn(3, 1, 16, 16)
     assert model.prior(torch.tensor([0, 1, 2])) is None  # no class frequencies learnt yet

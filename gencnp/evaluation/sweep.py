@@ -23,6 +23,8 @@ import yaml
 from jsonargparse import CLI
 from tqdm import tqdm
 
+from gencnp.systems.options import grouped_key
+
 COLUMNS = [
     "agreement",
     "kept_mean",
@@ -50,8 +52,18 @@ def best_row(metrics_csv: Path) -> dict[str, float]:
     return out
 
 
-def _flag(key: str, value) -> list[str]:
-    return [f"--{key}", json.dumps(value) if value is None or isinstance(value, (list, dict)) else str(value)]
+def point_overrides(point: dict) -> dict:
+    """A sweep point's ``model`` and ``trainer`` keys as a config to merge over the base config: flat setting names
+    (``lambda_sp``) go to their group (``sparsity: {lambda_sp: ...}``), so 0.2 sweep files keep working. A config
+    file rather than flags, because jsonargparse reads ``null`` for a grouped setting on the command line as 'None'."""
+    init_args: dict = {}
+    for k, v in (point.get("model") or {}).items():
+        group, _, leaf = grouped_key(k).rpartition(".")
+        (init_args.setdefault(group, {}) if group else init_args)[leaf] = v
+    out: dict = {"model": {"init_args": init_args}} if init_args else {}
+    if point.get("trainer"):
+        out["trainer"] = dict(point["trainer"])
+    return out
 
 
 def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict:
@@ -74,14 +86,12 @@ def run_point(config: str, point: dict, out_dir: Path, extra: list[str]) -> dict
         "--trainer.callbacks.init_args.dirpath",
         str(folder),
     ]
-    for k, v in (point.get("model") or {}).items():
-        args += _flag(f"model.init_args.{k}", v)
-    for k, v in (point.get("trainer") or {}).items():
-        args += _flag(f"trainer.{k}", v)
-    args += extra
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = folder / "point.yaml"
+    overrides.write_text(yaml.safe_dump(point_overrides(point), sort_keys=False))
+    args += ["--config", str(overrides), *extra]
     start = time.time()
     log = folder / "train.log"
-    folder.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:

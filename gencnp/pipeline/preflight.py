@@ -346,6 +346,16 @@ def _init_parameters(class_path: str) -> list[str]:
     return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def _grouped_settings(class_path: str) -> dict[str, str]:
+    """Flat setting name -> ``group.name`` for a class with grouped settings (``GenCNP.setting_groups``), else {}."""
+    try:
+        module, name = class_path.rsplit(".", 1)
+        groups = getattr(getattr(importlib.import_module(module), name), "setting_groups", None)
+        return groups() if callable(groups) else {}
+    except (ValueError, ImportError, AttributeError):
+        return {}
+
+
 def _suggest(key: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -362,10 +372,19 @@ def config_hint(message: str, options: Sequence[str] = ()) -> str | None:
     if m:
         cls, key = m.groups()
         params = _init_parameters(cls)
+        grouped = _grouped_settings(cls)
+        if key in grouped:  # a 0.2 flat setting: say where it lives now
+            group, _, leaf = grouped[key].partition(".")
+            return (
+                f"'{key}' is a setting of {cls} in the flat form of gencnp 0.2; it now lives in the group '{group}': "
+                f"write it as `{group}: {{{leaf}: ...}}` under init_args (on the command line "
+                f"--model.init_args.{grouped[key]}). Fix the key in the YAML or on the command line."
+            )
+        candidates = params + sorted(set(grouped.values()))
         listing = f" Its arguments: {', '.join(params)}." if params else ""
         return (
-            f"'{key}' is not an argument of {cls} (config keys are constructor argument names).{_suggest(key, params)}"
-            f"{listing} Fix the key in the YAML or on the command line."
+            f"'{key}' is not an argument of {cls} (config keys are constructor argument names)."
+            f"{_suggest(key, candidates)}{listing} Fix the key in the YAML or on the command line."
         )
     m = re.search(r"does not accept option '([\w.]+)'", message) or re.search(
         r"unrecognized arguments: --([\w.]+)", message

@@ -7,30 +7,35 @@ the training step's parts in ``training``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
-from gencnp.io.checkpoint_io import VerifiedLoading, seal, state_hash, verify_state_hash
+from gencnp.io.checkpoint_io import VerifiedLoading
 from gencnp.pathways import losses as LS
 from gencnp.pathways import nulls as NL
 from gencnp.pathways.baselines import tap_counts, topk_per_tap
 from gencnp.pathways.generator import PathwayGenerator
 from gencnp.pathways.metrics import PathwayMetrics
-from gencnp.pathways.selection import W_KEPT, W_SWAP, W_ZERO, selection_score
+from gencnp.pathways.selection import selection_score
 from gencnp.settings import check_settings
+from gencnp.systems import options as OPT
 from gencnp.systems import probes as PR
 from gencnp.systems import training as ST
-from gencnp.systems.classifier import TargetClassifier, _check_data, _check_finite, _record_classes
+from gencnp.systems.checkpoints import FORMAT_VERSION, GeneratorCheckpoints
+from gencnp.systems.classifier import TargetClassifier, _check_data, _check_finite
+from gencnp.systems.options import Controls, GeneratorSettings, Losses, Selection, Sparsity
 from gencnp.targets.hooks import channel_means
 from gencnp.targets.loading import FrozenTarget, build_target
 
 __all__ = ["TargetClassifier", "GenCNP", "FORMAT_VERSION", "DEFAULT_NULL_FAMILIES"]
-FORMAT_VERSION = 1
 # Null families measured in validation and test when ``null_families`` is not set.
 DEFAULT_NULL_FAMILIES = ("gaussian", "shuffle", "smooth")
 
@@ -74,160 +79,131 @@ def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) 
     rank_zero_warn(f"classes {', '.join(names)} have no swap probes; their images are never swap partners ({fix}).")
 
 
-class GenCNP(VerifiedLoading, L.LightningModule):
+class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
     """GEN-CNP: a generator predicting each input's pathway in the frozen target, in one pass.
 
     ``L = kd + lambda_sp(t) sparsity + lambda_swap swap + lambda_zero zero + lambda_null null + lambda_cls cls
-    + lambda_con con (+ lambda_lookup lookup + lambda_nested nested)``. The defaults are the recommended
-    configuration (``configs/fashion_mnist/gencnp.yaml``, chosen on the validation split).
-    (docs/design.md section 5). ``zero`` is gencnp's addition: the all-zero image through a pathway must not give its
-    class (the ``zero_forcing`` control as a loss; 0 disables it).
+    + lambda_con con (+ lambda_lookup lookup + lambda_nested nested)`` (docs/design.md section 5). The defaults of
+    the settings groups are the recommended configuration (``configs/fashion_mnist/gencnp.yaml``, chosen on the
+    validation split). ``zero`` is gencnp's addition: the all-zero image through a pathway must not give its class.
 
     Args:
-        target: the frozen classifier (as ``TargetClassifier.arch``). ``target``, ``num_classes``, ``in_chans``,
-            ``image_size`` and ``target_kwargs`` left unset are read from the spec the target checkpoint records; a
-            value that differs from it is an error naming both.
-        target_checkpoint: its weights (a ``TargetClassifier`` checkpoint or a state dict).
+        target: the frozen classifier's architecture (as ``TargetClassifier.arch``); with ``num_classes``,
+            ``in_chans``, ``image_size`` and ``target_kwargs``, read from the spec that ``target_checkpoint`` records
+            when left unset (a value that differs from it is an error naming both).
+        target_checkpoint: the target's weights (a ``TargetClassifier`` checkpoint or a state dict).
+        taps: tap names or ``'auto'``; shallow_taps: names or count of the shallow branch.
+        target_kwargs: keyword arguments of the target's constructor.
+        ablation: ``'zero'`` (masked channels are 0) or ``'mean'`` (they keep their training-set mean activation).
+        ablation_batches: train batches averaged for the mean activations and the input statistics.
+        class_source: ``'pred'`` (the target's prediction) or ``'label'``.
+        channels_last: the frozen target in ``channels_last`` memory format (results agree to float rounding).
         embed_target: keep the target's weights in this model's checkpoints, so ``GenCNP.load_from_checkpoint(path)``
             works without the target checkpoint (from any folder); the tensor-hash check stays.
+        generator / losses / sparsity / controls / selection: grouped settings (``gencnp.systems.options``), each a
+            dataclass or a mapping of its fields; unset: the recommended defaults.
+        optimizer: a callable taking the generator's parameters (``OptimizerCallable``; default Adam, lr 5e-3).
+        lr_scheduler: a callable taking the optimiser (``LRSchedulerCallable``), stepped every training step;
+            default cosine annealing over the run's steps.
         target_spec: filled in by gencnp (the resolved target, stored in checkpoints); leave it unset.
-        taps: tap names or ``'auto'``; ``shallow_taps``: names or count of the shallow branch.
-        ablation: ``'zero'`` (masked channels are 0) or ``'mean'`` (they keep their training-set mean activation).
-        class_source: ``'pred'`` (the target's prediction) or ``'label'``.
-        swap_probes_per_class: reference images per class (seeded, from the train split, correctly classified)
-            used by the ``swap_forcing`` control; sample i is paired with a probe of another class chosen by a
-            hash of its pixels, so the control does not depend on batching or process count.
-        sparsity_per: ``'tap'`` (every tap's mean score counts the same) or ``'channel'`` (every channel counts the
-            same: the sparsity term is the expected ``kept_mean``).
-        probe_filter: ``'correct'`` (probes are training images the target classifies correctly; the default) or
-            ``'label'`` (the first images of each class, no target forward: for targets too weak to classify two
-            classes, such as the 50-step ImageNet-shape smoke configs).
-        probe_candidates: training images searched for probes (seeded order; the search stops once every class has
-            its probes); ``None``: ``max(200 K, 2000)``.
-        swap_partner: the training ``swap`` partner of sample i: ``'roll'`` (the next sample of the batch) or
-            ``'hard'`` (a sample of the batch whose class is x_i's runner-up class under the target, the class
-            most easily forced; ``losses.partners``).
-        dependence_gate: when set, a sample's sparsity pressure also stops while its pathway gives its class a
-            probability above this value on its swap partner or on the all-zero image (``None``: faithfulness only).
-        w_swap: checkpoints select on ``val/score = agreement - w_swap swap_forcing - w_zero zero_forcing - w_kept
-            kept_mean`` (``w_zero`` and ``w_kept`` likewise).
-        control_fraction: opt-in speed setting (default 1.0: every sample). The ``swap`` and ``zero`` losses (and
-            the dependence gate) use only the first ``ceil(control_fraction * B)`` samples of each training batch,
-            so the masked pass holds ``B + 2 ceil(f B)`` rather than ``3B`` images; samples outside that subset are
-            gated by faithfulness only. Validation and test always run the controls on every sample.
-        channels_last: opt-in speed setting, the frozen target in ``channels_last`` memory format
-            (``FrozenTarget``); results agree to float rounding.
-        null_families: null-input families (``gencnp.pathways.nulls.FAMILIES``) measured in validation and test:
-            ``null_forcing/<family>`` (the paired null input through a pathway gives its class) beside
-            ``null_chance/<family>`` (the unmasked target gives that class on the same inputs). ``[]`` disables.
-        null_train: families drawn in training for the ``null`` loss (one family per step, in turn; a fresh draw
-            every step). Families evaluated but never trained on measure whether the control generalises.
-        lambda_null: weight of the ``null`` loss, ``-log(1 - p^{m_i}(n_i)_{y_i})`` for the null input ``n_i``
-            paired with ``x_i`` (the ``zero`` loss generalised to families of uninformative inputs).
-        lambda_lookup: the ``lookup`` loss (``lookup_margin``: its margin) asks each pathway to beat the class lookup at
-            the same per-tap counts: ``relu(KL(p || p^m) - KL(p || p^lookup) + margin)`` per sample, where the lookup
-            keeps, per tap, the sample's own number of channels ranked by the class's running selection frequency
-            (``class_freq``, an EMA of the hard pathways of each predicted class, momentum ``freq_momentum``). The same
-            lookup is measured in validation and test (``lookup_agreement``, ``lookup_gain`` = agreement minus lookup
-            agreement).
-        lambda_nested: the ``nested`` loss (``nested_min``: see ``rho``) trains the score *ranking* below the operating
-            point: each step, every sample keeps only its top ``rho`` share of its own kept channels per tap (by
-            generator score, ``rho ~ U(nested_min, 1)``), and ``kd`` is applied to that thinner pathway. Its gradient
-            reaches the scores of the channels kept, so the most useful channels of each input rank first.
-        class_prior: weight ``alpha`` of a class prior on the score logits: ``alpha * (f_c - mean_j f_c)`` with ``f_c``
-            the running selection frequencies ``class_freq`` of the predicted class. The generator then starts
-            from its class's ranking and learns per-input corrections; 0 disables it.
-        gate_top_margin: when set, the sparsity gate also requires the masked output to keep the sample's class on
-            top by this many nats (``losses.faithful_gate``); ``None``: the ratio ``kappa`` alone.
+        **flat: settings in the flat form of gencnp 0.2 (``lambda_sp=...``, ``lr=...``): moved into their groups
+            with a ``FutureWarning``, so checkpoints written by 0.2 load.
     """
 
     def __init__(
         self,
         target: str | dict | None = None,
-        target_checkpoint: str | None = "runs/fashion_mnist/target/best.ckpt",
+        target_checkpoint: str | None = None,
         num_classes: int | None = None,
         in_chans: int | None = None,
         image_size: int | None = None,
         taps: str | list[str] = "auto",
         shallow_taps: int | list[str] | None = None,
-        d: int = 64,
-        groups: int = 8,
-        init_score: float = 0.9,
-        binarizer: str = "daq",
+        target_kwargs: dict | None = None,
         ablation: str = "mean",
         ablation_batches: int = 20,
         class_source: str = "pred",
-        lambda_sp: float = 14.0,
-        lambda_swap: float = 6.0,
-        lambda_zero: float = 1.0,
-        lambda_cls: float = 1.0,
-        lambda_con: float = 0.1,
-        temperature: float = 1.0,
-        kappa: float = 0.7,
-        sparsity_ramp_epochs: float = 0.25,
-        tap_weights: list[float] | None = None,
-        sparsity_per: str = "channel",
-        dependence_gate: float | None = 0.15,
-        proto_momentum: float = 0.9,
-        swap_probes_per_class: int = 4,
-        swap_partner: str = "roll",
-        probe_filter: str = "correct",
-        probe_candidates: int | None = None,
-        lr: float = 5e-3,
-        weight_decay: float = 0.0,
-        schedule: str = "cosine",
-        w_swap: float = W_SWAP,
-        w_zero: float = W_ZERO,
-        w_kept: float = W_KEPT,
-        target_kwargs: dict | None = None,
-        control_fraction: float = 1.0,
         channels_last: bool = False,
-        null_families: list[str] | None = None,
-        null_train: Sequence[str] | None = ("uniform", "smooth", "constant"),
-        lambda_null: float = 2.0,
-        lambda_lookup: float = 0.0,
-        lookup_margin: float = 0.0,
-        freq_momentum: float = 0.98,
-        lambda_nested: float = 0.0,
-        nested_min: float = 0.5,
-        gate_top_margin: float | None = None,
-        class_prior: float = 4.0,
         embed_target: bool = True,
+        generator: GeneratorSettings | None = None,
+        losses: Losses | None = None,
+        sparsity: Sparsity | None = None,
+        controls: Controls | None = None,
+        selection: Selection | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         target_spec: dict | None = None,
+        **flat: Any,
     ):
         super().__init__()
-        if not 0 < control_fraction <= 1:
-            raise ValueError(
-                f"control_fraction must lie in (0, 1] (1: controls on every sample), got {control_fraction}."
-            )
-        for name, value, allowed in (
-            ("ablation", ablation, ("zero", "mean")),
-            ("class_source", class_source, ("pred", "label")),
-            ("schedule", schedule, ("cosine", "constant")),
-            ("sparsity_per", sparsity_per, ("tap", "channel")),
-            ("swap_partner", swap_partner, ("roll", "hard")),
-            ("probe_filter", probe_filter, ("correct", "label")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got '{value}'.")
-        # Types and ranges of every setting (gencnp.settings.RULES); the target's shape settings may be unset here
-        # (read from the spec the target checkpoint records) and are checked once resolved.
-        spec_keys = ("target", "num_classes", "in_chans", "image_size")
-        check_settings(self, {k: v for k, v in locals().items() if not (k in spec_keys and v is None)})
-        self.null_eval = NL.check_families(
-            DEFAULT_NULL_FAMILIES if null_families is None else null_families, "null_families"
+        given = {"generator": generator, "losses": losses, "sparsity": sparsity}
+        given.update(controls=controls, selection=selection)
+        groups = {name: dataclasses.replace(OPT.coerce(name, value)) for name, value in given.items()}
+        legacy = OPT.migrate_flat(flat, groups)
+        if legacy:
+            check_settings(self, {k: v for k, v in legacy.items() if k in ("lr", "weight_decay")})
+            old_opt, old_sched = OPT.legacy_optimizers(legacy)
+            optimizer, lr_scheduler = optimizer or old_opt, lr_scheduler or old_sched
+        top = {"ablation": ablation, "ablation_batches": ablation_batches, "class_source": class_source}
+        self.settings = SimpleNamespace(**OPT.flat_view(groups), **top)
+        self.null_eval, self.null_train = OPT.check(self, locals(), DEFAULT_NULL_FAMILIES)
+        self.optimizer_factory = OPT.as_callable(optimizer, "optimizer")
+        self.scheduler_factory = OPT.as_callable(lr_scheduler, "lr_scheduler")
+        self.save_hyperparameters(ignore=["flat"])
+        for key in flat:
+            self.hparams.pop(key, None)
+        self.hparams.update({k: dataclasses.asdict(v) for k, v in groups.items()})
+        if legacy:
+            self.hparams.update(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        target, num_classes, in_chans, image_size = self._build_target(
+            target, target_checkpoint, num_classes, in_chans, image_size, target_kwargs, target_spec
         )
-        self.null_train = NL.check_families(null_train, "null_train")
-        if lambda_null > 0 and not self.null_train:
-            raise ValueError(
-                f"lambda_null is {lambda_null} but null_train is empty; list the families to train on "
-                f"(from {list(NL.FAMILIES)}), or set lambda_null: 0."
+        self.target = FrozenTarget(
+            self._model,
+            taps,
+            (in_chans, image_size, image_size),
+            shallow_taps,
+            arch=target,
+            channels_last=channels_last,
+        )
+        if not self._loaded:  # built from the recorded spec; the weights come with the GEN-CNP checkpoint
+            self.target.weights_pending = (
+                f"target_checkpoint '{target_checkpoint}' does not exist and no target weights were loaded from a "
+                "GEN-CNP checkpoint; fix target_checkpoint, or load a checkpoint that embeds them (embed_target)."
             )
-        if not 0 < nested_min <= 1:
-            raise ValueError(f"nested_min must lie in (0, 1] (the smallest share of a pathway kept), got {nested_min}.")
-        if not 0 <= freq_momentum < 1:
-            raise ValueError(f"freq_momentum must lie in [0, 1), got {freq_momentum}.")
-        self.save_hyperparameters()
+        del self._model, self._loaded
+        s = self.settings
+        if s.tap_weights is not None and len(s.tap_weights) != len(self.target.tap_names):
+            raise ValueError(
+                f"sparsity.tap_weights has {len(s.tap_weights)} entries for {len(self.target.tap_names)} taps "
+                f"{self.target.tap_names}."
+            )
+        self.num_classes = num_classes
+        g = groups["generator"]
+        self.generator = PathwayGenerator(
+            self.target.tap_channels,
+            len(self.target.shallow_names),
+            num_classes,
+            g.d,
+            g.groups,
+            g.init_score,
+            g.binarizer,
+        )
+        self._register_state(num_classes, in_chans, image_size, s.swap_probes_per_class)
+        self._build_metrics()
+
+    @classmethod
+    def setting_groups(cls) -> dict[str, str]:
+        """Where each grouped setting lives: ``{'lambda_sp': 'sparsity.lambda_sp', ...}`` (config hints use it)."""
+        return {name: OPT.grouped_key(name) for name in cls.setting_defaults()}
+
+    @classmethod
+    def setting_defaults(cls) -> dict[str, Any]:
+        """Default of every grouped setting by name (error messages suggest them)."""
+        return OPT.flat_view({name: group() for name, group in OPT.GROUPS.items()})
+
+    def _build_target(self, target, target_checkpoint, num_classes, in_chans, image_size, target_kwargs, target_spec):
+        """Build the target model from its spec and weights; records the resolved spec in the hyper-parameters."""
         model, spec, loaded = build_target(
             target,
             target_checkpoint,
@@ -238,37 +214,24 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             target_spec,
             names={"arch": "target", "kwargs": "target_kwargs"},
         )
-        target, num_classes, in_chans, image_size = (
-            spec["arch"],
-            spec["num_classes"],
-            spec["in_chans"],
-            spec["image_size"],
-        )
-        self.hparams.update(
-            target=target,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            image_size=image_size,
-            target_kwargs=spec["kwargs"],
-            target_spec=spec,
-        )
-        check_settings(self, {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size})
-        self.target = FrozenTarget(
-            model, taps, (in_chans, image_size, image_size), shallow_taps, arch=target, channels_last=channels_last
-        )
-        if not loaded:  # built from the recorded spec; the weights come with the GEN-CNP checkpoint (load_state_dict)
-            self.target.weights_pending = (
-                f"target_checkpoint '{target_checkpoint}' does not exist and no target weights were loaded from a "
-                "GEN-CNP checkpoint; fix target_checkpoint, or load a checkpoint that embeds them (embed_target)."
-            )
-        if tap_weights is not None and len(tap_weights) != len(self.target.tap_names):
-            raise ValueError(
-                f"tap_weights has {len(tap_weights)} entries for {len(self.target.tap_names)} taps {self.target.tap_names}."
-            )
-        self.num_classes = num_classes
-        self.generator = PathwayGenerator(
-            self.target.tap_channels, len(self.target.shallow_names), num_classes, d, groups, init_score, binarizer
-        )
+        resolved = (spec["arch"], spec["num_classes"], spec["in_chans"], spec["image_size"])
+        self.hparams.update(dict(zip(("target", "num_classes", "in_chans", "image_size"), resolved)))
+        self.hparams.update(target_kwargs=spec["kwargs"], target_spec=spec)
+        check_settings(self, dict(zip(("num_classes", "in_chans", "image_size"), resolved[1:])))
+        self._model, self._loaded = model, loaded
+        return resolved
+
+    def _build_metrics(self) -> None:
+        """Validation and test metrics: pathway metrics, the class lookup's agreement and ``loss_kd``."""
+        self.val_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
+        self.test_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
+        self.val_lookup, self.test_lookup = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
+        # loss_kd as a sample-weighted float64 mean synced across processes (Lightning's sync_dist averages the
+        # per-process means, which is wrong when the processes hold different numbers of samples).
+        self.val_kd, self.test_kd = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
+
+    def _register_state(self, num_classes: int, in_chans: int, image_size: int, probes_per_class: int) -> None:
+        """Buffers: prototypes, fill values, input statistics, class frequencies and swap probes."""
         dd = self.target.num_channels
         self.register_buffer("prototypes", torch.zeros(num_classes, dd))
         self.register_buffer("proto_seen", torch.zeros(num_classes, dtype=torch.bool))
@@ -281,111 +244,13 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         self.register_buffer("input_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("class_freq", torch.zeros(num_classes, dd))
         self.register_buffer("freq_seen", torch.zeros(num_classes, dtype=torch.bool))
-        # Swap probes as training-set indices (gencnp.systems.probes): the images are re-read from the attached data, so
-        # neither the model nor its checkpoints grow with image size or class count beyond O(K p) integers.
-        p = swap_probes_per_class
+        # Swap probes as training-set indices (gencnp.systems.probes): the images are re-read from the attached data,
+        # so neither the model nor its checkpoints grow with image size or class count beyond O(K p) integers.
+        p = probes_per_class
         self.register_buffer("probe_index", torch.full((num_classes * p,), -1, dtype=torch.long))
         self.register_buffer("probe_class", torch.full((num_classes * p,), -1, dtype=torch.long))
         self._probe_source: PR.ProbeImages | None = None  # plain attributes: never in the state dict
         self._legacy_probes: torch.Tensor | None = None
-        self.val_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
-        self.test_metrics = PathwayMetrics(self.target.tap_names, self.target.tap_channels, self.null_eval)
-        self.val_lookup, self.test_lookup = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
-        # loss_kd as a sample-weighted float64 mean synced across processes (Lightning's sync_dist averages the
-        # per-process means, which is wrong when the processes hold different numbers of samples).
-        self.val_kd, self.test_kd = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
-
-    # ----- checkpoints: the target's weights go in (embed_target) or stay out, its identity always goes in -----
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        if prefix + "probe_index" in state:  # a probe not found in the data (old checkpoint) is not saved
-            index, cls = state[prefix + "probe_index"], state[prefix + "probe_class"]
-            state[prefix + "probe_class"] = torch.where(index >= 0, cls, torch.full_like(cls, -1))
-        if self.hparams.get("embed_target", True):
-            return state
-        for key in [k for k in state if k.startswith(prefix + "target.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        merged = dict(state_dict)
-        embedded = any(k.startswith("target.") for k in merged)
-        if self.target.weights_pending and not embedded:
-            raise FileNotFoundError(self.target.weights_pending)
-        for k, v in self.target.state_dict(prefix="target.").items():
-            merged.setdefault(k, v)
-        # Generators saved before null inputs and the class lookup existed: those buffers start empty.
-        for k in ("input_mean", "input_std", "input_ready", "class_freq", "freq_seen"):
-            merged.setdefault(k, getattr(self, k))
-        self._legacy_probes = PR.migrate_state(merged, self.probe_index)
-        out = super().load_state_dict(merged, strict=strict, assign=assign)
-        self.target.weights_pending, self.target._hash = None, None
-        return out
-
-    def upgrade_state(self, state: dict) -> dict:
-        """A copy of ``state`` in the current layout (a ``probes`` image buffer becomes ``probe_index``), for checks
-        that compare a checkpoint's keys with this model's before loading it (``preflight.check_checkpoint``)."""
-        state = dict(state)
-        PR.migrate_state(state, self.probe_index)
-        return state
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["gencnp"] = {
-            "format_version": FORMAT_VERSION,
-            "target_arch": self.hparams.target,
-            "target_checkpoint": str(self.hparams.target_checkpoint),
-            "target_hash": self.target.tensor_hash(),
-            "taps": self.target.tap_names,
-            "tap_channels": self.target.tap_channels,
-        }
-        _record_classes(self, checkpoint)
-        seal(checkpoint)  # the last hook of any Trainer's save: plain L.Trainer checkpoints are hashed too
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_checkpoint(checkpoint)
-
-    def check_checkpoint(self, checkpoint: dict, source: str = "this checkpoint") -> None:
-        """Raise ``ValueError`` unless ``checkpoint`` is an intact GenCNP checkpoint for this target and taps."""
-        # Weights only: the file's hyper-parameters were checked when it was read (read_checkpoint, VerifiedLoading);
-        # here they may already hold load_from_checkpoint's keyword overrides.
-        verify_state_hash(checkpoint, source, settings=False)
-        meta = checkpoint.get("gencnp")
-        if not isinstance(meta, dict):
-            raise ValueError(
-                f"{source} has no 'gencnp' section: it is not a GenCNP generator checkpoint (a target checkpoint "
-                "goes to target_checkpoint, not --ckpt_path); pass a checkpoint written by fit with a GenCNP config."
-            )
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{source} has generator checkpoint format {meta.get('format_version')!r}, but this gencnp reads "
-                f"format {FORMAT_VERSION} only; retrain the generator, or use the gencnp version that wrote it."
-            )
-        missing = [k for k in ("target_arch", "target_checkpoint", "target_hash", "taps") if k not in meta]
-        if missing:
-            raise ValueError(f"{source} is damaged: its 'gencnp' section lacks {missing}; retrain the generator.")
-        embedded = {
-            k.removeprefix("target.model."): v
-            for k, v in (checkpoint.get("state_dict") or {}).items()
-            if k.startswith("target.model.")
-        }
-        if embedded and state_hash(embedded) != meta["target_hash"]:
-            raise ValueError(
-                f"{source} is damaged: its embedded target weights (hash {state_hash(embedded)[:12]}) are not the "
-                f"target it was trained for (hash {meta['target_hash'][:12]}); retrain the generator."
-            )
-        if not self.target.weights_pending and meta["target_hash"] != self.target.tensor_hash():
-            raise ValueError(
-                f"{source}: generator checkpoint was trained for target '{meta['target_arch']}' from '{meta['target_checkpoint']}' "
-                f"(tensor hash {meta['target_hash'][:12]}), but the configured target ('{self.hparams.target}' from "
-                f"'{self.hparams.target_checkpoint}') has hash {self.target.tensor_hash()[:12]}; point target_checkpoint "
-                "at the original target weights, or train a generator for this target."
-            )
-        if list(meta["taps"]) != self.target.tap_names:
-            raise ValueError(
-                f"{source}: generator checkpoint taps {meta['taps']} differ from the configured taps "
-                f"{self.target.tap_names}; set model taps: {list(meta['taps'])}, or train a generator for these taps."
-            )
 
     # ----- data-dependent state: probes and mean-ablation fill -----
     def check_data(self, datamodule) -> None:
@@ -415,10 +280,10 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     def build_probes(self, dataset) -> None:
         """Pick ``swap_probes_per_class`` train images per class (seeded) that the target classifies correctly; store
         their indices (``gencnp.systems.probes.select_probes``)."""
-        h = self.hparams
-        classify = self.target if h.get("probe_filter", "correct") == "correct" else None
-        k, p = self.num_classes, h.swap_probes_per_class
-        index, cls = PR.select_probes(dataset, classify, k, p, self.device, limit=h.get("probe_candidates"))
+        s = self.settings
+        classify = self.target if s.probe_filter == "correct" else None
+        k, p = self.num_classes, s.swap_probes_per_class
+        index, cls = PR.select_probes(dataset, classify, k, p, self.device, limit=s.probe_candidates)
         self.probe_index.copy_(index)
         self.probe_class.copy_(cls)
         self._legacy_probes = None
@@ -430,7 +295,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
 
         Returns ``(images [B, C, H, W], valid [B])``; ``valid`` is False when no probe of another class exists.
         """
-        k, p = self.num_classes, self.hparams.swap_probes_per_class
+        k, p = self.num_classes, self.settings.swap_probes_per_class
         h = PR.pixel_hash(x)
         avail = self.probe_class >= 0
         slot = (h // (k - 1)) % p
@@ -452,7 +317,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         moments = torch.zeros(2 * c, dtype=torch.float64, device=self.fill.device)
         pixels = 0
         for i, batch in enumerate(loader):
-            if i >= (batches or self.hparams.ablation_batches):
+            if i >= (batches or self.settings.ablation_batches):
                 break
             x = batch[0].to(self.device)
             _, feats = self.target(x, record=True)
@@ -479,7 +344,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         self.input_ready.fill_(True)
 
     def on_fit_start(self) -> None:
-        needs_fill = self.hparams.ablation == "mean" and not bool(self.fill_ready)
+        needs_fill = self.settings.ablation == "mean" and not bool(self.fill_ready)
         if needs_fill or not bool(self.input_ready):
             self.compute_fill(self.trainer.datamodule.train_dataloader())
 
@@ -493,10 +358,10 @@ class GenCNP(VerifiedLoading, L.LightningModule):
 
     def prior(self, y_hat: torch.Tensor) -> torch.Tensor | None:
         """The class prior on the score logits (``class_prior``), or ``None`` when off or not yet learnt."""
-        if self.hparams.get("class_prior", 0.0) == 0 or not bool(self.freq_seen.all()):
+        if self.settings.class_prior == 0 or not bool(self.freq_seen.all()):
             return None
         f = self.class_freq[y_hat]
-        return self.hparams.class_prior * (f - f.mean(dim=1, keepdim=True))
+        return self.settings.class_prior * (f - f.mean(dim=1, keepdim=True))
 
     def class_lookup(self, pathway: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         """The class lookup at ``pathway``'s per-sample, per-tap counts: bool ``[B, D]``, channels ranked by the
@@ -506,7 +371,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
 
     def fills(self) -> list[torch.Tensor] | None:
         """Per-tap fill values for masked channels (``None``: zero ablation)."""
-        if self.hparams.ablation != "mean":
+        if self.settings.ablation != "mean":
             return None
         if not bool(self.fill_ready):
             raise RuntimeError(
@@ -516,7 +381,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
 
     # ----- explanation -----
     def class_of(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if self.hparams.class_source == "label" and labels is not None:
+        if self.settings.class_source == "label" and labels is not None:
             return labels
         return logits.argmax(1)
 
@@ -554,15 +419,15 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         return t
 
     def lambda_sp_now(self) -> float:
-        ramp = self.hparams.sparsity_ramp_epochs * max(1, self._trainer.num_training_batches if self._trainer else 1)
+        ramp = self.settings.sparsity_ramp_epochs * max(1, self._trainer.num_training_batches if self._trainer else 1)
         if ramp <= 0:
-            return self.hparams.lambda_sp
-        return self.hparams.lambda_sp * min(1.0, self.global_step / ramp)
+            return self.settings.lambda_sp
+        return self.settings.lambda_sp * min(1.0, self.global_step / ramp)
 
     def training_step(self, batch, batch_idx):
         x, labels = batch[0], batch[1]
         _check_finite(x, "train", batch_idx)
-        h = self.hparams
+        h = self.settings
         with torch.no_grad():
             logits, feats = self.target(x, record=True)
         y_hat = self.class_of(logits, labels)
@@ -604,11 +469,18 @@ class GenCNP(VerifiedLoading, L.LightningModule):
         self.log("train/lambda_sp", self.lambda_sp_now(), on_step=True, on_epoch=False)
         return result["loss"]
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser of the generator's parameters (``optimizer``, default Adam with lr 5e-3)."""
+        return (self.optimizer_factory or OPT.default_optimizer)(self.generator.parameters())
+
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if self.hparams.schedule == "constant":
-            return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.estimated_stepping_batches))
+        opt = self.make_optimizer()
+        if self.scheduler_factory is not None:
+            sched = self.scheduler_factory(opt)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, self.trainer.estimated_stepping_batches)
+            )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----- evaluation -----
@@ -661,7 +533,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
             lookup.update((lk_logits.argmax(1) == ex["y_hat"]).double(), weight=1.0)
         kd = self.val_kd if stage == "val" else self.test_kd
         kd.update(
-            LS.kd(ex["logits"].double(), ex["masked_logits"].double(), ex["y_hat"], self.hparams.temperature),
+            LS.kd(ex["logits"].double(), ex["masked_logits"].double(), ex["y_hat"], self.settings.temperature),
             weight=x.shape[0],
         )
         self.log(f"{stage}/loss_kd", kd, on_step=False, on_epoch=True, batch_size=x.shape[0])
@@ -669,7 +541,7 @@ class GenCNP(VerifiedLoading, L.LightningModule):
     def _eval_end(self, stage: str, metrics: PathwayMetrics) -> None:
         vals = metrics.compute()
         metrics.reset()
-        h = self.hparams
+        h = self.settings
         vals["score"] = selection_score(
             vals["agreement"],
             vals["swap_forcing"],

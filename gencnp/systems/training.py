@@ -1,6 +1,6 @@
 """GenCNP's training step in named steps: the parts of its one masked pass, and the loss terms read from it.
 
-The functions take the ``GenCNP`` module (``model``) and read its hyper-parameters, target, generator and buffers.
+The functions take the ``GenCNP`` module (``model``) and read its settings (``model.settings``), target, generator and buffers.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
         ``(xs, ms, firsts, nc, valid)``: per part the inputs, masks and first-tap outputs; ``nc`` the samples that
         run the controls (``control_fraction``); ``valid`` whether each of them has a swap partner.
     """
-    h = model.hparams
+    h = model.settings
     m = out["masks"]
     b = x.shape[0]
     nc = b if h.control_fraction >= 1 else max(1, math.ceil(h.control_fraction * b))
@@ -76,7 +76,7 @@ def loss_terms(
 
     Updates the class prototypes while not every class has one yet (before ``con`` reads them).
     """
-    h = model.hparams
+    h = model.settings
     masked_logits = chunks.pop(0)
     terms = {"kd": LS.kd(logits, masked_logits, y_hat, h.temperature)}
     gate = LS.faithful_gate(logits, masked_logits, y_hat, h.kappa, h.gate_top_margin)
