@@ -151,6 +151,11 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
         "summaries_bootstrap",
         "figures",
     }
+    cost = r["cost"]  # the pass budget: every phase that ran the target counted
+    assert set(cost["phases"]) == set(r["seconds_by_phase"])
+    assert cost["phases"]["gencnp"]["parts_per_image"]["gencnp explain"] == 2.0  # recording + masked pass
+    assert cost["passes_per_image_all"] > 10 and cost["passes_per_image_subset"] > cost["passes_per_image_all"]
+    assert "## Cost" in (out / "report.md").read_text()
     prov = r["provenance"]
     for key in (
         "target",

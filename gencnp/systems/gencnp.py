@@ -485,32 +485,46 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
 
     # ----- evaluation -----
     @torch.no_grad()
-    def control_inputs(self, x: torch.Tensor, y_hat: torch.Tensor) -> dict:
+    def control_inputs(self, x: torch.Tensor, y_hat: torch.Tensor, chance: bool = True) -> dict:
         """The inputs every pathway of ``x`` is checked on (``controls``): the swap probes, the null families of
-        ``null_eval`` and the unmasked target's logits on those (chance). They depend on ``x`` and ``y_hat`` only, so
-        callers that check several pathways of one batch compute them once and pass them to ``controls``."""
+        ``null_eval`` and the unmasked target's logits on those (chance; ``chance=False`` leaves them to the caller).
+        They depend on ``x`` and ``y_hat`` only, so callers that check several pathways of one batch compute them
+        once and pass them to ``controls``."""
         partners, valid = self.partner_images(x, y_hat)
         nulls = [self.null_inputs(f, x) for f in self.null_eval]
-        chance = torch.split(self.target(torch.cat(nulls)), x.shape[0]) if nulls else []
-        return {"partners": partners, "valid": valid, "nulls": nulls, "chance": list(chance)}
+        logits = torch.split(self.target(torch.cat(nulls)), x.shape[0]) if nulls and chance else []
+        return {"partners": partners, "valid": valid, "nulls": nulls, "chance": list(logits)}
 
     def controls(self, x: torch.Tensor, ex: dict, necessity: bool = False, inputs: dict | None = None) -> dict:
         """Input-dependence controls for pathways ``ex['pathway']``: probe swap, zero image, the null families of
         ``null_eval`` (with the unmasked target's logits on them: the chance level), (complement).
 
         ``inputs``: ``control_inputs(x, ex['y_hat'])`` when already computed for this batch."""
-        b = x.shape[0]
         if inputs is None:
             inputs = self.control_inputs(x, ex["y_hat"])
-        masks = ex["pathway"].float()
+        xs, ms = self.control_stack(x, ex["pathway"], inputs, necessity)
+        with torch.no_grad():
+            logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills())
+        return self.control_outputs(logits, x.shape[0], inputs, necessity)
+
+    def control_stack(
+        self, x: torch.Tensor, pathway: torch.Tensor, inputs: dict, necessity: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The inputs and masks of the controls' masked passes, in the order ``control_outputs`` reads them: the
+        swap partners, the zero image and the null inputs through ``pathway``, and (``necessity``) ``x`` through
+        its complement."""
+        masks = pathway.float()
         nulls = inputs["nulls"]
         xs, ms = [inputs["partners"], torch.zeros_like(x), *nulls], [masks] * (2 + len(nulls))
         if necessity:
             xs.append(x)
             ms.append(1.0 - masks)
-        with torch.no_grad():
-            logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills())
+        return xs, ms
+
+    def control_outputs(self, logits: torch.Tensor, b: int, inputs: dict, necessity: bool = False) -> dict:
+        """``controls``' dict from the logits of ``control_stack``'s passes (``b`` images each)."""
         chunks = torch.split(logits, b)
+        nulls = inputs["nulls"]
         out = {"swap_logits": chunks[0], "zero_logits": chunks[1], "swap_valid": inputs["valid"]}
         if nulls:
             out["null_logits"] = dict(zip(self.null_eval, chunks[2 : 2 + len(nulls)]))

@@ -293,6 +293,14 @@ def tensor_hash(module: nn.Module) -> str:
     return state_hash(module.state_dict())
 
 
+class _ReachedFirstTap(Exception):
+    """Raised by ``FrozenTarget.first_tap_output``'s hook to stop the forward at the first tap."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("first tap reached")
+        self.output = output
+
+
 class FrozenTarget(nn.Module):
     """A classifier frozen for explanation: eval mode forever, no gradients to its weights, taps resolved.
 
@@ -366,6 +374,33 @@ class FrozenTarget(nn.Module):
                 f"target '{self.arch}' expects images of shape [B, {', '.join(map(str, self.input_shape))}], got "
                 f"{list(x.shape)}; resize the data or set the target's input shape (in_chans/image_size) to match."
             )
+
+    @torch.no_grad()
+    def first_tap_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The first tap's unmasked output for ``x``, running the model only that far (the rest is skipped): what
+        ``forward(..., first_tap=...)`` takes. Only where ``hooks.can_skip_first``."""
+        if not self.hooks.can_skip_first:
+            raise ValueError(
+                f"the first tap '{self.tap_names[0]}' contains another tap; its output cannot stand alone."
+            )
+        if self.weights_pending:
+            raise FileNotFoundError(self.weights_pending)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def stop(module, args, out):
+            raise _ReachedFirstTap(out)
+
+        handle = self.hooks._first.register_forward_hook(stop)
+        self.hooks.start(record=False, masks=None, fill=None, first=None)
+        try:
+            self.model(x)
+        except _ReachedFirstTap as reached:
+            return reached.output
+        finally:
+            self.hooks.clear()
+            handle.remove()
+        raise RuntimeError(f"the first tap '{self.tap_names[0]}' did not run in the model's forward.")
 
     def forward(
         self,

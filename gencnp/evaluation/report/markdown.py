@@ -98,6 +98,8 @@ def _overview(r: dict) -> list[str]:
         ),
     ]
     L += [f"| {k} | {v} |" for k, v in items]
+    if r.get("cost"):
+        L += ["", "## Cost", "", "```", *cost_lines(r["cost"]), "```"]
     L += ["", "## Methods and settings", "", "| method | setting | images | details |", "|---|---|---|---|"]
     for section, title in (("methods", "matched"), ("methods_native", "native")):
         for name, e in r[section].items():
@@ -331,4 +333,19 @@ def screen(r: dict, out: Path) -> str:
     chance = [f"{k.split('/', 1)[1]} {fmt(gen.get(k))}" for k in gen if k.startswith("null_chance/")]
     if chance:
         lines.append(f"null chance (unmasked target gives the class on the same null inputs): {', '.join(chance)}")
+    lines += cost_lines(r.get("cost"))
     return "\n".join(lines)
+
+
+def cost_lines(cost: dict | None) -> list[str]:
+    """The pass budget beside the measured time: one line per phase."""
+    if not cost:
+        return []
+    out = [
+        f"cost: {cost['passes_per_image_all']:.1f} target passes per image on the whole split, "
+        f"{cost['passes_per_image_subset']:.1f} more per subset image ({cost['passes_per_image_mean']:.1f} per image "
+        "on average; backward passes not counted)"
+    ]
+    for name, p in cost["phases"].items():
+        out.append(f"  {name:<28}{p['seconds']:>8.1f} s  {p['passes_per_image']:>7.1f} passes/image ({p['images']})")
+    return out

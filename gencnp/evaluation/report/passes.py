@@ -76,7 +76,8 @@ class Curves:
                 self._point(ev, b, m, k, global_percentile(s, k))
 
     def _point(self, ev: Evaluator, b: Batch, method: str, param: float, pathway: torch.Tensor) -> None:
-        agree = ev.keeps_class(b.x, pathway, b.y_hat).double().sum()
+        with ev.part(f"curves {method}"):
+            agree = ev.keeps_class(b.x, pathway, b.y_hat, b.first(0)).double().sum()
         c = self.sums[method, param]
         c[0] += float(agree)
         c[1] += float(pathway.double().mean(1).sum())
@@ -100,7 +101,7 @@ def gencnp_pass(ev: Evaluator, sp: Split, res: dict[tuple[str, str], Results], b
     gen = res["gencnp", "matched"] = Results("gencnp", "generator pathway (DAQ mask > 0.5)", sp.all_images)
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for pos, x, labels in ev.batches(sp.dataset, batch_size, "GEN-CNP"):
-        with Timer(ev.dev) as tm:
+        with ev.part("gencnp explain"), Timer(ev.dev) as tm:
             ex = ev.model.explain(x, labels)
         b = ev.batch(pos, x, labels, ex["logits"], ex["y_hat"])
         ev.measure(gen, b, ex["pathway"], tm.seconds, masked=ex["masked_logits"])
@@ -160,16 +161,10 @@ def full_pass(
                 c = torch.round(counts.double() * f).long()
                 own = topk_per_tap(gp.scores[pos].to(ev.dev), c, ev.chans)
                 look = topk_per_tap(sp.class_freq[b.y_hat], c, ev.chans)
-                hits[f].append(
-                    torch.stack(
-                        [
-                            ev.keeps_class(x, own, b.y_hat).double().cpu(),
-                            ev.keeps_class(x, look, b.y_hat).double().cpu(),
-                            own.double().mean(1).cpu(),
-                        ],
-                        dim=1,
-                    )
-                )
+                with ev.part("lookup frontier"):
+                    own_keeps = ev.keeps_class(x, own, b.y_hat, b.first(0)).double().cpu()
+                    look_keeps = ev.keeps_class(x, look, b.y_hat, b.first(0)).double().cpu()
+                hits[f].append(torch.stack([own_keeps, look_keeps, own.double().mean(1).cpu()], dim=1))
     return mct_scores, hits
 
 

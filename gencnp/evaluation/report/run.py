@@ -38,7 +38,7 @@ from gencnp.pathways.metrics import null_families_of
 from gencnp.systems.gencnp import GenCNP
 from gencnp.threads import torch_threads
 
-__all__ = ["report", "PRECISIONS"]
+__all__ = ["report", "cost", "PRECISIONS"]
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
@@ -74,7 +74,8 @@ def report(
     progress: bool = True,
     lookup_fractions: list[float] | None = None,
     precision: str = "32-true",
-    channels_last: bool | None = None,
+    channels_last: bool | None = True,
+    forward_chunk: int = 256,
 ) -> dict[str, Any]:
     """Evaluate GEN-CNP, transfer and the baselines on the test split; write report.json, report.md and figures.
 
@@ -116,7 +117,10 @@ def report(
         lookup_fractions: shares of GEN-CNP's per-tap counts at which its score ranking is compared with the class
             lookup (``lookup_frontier``; default ``1.0, 0.8, 0.6, 0.4``).
         precision: ``'32-true'`` or ``'bf16-mixed'`` (the passes that run the target under bfloat16 autocast).
-        channels_last: run the target in ``channels_last`` memory format; ``None`` keeps the generator's setting.
+        channels_last: run the target in ``channels_last`` memory format (the default: faster convolutions on CPU
+            and GPU; logits agree to float rounding); ``None`` keeps the generator's setting.
+        forward_chunk: images per masked target pass (every pathway's controls of a batch run as one stack, in
+            chunks of this size).
 
     Returns:
         The content of ``report.json`` as a dict.
@@ -150,12 +154,46 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
     ev.lap("figures")
     result["seconds_total"] = time.perf_counter() - t_start
     result["seconds_by_phase"] = ev.phases
+    result["cost"] = cost(ev, sp.n_all, len(sp.subset_pos))
+    ev.close()
     result = json_safe(result)
     write_atomic(out / "report.json", json.dumps(result, indent=2, allow_nan=False))
     write_atomic(out / "report.md", markdown(result))
     print(screen(result, out))
     print("\n".join(summary_lines(result["per_class"]["summary"], result["per_class"]["files"])))
     return result
+
+
+SUBSET_PHASES = ("neuron_intgrad_dgr_curves", "same_class_transfer")
+
+
+def cost(ev: Evaluator, n_all: int, n_sub: int) -> dict[str, Any]:
+    """The ``cost`` section: per phase its seconds, the images it ran on and the target passes it made, per image and
+    per part (one image through the target once is one pass; backward passes are not counted)."""
+    phases = {}
+    for name, seconds in ev.phases.items():
+        n = n_sub if name in SUBSET_PHASES else n_all
+        parts = dict(sorted(ev.passes.get(name, {}).items()))
+        total = sum(parts.values())
+        phases[name] = {
+            "seconds": seconds,
+            "images": n,
+            "passes_per_image": total / n if n else 0.0,
+            "parts_per_image": {k: v / n for k, v in parts.items()},
+        }
+    full = sum(p["passes_per_image"] for k, p in phases.items() if k not in SUBSET_PHASES)
+    sub = sum(p["passes_per_image"] for k, p in phases.items() if k in SUBSET_PHASES)
+    return {
+        "unit": (
+            "target passes: one image through the frozen target once, counted whole even where it starts at the "
+            "first tap (masked passes, after one pass to the first tap per control input) or stops there; "
+            "backward passes not counted"
+        ),
+        "passes_per_image_all": full,
+        "passes_per_image_subset": sub,
+        "passes_per_image_mean": full + sub * n_sub / max(n_all, 1),
+        "phases": phases,
+    }
 
 
 def _per_class(out: Path, res: dict[tuple[str, str], Results], class_names: list[str]) -> dict[str, Any]:
@@ -211,6 +249,7 @@ def _check_options(o: SimpleNamespace) -> tuple[list[float], list[float]]:
         ("bootstrap_samples", 10),
         ("intgrad_steps", 2),
         ("samples_per_class", 0),
+        ("forward_chunk", 1),
     ):
         if getattr(o, name) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {getattr(o, name)}.")
@@ -257,7 +296,7 @@ def _load(o: SimpleNamespace, dev: torch.device, t_start: float) -> tuple[Evalua
         )
     # Swap probes are training-split indices: read their images from the data (picked now if none are recorded).
     model.attach_probe_data(data.split("train"), class_names)
-    ev = Evaluator(model, dev, o.seed, o.progress, t_start)
+    ev = Evaluator(model, dev, o.seed, o.progress, t_start, chunk=o.forward_chunk)
     bank = None
     if o.bank is not None:
         bank = PathwayBank.load(o.bank, target=model.target, class_names=class_names)
