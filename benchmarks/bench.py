@@ -202,12 +202,19 @@ def _first_tap(target, feats) -> dict:
 
 
 def floor_step(model, x: torch.Tensor) -> None:
-    """The part of a training step no generator can avoid: features, one masked forward, backward to the masks."""
+    """The part of a training step no generator can avoid: the recording forward, then the step's one masked forward
+    over every part it runs (x for kd, and the swap, zero-image and null-input controls the config switches on,
+    ``gencnp.systems.training.masked_parts``) with all-ones masks, and the backward to those masks."""
+    from gencnp.systems.training import masked_parts
+
     target, fill = model.target, model.fills()
     with torch.no_grad():
-        _, feats = target(x, record=True)
-    ones = [torch.ones(x.shape[0], c, requires_grad=True) for c in target.tap_channels]
-    masked = target(x, masks=ones, fill=fill, **_first_tap(target, feats))
+        logits, feats = target(x, record=True)
+    ones = torch.ones(x.shape[0], target.num_channels, requires_grad=True)
+    out = {"masks": ones, "scores": ones.detach()}
+    xs, ms, firsts, _, _ = masked_parts(model, x, logits, feats, logits.argmax(1), out)
+    first = {"first_tap": torch.cat(firsts)} if _first_tap(target, feats) else {}
+    masked = target(torch.cat(xs), masks=model.generator.split(torch.cat(ms)), fill=fill, **first)
     torch.autograd.grad(masked.sum(), ones)
 
 
@@ -499,7 +506,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     rows = [
         timed("t_fwd", "t_fwd: target forward, no gradients"),
-        timed("t_floor", "t_floor: forward + masked forward + backward to an all-ones mask", "t_fwd"),
+        timed(
+            "t_floor",
+            "t_floor: forward + the step's masked forward (kd and the controls) + backward to all-ones masks",
+            "t_fwd",
+        ),
         timed(
             "explain",
             "GEN-CNP explanation (`GenCNP.explain`: features, generator, DAQ, masked forward)",
@@ -676,7 +687,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     write_report(Path(args.out), rows, info, args, command)
     result = {key: float(value) for key, _, value, *_ in rows}
     result.update({f"{key}_ratio": float(r) for key, _, _, _, _, r, *_ in rows if r is not None})
+    write_json(Path(args.out).with_suffix(".json"), result, info, command)
     return result
+
+
+NAMED_RATIOS = {  # name in the JSON -> (numerator row, denominator row)
+    "explain_over_fwd": ("explain", "t_fwd"),
+    "step_over_floor": ("train_default", "t_floor"),
+    "dgr_over_gencnp": ("dgr", "explain"),
+    "mct_over_gencnp": ("neuron_mct", "explain"),
+    "intgrad_over_gencnp": ("neuron_intgrad", "explain"),
+}
+
+
+def write_json(path: Path, result: dict[str, float], info: dict, command: str) -> None:
+    """``results.json`` beside the markdown: the named ratios scripts read, every row's value, the machine."""
+    import json
+
+    ratios = {name: result[a] / result[b] for name, (a, b) in NAMED_RATIOS.items() if a in result and b in result}
+    ratios["bank_state_4x_over_1x"] = result.get("bank_state_growth", math.nan)
+    doc = {"command": command, "ratios": ratios, "values": result, "machine": {k: str(v) for k, v in info.items()}}
+    path.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
 
 
 if __name__ == "__main__":

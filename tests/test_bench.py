@@ -73,3 +73,37 @@ def test_benchmark_runs_in_a_tiny_configuration(tmp_path):
         "acIOU",
     ):
         assert label in text, label
+    # the JSON beside the markdown keeps the named ratios scripts read
+    import json
+
+    doc = json.loads(out.with_suffix(".json").read_text())
+    for name in ("explain_over_fwd", "step_over_floor", "dgr_over_gencnp", "mct_over_gencnp", "bank_state_4x_over_1x"):
+        assert name in doc["ratios"], name
+    assert doc["ratios"]["step_over_floor"] == result["train_default"] / result["t_floor"]
+    assert doc["ratios"]["bank_state_4x_over_1x"] == 1.0 and doc["values"]["t_fwd"] == result["t_fwd"]
+
+
+def test_floor_runs_the_steps_control_passes():
+    """The floor's masked pass holds every part of the step's (x, swap, zero, null): 4 B images on the default recipe."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from gencnp import GenCNP
+
+    model = GenCNP(
+        target="tiny_cnn",
+        target_checkpoint=None,
+        num_classes=4,
+        image_size=16,
+        ablation="zero",
+        generator={"d": 8, "class_prior": 0.0},
+        controls={"null_train": ["uniform"]},
+    )
+    model.compute_fill([(torch.rand(8, 1, 16, 16), None)])
+    seen = []
+    handle = model.target.model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    bench.floor_step(model, torch.randn(6, 1, 16, 16))
+    handle.remove()
+    assert seen[0] == 6 and seen[-1] == 4 * 6  # the recording pass, then x, swap, zero and null in one pass

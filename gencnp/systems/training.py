@@ -46,8 +46,11 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
     if h.lambda_null > 0:
         family = model.null_train[model.global_step % len(model.null_train)]
         null_x = model.null_inputs(family, x[:nc], salt=model.global_step + 1)
-        with torch.no_grad():
-            null_first = model.target(null_x, record=True)[1][0]
+        with torch.no_grad():  # only as far as the first tap where the masked pass can start there
+            if model.target.hooks.can_skip_first:
+                null_first = model.target.first_tap_output(null_x)
+            else:
+                null_first = model.target(null_x, record=True)[1][0]
         xs.append(null_x)
         ms.append(m[:nc])
         firsts.append(null_first)
