@@ -11,31 +11,7 @@
   (``gencnp.detection``).
 """
 
-from jsonargparse import CLI
-
-from gencnp.banks.bank import inspect_bank
-from gencnp.cli import importable_cwd, stop_on_full_disk
-from gencnp.detection import detect
-from gencnp.evaluation.attributions.evaluate import attribution
-from gencnp.evaluation.diffusion import diffusion
-from gencnp.evaluation.lookup import lookup_frontier
-from gencnp.evaluation.report import report
-from gencnp.pipeline.preflight import ConfigHintArgumentParser
-from gencnp.targets.taps import list_taps
+from gencnp.commands import evaluate
 
 if __name__ == "__main__":
-    importable_cwd()  # targets given by class path resolve from the working directory
-    with stop_on_full_disk("evaluate.py"):  # a full disk: one line, exit 1; earlier files whole (atomic writes)
-        CLI(
-            {
-                "report": report,
-                "inspect": inspect_bank,
-                "diffusion": diffusion,
-                "lookup": lookup_frontier,
-                "taps": list_taps,
-                "attribution": attribution,
-                "detect": detect,
-            },
-            as_positional=False,
-            parser_class=ConfigHintArgumentParser,
-        )  # "did you mean" for config keys that do not exist
+    evaluate()

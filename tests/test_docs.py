@@ -94,16 +94,11 @@ def _pyproject() -> dict:
 
 
 def _evaluate_commands() -> set[str]:
-    """Sub-commands of ``evaluate.py``: the keys of the dict its ``CLI(...)`` call receives."""
-    tree = ast.parse((ROOT / "evaluate.py").read_text())
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and getattr(node.func, "id", None) == "CLI"
-            and isinstance(node.args[0], ast.Dict)
-        ):
-            return {k.value for k in node.args[0].keys}
-    raise AssertionError("evaluate.py no longer calls CLI({...}); update tests/test_docs.py")
+    """Sub-commands of ``evaluate.py`` (``gencnp.commands``, whose functions its ``CLI`` receives)."""
+    from gencnp import commands
+
+    assert set(commands.evaluate_commands()) == set(commands.EVALUATE_COMMANDS)
+    return set(commands.EVALUATE_COMMANDS)
 
 
 def _segments(line: str) -> list[list[str]]:
@@ -120,6 +115,8 @@ def _segments(line: str) -> list[list[str]]:
 
 def entry_point(argv: list[str]) -> tuple[str, str | None] | None:
     """``(entry, sub-command)`` of a gencnp command line, e.g. ``("train.py", "fit")``, or None."""
+    if argv[:1] == ["gencnp"]:
+        return "gencnp", argv[1] if len(argv) > 1 else None
     if argv[:1] != ["python"] or len(argv) < 2:
         return None
     if argv[1] == "-m":
@@ -152,7 +149,13 @@ def check_command(argv: list[str]) -> list[str]:
     if ep is None:
         return [f"'{shlex.join(argv)}' is not a command tests/test_docs.py can check: mark the block <!-- not-run: -->"]
     entry, sub = ep
-    if entry.endswith(".py"):
+    if entry == "gencnp":
+        from gencnp import commands
+
+        known = {*commands.TRAIN_COMMANDS, *commands.EVALUATE_COMMANDS, "pipeline", "sweep", "seal", "shards"}
+        if sub not in known:
+            problems.append(f"gencnp has no command '{sub}' ({sorted(known)})")
+    elif entry.endswith(".py"):
         if not (ROOT / entry).is_file():
             problems.append(f"script {entry} does not exist")
         elif entry == "train.py" and sub not in TRAIN_COMMANDS:
