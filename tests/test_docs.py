@@ -18,7 +18,6 @@ the nav, and the statements that appear on two pages agree.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib
 import io
