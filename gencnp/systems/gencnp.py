@@ -14,7 +14,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
@@ -32,51 +31,13 @@ from gencnp.systems import training as ST
 from gencnp.systems.checkpoints import FORMAT_VERSION, GeneratorCheckpoints
 from gencnp.systems.classifier import TargetClassifier, _check_data, _check_finite
 from gencnp.systems.options import Controls, GeneratorSettings, Losses, Selection, Sparsity
+from gencnp.systems.probes import check_probes, partner_classes
 from gencnp.targets.hooks import channel_means
 from gencnp.targets.loading import FrozenTarget, build_target
 
 __all__ = ["TargetClassifier", "GenCNP", "FORMAT_VERSION", "DEFAULT_NULL_FAMILIES"]
 # Null families measured in validation and test when ``null_families`` is not set.
 DEFAULT_NULL_FAMILIES = ("gaussian", "shuffle", "smooth")
-
-
-def partner_classes(h: torch.Tensor, y_hat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-    """Swap-partner class of each sample: the ``(h mod n)``-th class after ``y_hat`` (cyclically) among the ``n``
-    classes other than ``y_hat`` that have probes. With every class available this is ``y_hat + 1 + h mod (K-1)``.
-    A sample with no other available class gets ``y_hat`` (its partner is then marked invalid).
-
-    Args:
-        h: ``[B]`` non-negative integer hash of each input; y_hat: ``[B]`` classes; available: ``[K]`` bool.
-    """
-    k = available.shape[0]
-    rel = (torch.arange(k, device=h.device)[None, :] - y_hat[:, None]) % k  # [B, K]: 0 for y_hat itself
-    ok = available[None, :] & (rel > 0)
-    n = ok.sum(1)
-    j = h % n.clamp(min=1)
-    # Rank the available classes by their distance after y_hat; pick rank j.
-    order = torch.where(ok, rel, torch.full_like(rel, k)).argsort(1)
-    pick = order.gather(1, j[:, None])[:, 0]
-    return torch.where(n > 0, pick, y_hat)
-
-
-def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) -> None:
-    """Before training: the swap control needs correctly classified probe images of at least two classes; warn
-    about classes without any (their samples' partners come from the other classes)."""
-    have = set(probe_class[probe_class >= 0].tolist())
-    lacking = [c for c in range(num_classes) if c not in have]
-    if not lacking:
-        return
-    names = [f"{c} ({class_names[c]})" if class_names and c < len(class_names) else str(c) for c in lacking]
-    fix = (
-        "the target classifies no sampled training image of these classes correctly: train the target longer "
-        "or check that target_checkpoint, num_classes and the data belong together"
-    )
-    if len(have) < 2:
-        raise ValueError(
-            f"the swap_forcing control needs probe images of at least two classes, but classes {', '.join(names)} have "
-            f"none ({len(have)} class with probes); {fix}. Nothing was trained."
-        )
-    rank_zero_warn(f"classes {', '.join(names)} have no swap probes; their images are never swap partners ({fix}).")
 
 
 class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
@@ -138,12 +99,7 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
         super().__init__()
         given = {"generator": generator, "losses": losses, "sparsity": sparsity}
         given.update(controls=controls, selection=selection)
-        groups = {name: dataclasses.replace(OPT.coerce(name, value)) for name, value in given.items()}
-        legacy = OPT.migrate_flat(flat, groups)
-        if legacy:
-            check_settings(self, {k: v for k, v in legacy.items() if k in ("lr", "weight_decay")})
-            old_opt, old_sched = OPT.legacy_optimizers(legacy)
-            optimizer, lr_scheduler = optimizer or old_opt, lr_scheduler or old_sched
+        groups, legacy, optimizer, lr_scheduler = self._groups(given, flat, optimizer, lr_scheduler)
         top = {"ablation": ablation, "ablation_batches": ablation_batches, "class_source": class_source}
         self.settings = SimpleNamespace(**OPT.flat_view(groups), **top)
         self.null_eval, self.null_train = OPT.check(self, locals(), DEFAULT_NULL_FAMILIES)
@@ -172,6 +128,22 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
                 "GEN-CNP checkpoint; fix target_checkpoint, or load a checkpoint that embeds them (embed_target)."
             )
         del self._model, self._loaded
+        self._build_generator(groups["generator"], num_classes, in_chans, image_size)
+
+    @staticmethod
+    def _groups(given: dict, flat: dict, optimizer, lr_scheduler) -> tuple[dict, dict, Any, Any]:
+        """The settings groups as dataclasses, with 0.2's flat settings moved in (and their optimiser settings
+        turned into ``optimizer``/``lr_scheduler`` specs). Returns ``(groups, legacy, optimizer, lr_scheduler)``."""
+        groups = {name: dataclasses.replace(OPT.coerce(name, value)) for name, value in given.items()}
+        legacy = OPT.migrate_flat(flat, groups)
+        if legacy:
+            check_settings(GenCNP, {k: v for k, v in legacy.items() if k in ("lr", "weight_decay")})
+            old_opt, old_sched = OPT.legacy_optimizers(legacy)
+            optimizer, lr_scheduler = optimizer or old_opt, lr_scheduler or old_sched
+        return groups, legacy, optimizer, lr_scheduler
+
+    def _build_generator(self, g: GeneratorSettings, num_classes: int, in_chans: int, image_size: int) -> None:
+        """The generator on the target's taps, its buffers and the validation/test metrics."""
         s = self.settings
         if s.tap_weights is not None and len(s.tap_weights) != len(self.target.tap_names):
             raise ValueError(
@@ -179,7 +151,6 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
                 f"{self.target.tap_names}."
             )
         self.num_classes = num_classes
-        g = groups["generator"]
         self.generator = PathwayGenerator(
             self.target.tap_channels,
             len(self.target.shallow_names),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "migrate_state",
     "adopt_legacy",
     "probe_images",
+    "check_probes",
+    "partner_classes",
 ]
 
 # Probe sets up to this size are read once and kept in memory (not in the state dict); larger ones are read per batch.
@@ -198,3 +201,42 @@ def probe_images(model, slots: torch.Tensor) -> torch.Tensor:
             "datamodule.split('train')) (Trainer.fit/validate/test/predict with a datamodule do it in setup)."
         )
     return model._probe_source.images(model.probe_index, slots)
+
+
+def partner_classes(h: torch.Tensor, y_hat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Swap-partner class of each sample: the ``(h mod n)``-th class after ``y_hat`` (cyclically) among the ``n``
+    classes other than ``y_hat`` that have probes. With every class available this is ``y_hat + 1 + h mod (K-1)``.
+    A sample with no other available class gets ``y_hat`` (its partner is then marked invalid).
+
+    Args:
+        h: ``[B]`` non-negative integer hash of each input; y_hat: ``[B]`` classes; available: ``[K]`` bool.
+    """
+    k = available.shape[0]
+    rel = (torch.arange(k, device=h.device)[None, :] - y_hat[:, None]) % k  # [B, K]: 0 for y_hat itself
+    ok = available[None, :] & (rel > 0)
+    n = ok.sum(1)
+    j = h % n.clamp(min=1)
+    # Rank the available classes by their distance after y_hat; pick rank j.
+    order = torch.where(ok, rel, torch.full_like(rel, k)).argsort(1)
+    pick = order.gather(1, j[:, None])[:, 0]
+    return torch.where(n > 0, pick, y_hat)
+
+
+def check_probes(probe_class: torch.Tensor, num_classes: int, class_names=None) -> None:
+    """Before training: the swap control needs correctly classified probe images of at least two classes; warn
+    about classes without any (their samples' partners come from the other classes)."""
+    have = set(probe_class[probe_class >= 0].tolist())
+    lacking = [c for c in range(num_classes) if c not in have]
+    if not lacking:
+        return
+    names = [f"{c} ({class_names[c]})" if class_names and c < len(class_names) else str(c) for c in lacking]
+    fix = (
+        "the target classifies no sampled training image of these classes correctly: train the target longer "
+        "or check that target_checkpoint, num_classes and the data belong together"
+    )
+    if len(have) < 2:
+        raise ValueError(
+            f"the swap_forcing control needs probe images of at least two classes, but classes {', '.join(names)} have "
+            f"none ({len(have)} class with probes); {fix}. Nothing was trained."
+        )
+    rank_zero_warn(f"classes {', '.join(names)} have no swap probes; their images are never swap partners ({fix}).")

@@ -223,6 +223,11 @@ def _subset_and_figures(r: dict) -> list[str]:
 
 def _null_section(r: dict) -> list[str]:
     """Markdown: the class-lookup comparison, same-class transfer and null forcing against chance."""
+    return _lookup_section(r) + _null_forcing_section(r)
+
+
+def _lookup_section(r: dict) -> list[str]:
+    """Markdown: GEN-CNP against the class lookup (at and below its counts) and same-class transfer."""
     L: list[str] = []
     gen = r["methods"]["gencnp"]
     look = r["methods"].get("class_lookup")
@@ -279,6 +284,13 @@ def _null_section(r: dict) -> list[str]:
                 f"| {label} | {e['n']} | {fmt(e['agreement'])} | {fmt(e['same_class_transfer'])} | "
                 f"{fmt(e['agreement'] - e['same_class_transfer'])} |"
             )
+    return L
+
+
+def _null_forcing_section(r: dict) -> list[str]:
+    """Markdown: null forcing against chance, per family, for every method."""
+    L: list[str] = []
+    gen = r["methods"]["gencnp"]
     fams = [k.split("/", 1)[1] for k in null_keys(gen)]
     if fams:
         L += [

@@ -95,17 +95,14 @@ def report(
         subset_n: size of the seeded common subset for ``neuron_intgrad``, ``dgr`` and the curves (all images when
             the split is smaller).
         subset_seed: seed of the subset draw.
-        batch_size: images per batch for forward-only methods.
-        grad_batch_size: images per batch for ``neuron_intgrad`` and ``dgr`` (``intgrad_steps`` times as many
-            activations are held at once).
+        batch_size, grad_batch_size: images per batch for forward-only methods, and for ``neuron_intgrad`` and
+            ``dgr`` (``intgrad_steps`` times as many activations are held at once).
         bootstrap_samples: paired bootstrap resamples.
         seed: seed of the random baseline and the bootstrap.
         device: ``'cpu'``, ``'cuda'``, ...
         intgrad_steps: points on each integrated-gradients path (both ends included).
-        dgr_steps: DGR optimisation steps (Wang et al. 2018: 30).
-        dgr_lr: DGR SGD learning rate.
-        dgr_momentum: DGR SGD momentum.
-        dgr_l1: weight of DGR's L1 penalty on the gates.
+        dgr_steps, dgr_lr, dgr_momentum, dgr_l1: DGR's optimisation steps (Wang et al. 2018: 30), SGD learning rate
+            and momentum, and the weight of its L1 penalty on the gates.
         curve_thresholds: thresholds on GEN-CNP's generator scores for the agreement-vs-kept curve
             (default ``0.3, 0.4, 0.5, 0.6, 0.7``).
         curve_kept: global kept fractions of the baselines' curves (default ``0.05, 0.1, 0.2, 0.4, 0.55, 0.7, 0.85``).
