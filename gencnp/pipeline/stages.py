@@ -367,8 +367,10 @@ def _run_stage(argv: list[str], workdir: Path, log: Path | None) -> tuple[int, i
     received: list[int] = []
     out = open(log, "w", encoding="utf-8") if log is not None else None  # noqa: SIM115  (closed below)
     try:
+        # A log gets one line per finished part, not progress bars redrawn in place (tqdm reads TQDM_DISABLE).
+        env = {**os.environ, "TQDM_DISABLE": "1"} if out else None
         proc = subprocess.Popen(
-            [sys.executable, *argv], cwd=workdir, stdout=out, stderr=subprocess.STDOUT if out else None
+            [sys.executable, *argv], cwd=workdir, stdout=out, stderr=subprocess.STDOUT if out else None, env=env
         )
 
         def forward(signum: int, frame: Any) -> None:

@@ -94,15 +94,15 @@ class Evaluator:
 
     def lap(self, name: str) -> None:
         """Record the seconds since the previous lap (or ``t_start``) as phase ``name``; the passes counted since then
-        become that phase's. Prints one line per finished phase when progress bars are off (logs)."""
+        become that phase's. Prints one line per finished phase (in logs, where progress bars are off, the only sign of
+        progress)."""
         now = time.perf_counter()
         self.phases[name] = now - self._t_phase
         self._t_phase = now
         if self._phase in self.passes:
             self.passes[name] = self.passes.pop(self._phase)
         self._phase = f"after {name}"
-        if not self.progress:
-            print(f"report: {name} done in {self.phases[name]:.1f} s", flush=True)
+        print(f"report: {name} done in {self.phases[name]:.1f} s", flush=True)
 
     def close(self) -> None:
         self._hook.remove()
