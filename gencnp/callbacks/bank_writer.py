@@ -215,7 +215,7 @@ class PathwayBankWriter(L.Callback):
                 labels = batch[1].to(device) if len(batch) > 1 else None
                 logits = target(x)
                 y_hat = class_of(logits, labels)
-                inputs = pl_module.control_inputs(x, y_hat)
+                inputs = pl_module.control_inputs(x, y_hat, nulls=False)  # the rule reads swap and zero forcing
                 for j, tau in first.items():
                     p = pathways[j][y_hat]
                     masked = bank.apply(target, x, y_hat, fill=fills, tau=tau)

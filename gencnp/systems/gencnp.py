@@ -456,13 +456,14 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
 
     # ----- evaluation -----
     @torch.no_grad()
-    def control_inputs(self, x: torch.Tensor, y_hat: torch.Tensor, chance: bool = True) -> dict:
+    def control_inputs(self, x: torch.Tensor, y_hat: torch.Tensor, chance: bool = True, nulls: bool = True) -> dict:
         """The inputs every pathway of ``x`` is checked on (``controls``): the swap probes, the null families of
         ``null_eval`` and the unmasked target's logits on those (chance; ``chance=False`` leaves them to the caller).
         They depend on ``x`` and ``y_hat`` only, so callers that check several pathways of one batch compute them
-        once and pass them to ``controls``."""
+        once and pass them to ``controls``. ``nulls=False``: no null inputs (``controls`` then runs swap and zero
+        only, for callers that do not read null forcing)."""
         partners, valid = self.partner_images(x, y_hat)
-        nulls = [self.null_inputs(f, x) for f in self.null_eval]
+        nulls = [self.null_inputs(f, x) for f in self.null_eval] if nulls else []
         logits = torch.split(self.target(torch.cat(nulls)), x.shape[0]) if nulls and chance else []
         return {"partners": partners, "valid": valid, "nulls": nulls, "chance": list(logits)}
 
