@@ -59,3 +59,16 @@ def test_chance_is_computed_once_per_image_and_passes_are_counted(model):
     ev.lap("gencnp")
     assert "gencnp" in ev.passes and ev.passes["gencnp"]["probe masked"] == len(x)
     ev.close()
+
+
+def test_model_controls_from_the_first_tap_equal_the_full_passes(model):
+    m, x, _ = model
+    ex = m.explain(x)
+    inputs = m.control_inputs(x, ex["y_hat"])
+    firsts = m.control_firsts(x, inputs)
+    assert firsts is not None and firsts.shape[0] == (3 + len(inputs["nulls"])) * len(x)
+    for necessity in (False, True):
+        full = m.controls(x, ex, necessity=necessity, inputs=inputs)
+        fast = m.controls(x, ex, necessity=necessity, inputs=inputs, firsts=firsts)
+        for key in ("swap_logits", "zero_logits", *(["necessity_logits"] if necessity else [])):
+            assert torch.allclose(fast[key], full[key], atol=1e-5), key

@@ -467,17 +467,43 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
         logits = torch.split(self.target(torch.cat(nulls)), x.shape[0]) if nulls and chance else []
         return {"partners": partners, "valid": valid, "nulls": nulls, "chance": list(logits)}
 
-    def controls(self, x: torch.Tensor, ex: dict, necessity: bool = False, inputs: dict | None = None) -> dict:
+    def controls(
+        self,
+        x: torch.Tensor,
+        ex: dict,
+        necessity: bool = False,
+        inputs: dict | None = None,
+        firsts: torch.Tensor | None = None,
+    ) -> dict:
         """Input-dependence controls for pathways ``ex['pathway']``: probe swap, zero image, the null families of
         ``null_eval`` (with the unmasked target's logits on them: the chance level), (complement).
 
-        ``inputs``: ``control_inputs(x, ex['y_hat'])`` when already computed for this batch."""
+        ``inputs``: ``control_inputs(x, ex['y_hat'])`` when already computed for this batch; ``firsts``:
+        ``control_firsts(x, inputs)`` (the passes then start at the first tap)."""
         if inputs is None:
             inputs = self.control_inputs(x, ex["y_hat"])
         xs, ms = self.control_stack(x, ex["pathway"], inputs, necessity)
+        first = None
+        if firsts is not None:  # stacked as [x, partners, zero, nulls...]; the control stack is x last
+            b = x.shape[0]
+            first = torch.cat([firsts[b:], firsts[:b]]) if necessity else firsts[b:]
         with torch.no_grad():
-            logits = self.target(torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills())
+            logits = self.target(
+                torch.cat(xs), masks=self.generator.split(torch.cat(ms)), fill=self.fills(), first_tap=first
+            )
         return self.control_outputs(logits, x.shape[0], inputs, necessity)
+
+    @torch.no_grad()
+    def control_firsts(self, x: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+        """The first tap's unmasked output for ``x``, the swap partners, the zero image and the null inputs of
+        ``inputs``, stacked in that order (``controls(..., firsts=...)`` then starts its passes at the first tap);
+        ``None`` where the target cannot start there. The model runs only as far as the first tap."""
+        if not self.target.hooks.can_skip_first:
+            return None
+        zero = self.target.first_tap_output(torch.zeros_like(x[:1]))  # the same for every image
+        parts = [x, inputs["partners"], *inputs["nulls"]]
+        out = [self.target.first_tap_output(p) for p in parts]
+        return torch.cat([out[0], out[1], zero.expand(x.shape[0], *zero.shape[1:]), *out[2:]])
 
     def control_stack(
         self, x: torch.Tensor, pathway: torch.Tensor, inputs: dict, necessity: bool = False

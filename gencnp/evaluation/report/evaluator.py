@@ -130,21 +130,22 @@ class Evaluator:
         return Batch(pos, x, labels, logits, y_hat, inputs, firsts)
 
     def _first_taps(self, x: torch.Tensor, inputs: dict) -> torch.Tensor | None:
-        """The first tap's unmasked output for ``x``, the partners, the zero image and the null inputs (stacked), or
-        ``None`` where masked passes cannot start there or the stack would not fit in ``first_cache_mb``."""
+        """``GenCNP.control_firsts`` (in chunks), or ``None`` where the stack would not fit in ``first_cache_mb``."""
         parts = 3 + len(inputs["nulls"])
         per_image = 4 * int(torch.Size(self.target.tap_shapes[0]).numel())
-        if not self.target.hooks.can_skip_first or per_image * parts * len(x) > self.first_cache_mb * 2**20:
+        if per_image * parts * len(x) > self.first_cache_mb * 2**20:
             return None
-        zero = self._chunks(self.target.first_tap_output, torch.zeros_like(x[:1]))  # the same for every image
-        return torch.cat(
-            [
-                self._chunks(self.target.first_tap_output, x),
-                self._chunks(self.target.first_tap_output, inputs["partners"]),
-                zero.expand(len(x), *zero.shape[1:]),
-                *[self._chunks(self.target.first_tap_output, n) for n in inputs["nulls"]],
-            ]
-        )
+        chunks = []
+        for i in range(0, len(x), self.chunk):
+            sl = slice(i, i + self.chunk)
+            part = {"partners": inputs["partners"][sl], "nulls": [n[sl] for n in inputs["nulls"]]}
+            chunks.append(self.model.control_firsts(x[sl], part))
+        if chunks[0] is None:
+            return None
+        # chunk-major -> part-major ([x, partners, zero, nulls...], each over the whole batch)
+        sizes = [min(self.chunk, len(x) - i) for i in range(0, len(x), self.chunk)]
+        per_part = [torch.split(c, n) for c, n in zip(chunks, sizes)]
+        return torch.cat([torch.cat([p[j] for p in per_part]) for j in range(parts)])
 
     def _chance(self, pos: torch.Tensor, nulls: list, firsts: torch.Tensor | None, b: int) -> list[torch.Tensor]:
         """The unmasked target's logits on the null inputs (the chance level), cached by position in the split."""
