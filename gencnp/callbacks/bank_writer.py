@@ -102,6 +102,9 @@ class PathwayBankWriter(L.Callback):
             raise TypeError(
                 f"PathwayBankWriter needs a GenCNP model (with .target and .controls), got {type(pl_module).__name__}."
             )
+        # The bank reads pathways and classes only: skip the masked forward of each batch unless another callback
+        # (a prediction writer) reads the masked prediction.
+        pl_module.predict_masked = any(type(c).__name__ == "PathwayPredictionWriter" for c in trainer.callbacks)
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "val_dataloader"):
             raise ValueError(
@@ -142,6 +145,9 @@ class PathwayBankWriter(L.Callback):
         self.bank.update(outputs["pathway"], outputs["y_hat"])
 
     # ----- reduction, tau, save -----
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.predict_masked = True  # the model's default again after this export
+
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         bank = self.bank
         bank.counts = _sum_over_ranks(trainer, pl_module, bank.counts).long()
@@ -216,10 +222,16 @@ class PathwayBankWriter(L.Callback):
                 logits = target(x)
                 y_hat = class_of(logits, labels)
                 inputs = pl_module.control_inputs(x, y_hat, nulls=False)  # the rule reads swap and zero forcing
+                # x, partners and the zero image to the first tap, once per batch: every pass below starts there
+                firsts = pl_module.control_firsts(x, inputs) if hasattr(pl_module, "control_firsts") else None
                 for j, tau in first.items():
                     p = pathways[j][y_hat]
-                    masked = bank.apply(target, x, y_hat, fill=fills, tau=tau)
-                    ctrl = pl_module.controls(x, {"pathway": p, "y_hat": y_hat}, inputs=inputs)
+                    if firsts is None:
+                        masked = bank.apply(target, x, y_hat, fill=fills, tau=tau)
+                    else:  # H(x; M_c) from the first tap, as bank.apply computes it from the input
+                        masks = list(torch.split(p.to(x.dtype), target.tap_channels, dim=1))
+                        masked = target(x, masks=masks, fill=fills, first_tap=firsts[: len(x)])
+                    ctrl = pl_module.controls(x, {"pathway": p, "y_hat": y_hat}, inputs=inputs, firsts=firsts)
                     v = per_sample(logits, masked, y_hat, p, labels, **ctrl)
                     sums[j] += torch.tensor(
                         [

@@ -356,8 +356,14 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
             return labels
         return logits.argmax(1)
 
-    def explain(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor | list]:
+    def explain(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, masked: bool = True
+    ) -> dict[str, torch.Tensor | list]:
         """One-pass pathways for ``x [B, C, H, W]``.
+
+        Args:
+            masked: also run the masked forward (``masked_logits``, ``prediction``); ``False`` skips it for callers
+                that need the pathways only (bank export).
 
         Returns:
             ``masks`` (``{tap name: bool [B, C_l]}``, tap order), ``pathway`` (bool ``[B, D]``), ``kept`` (``[B]`` fraction),
@@ -368,7 +374,7 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
             out = self.generator(feats, self.prior(self.class_of(logits, labels)))
             pathway = out["masks"] > 0.5
             masks = self.generator.split(pathway)
-            masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0])
+            masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0]) if masked else None
         return {
             "masks": dict(zip(self.target.tap_names, masks)),
             "pathway": pathway,
@@ -376,7 +382,7 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
             "logits": logits,
             "masked_logits": masked_logits,
             "y_hat": self.class_of(logits, labels),
-            "prediction": masked_logits.argmax(1),
+            "prediction": masked_logits.argmax(1) if masked else None,
             "scores": out["scores"],
         }
 
@@ -589,7 +595,7 @@ class GenCNP(GeneratorCheckpoints, VerifiedLoading, L.LightningModule):
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x = batch[0]
         labels = batch[1] if len(batch) > 1 else None
-        ex = self.explain(x, labels)
+        ex = self.explain(x, labels, masked=getattr(self, "predict_masked", True))
         return {
             "pathway": ex["pathway"],
             "y_hat": ex["y_hat"],
