@@ -79,6 +79,47 @@ def test_pathway_gradient_goes_through_the_masked_forward():
     assert float(dropped.abs().max()) == 0.0
 
 
+class FixedPathways:
+    """A pathway source standing in for GEN-CNP (``explain`` gives the pathway of each class index ``y``)."""
+
+    def __init__(self, by_class: torch.Tensor, y: torch.Tensor):
+        self.by_class, self.y = by_class, y
+
+    def explain(self, x: torch.Tensor) -> dict:
+        return {"pathway": self.by_class[self.y[: len(x)]]}
+
+
+def test_pathway_integrated_gradients_and_grad_cam_go_through_the_masked_forward():
+    """Keeping channel y in every tap: pathway IG equals plain IG (by hand on the toy, x_y * 4 / (H W)); removing
+    channel y at 'route' leaves nothing to integrate (zero map). Pathway Grad-CAM keeping every channel equals
+    Grad-CAM; keeping none of the last tap gives a zero map."""
+    target = _toy()
+    x, y = channel_toy_batch(5, size=8, seed=3)
+    k, taps = 4, len(target.tap_names)
+    keep = torch.eye(k, dtype=torch.bool).repeat(1, taps)
+    am = AttributionModel(target, generator=FixedPathways(keep, y), ig_steps=16)
+    ig = attribute("pathway_integrated_gradients", am, x, y)
+    assert torch.allclose(ig, x[torch.arange(5), y] * 4 / 64, atol=1e-5)
+    cut = keep.clone()
+    cut[:, k : 2 * k] = ~torch.eye(k, dtype=torch.bool)
+    am_cut = AttributionModel(target, generator=FixedPathways(cut, y), ig_steps=16)
+    assert float(attribute("pathway_integrated_gradients", am_cut, x, y).abs().max()) == 0.0
+
+    tiny = _tiny()
+    xt, yt = torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 2])
+    d = tiny.num_channels
+    everything = AttributionModel(tiny, generator=FixedPathways(torch.ones(4, d, dtype=torch.bool), yt))
+    assert torch.allclose(
+        attribute("pathway_grad_cam", everything, xt, yt),
+        attribute("grad_cam", AttributionModel(tiny), xt, yt),
+        atol=1e-5,
+    )
+    no_last = torch.ones(4, d, dtype=torch.bool)
+    no_last[:, d - tiny.tap_channels[-1] :] = False
+    none = AttributionModel(tiny, generator=FixedPathways(no_last, yt))
+    assert float(attribute("pathway_grad_cam", none, xt, yt).abs().max()) == 0.0
+
+
 def test_grad_cam_is_captum_layer_grad_cam_upsampled():
     target = _tiny()
     x = torch.randn(3, 1, 16, 16)

@@ -9,6 +9,8 @@
 | ``pathway_gradient_gencnp`` | gradient of ``H(x; m)`` through GEN-CNP's pathway of ``x`` | signed |
 | ``pathway_gradient_class`` | the same through the bank's class pathway ``M_y`` | signed |
 | ``pathway_gradient_mct`` | the same through NeuronMCT's pathway (Khakzar et al., CVPR 2021) at GEN-CNP's per-tap counts | signed |
+| ``pathway_integrated_gradients`` | Captum ``IntegratedGradients`` of ``H(x; m)``, GEN-CNP's pathway, zero baseline | signed |
+| ``pathway_grad_cam`` | Captum ``LayerGradCam`` at the last tap of ``H(x; m)``, GEN-CNP's pathway | ``>= 0`` |
 
 The pathway gradients are Captum ``Saliency(abs=False)`` of the masked forward ``H(.; m)``
 (``FrozenTarget.forward(x, masks=m, fill=...)``): gencnp supplies only the masked forward, Captum the gradient.
@@ -149,6 +151,58 @@ def _masked_gradient(am: AttributionModel, x: torch.Tensor, y: torch.Tensor, pat
     return _reduce_colour(_saliency(forward, x, y, abs_=False))
 
 
+def _masked_forward(am: AttributionModel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``H(inp; m)`` with the pathway ``m`` (``[B, D]``) as a second argument, so Captum expands it with the inputs
+    (``additional_forward_args``: integrated gradients runs ``n_steps`` copies of every image)."""
+
+    def forward(inp: torch.Tensor, pathway: torch.Tensor) -> torch.Tensor:
+        return am.target(inp, masks=split_pathway(pathway.to(inp.dtype), am.target.tap_channels), fill=am.fill)
+
+    return forward
+
+
+def _masked_integrated_gradients(am: AttributionModel, x: torch.Tensor, y: torch.Tensor, pathway: torch.Tensor):
+    """Captum ``IntegratedGradients`` of the masked forward ``H(.; m)``: the path integral only sees the channels
+    the pathway keeps (removed channels hold their fill along the whole path)."""
+    from captum.attr import IntegratedGradients  # captum only for its methods (a slow import)
+
+    with grad_enabled():
+        a = IntegratedGradients(_masked_forward(am)).attribute(
+            _leaf(x),
+            baselines=0.0,
+            target=y,
+            additional_forward_args=(pathway,),
+            n_steps=am.ig_steps,
+            internal_batch_size=am.ig_internal_batch,
+        )
+    return _reduce_colour(a.detach())
+
+
+def _masked_grad_cam(am: AttributionModel, x: torch.Tensor, y: torch.Tensor, pathway: torch.Tensor):
+    """Captum ``LayerGradCam`` at the last tap of the masked forward ``H(.; m)``: the tap's kept channels only (the
+    mask's hook runs before Captum's, so the layer output Captum reads is the masked one)."""
+    target = am.target
+    last = target.tap_names[-1]
+    if len(target.tap_shapes[-1]) != 3:
+        masks = split_pathway(pathway.to(x.dtype), target.tap_channels)
+        return grad_cam(target, x, masks, y, fill=am.fill)  # token outputs: gencnp's own Grad-CAM through m
+    from captum.attr import LayerAttribution, LayerGradCam  # captum only for its methods (a slow import)
+
+    with grad_enabled():
+        cam = LayerGradCam(_masked_forward(am), target.model.get_submodule(last)).attribute(
+            _leaf(x), target=y, additional_forward_args=(pathway,), relu_attributions=True
+        )
+    return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+
+
+def _pig_gencnp(am: AttributionModel, x, y):
+    return _masked_integrated_gradients(am, x, y, gencnp_pathway(am, x))
+
+
+def _pgc_gencnp(am: AttributionModel, x, y):
+    return _masked_grad_cam(am, x, y, gencnp_pathway(am, x))
+
+
 def gencnp_pathway(am: AttributionModel, x: torch.Tensor) -> torch.Tensor:
     """GEN-CNP's pathway of ``x`` (bool ``[B, D]``), read from the target as it is now (one forward)."""
     return am.generator.explain(plain(x))["pathway"]
@@ -192,6 +246,20 @@ ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {
         ),
         AttributionMethod(
             "pathway_gradient_class", "gradient through the bank's class pathway M_y", True, "class_pathways", _pg_class
+        ),
+        AttributionMethod(
+            "pathway_integrated_gradients",
+            "Captum IntegratedGradients of the masked forward through GEN-CNP's pathway, zero baseline",
+            True,
+            "generator",
+            _pig_gencnp,
+        ),
+        AttributionMethod(
+            "pathway_grad_cam",
+            "Captum LayerGradCam at the last tap of the masked forward through GEN-CNP's pathway",
+            False,
+            "generator",
+            _pgc_gencnp,
         ),
         AttributionMethod(
             "pathway_gradient_mct",
