@@ -465,3 +465,70 @@ def test_prediction_writer_streams_pathways_to_shards(synthetic_runs, tmp_path, 
     assert torch.equal(got["prediction"], ex["prediction"]) and torch.allclose(got["kept"], ex["kept"])
     assert got["meta"]["packed"] is packed and got["meta"]["target_hash"] == model.target.tensor_hash()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----- per-class thresholds -----
+def _class_sums(agree: list[list[int]], kept: list[list[int]], swap: list[list[int]], n: list[int]) -> torch.Tensor:
+    """``[T, K, 8]`` sums as the tau search writes them, from per-tau, per-class agree/kept/swap counts."""
+    t, k = len(agree), len(n)
+    out = torch.zeros(t, k, 8, dtype=torch.float64)
+    for i in range(t):
+        for c in range(k):
+            out[i, c] = torch.tensor([n[c], agree[i][c], 0, 0, swap[i][c], n[c], 0, kept[i][c]], dtype=torch.float64)
+    return out
+
+
+def test_choose_class_taus_lowers_the_class_that_buys_most_agreement_per_channel():
+    from gencnp.pathways.selection import choose_class_taus
+
+    # two classes of 10 images, D = 10; taus ascending: the lowest tau keeps most channels and agrees most.
+    # class 0 gains 5 agreeing images for 1 more channel per image; class 1 gains 5 for 4 channels.
+    agree = [[10, 10], [10, 10], [5, 5]]
+    kept = [[60, 90], [30, 80], [20, 40]]  # kept channels summed over the class's 10 images
+    swap = [[0, 0], [0, 0], [0, 0]]
+    sums = _class_sums(agree, kept, swap, [10, 10])
+    taus, rule, totals = choose_class_taus([0.2, 0.5, 0.8], sums, 10, min_agreement=0.75)
+    assert taus == [0.5, 0.8] and totals["agreement"] == 0.75 and "0.7500 >= 0.75" in rule
+    assert totals["kept"] == (30 + 40) / 200
+    # the goal needs both classes lowered; a kept budget stops the search short and says so
+    taus, rule, totals = choose_class_taus([0.2, 0.5, 0.8], sums, 10, min_agreement=1.0, max_kept=0.36)
+    assert taus == [0.5, 0.8] and totals["agreement"] == 0.75 and "stays below" in rule
+    # a swap budget refuses a step that would force the class on other images
+    swap = [[0, 9], [0, 9], [0, 0]]
+    taus, _, totals = choose_class_taus(
+        [0.2, 0.5, 0.8], _class_sums(agree, kept, swap, [10, 10]), 10, min_agreement=1.0, max_swap=0.2
+    )
+    assert taus[1] == 0.8 and totals["swap_forcing"] == 0.0
+
+
+def test_class_taus_round_trip_and_old_files_without_them_load(tmp_path, target):
+    bank = filled_bank(target)
+    assert bank.class_taus is None
+    old = PathwayBank.load(bank.save(tmp_path / "old.safetensors"), target=target)
+    assert old.class_taus is None and torch.equal(old.class_pathways(), bank.frequencies() >= 0.4)
+    bank.class_taus = [0.2, 0.4, 0.6, 0.8]
+    loaded = PathwayBank.load(bank.save(tmp_path / "new.safetensors"), target=target)
+    assert loaded.class_taus == [0.2, 0.4, 0.6, 0.8]
+    expect = bank.frequencies() >= torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)[:, None]
+    assert torch.equal(loaded.class_pathways(), expect)
+    assert torch.equal(loaded.class_pathways(0.4), bank.frequencies() >= 0.4)  # an explicit tau still wins
+    assert loaded.summary()["two"]["tau"] == 0.6
+    with pytest.raises(ValueError, match="one tau per class"):
+        bank.class_taus = [0.5]
+
+
+def test_bank_writer_chooses_per_class_taus_on_validation(synthetic_runs, tmp_path):
+    out = tmp_path / "bank.safetensors"
+    export_bank(
+        synthetic_runs,
+        out,
+        "--trainer.callbacks.init_args.taus",
+        "[0.2, 0.5, 0.8]",
+        "--trainer.callbacks.init_args.per_class",
+        "true",
+    )
+    bank = PathwayBank.load(out)
+    assert bank.class_taus is not None and set(bank.class_taus) <= {0.2, 0.5, 0.8}
+    choice = bank.info["per_class"]
+    assert choice["class_taus"] == bank.class_taus and "per-class tau" in choice["rule"]
+    assert 0 <= choice["validation"]["kept"] <= 1 and 0 <= choice["validation"]["agreement"] <= 1

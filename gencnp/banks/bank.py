@@ -141,6 +141,7 @@ class PathwayBank:
         self.class_source = class_source
         self.split = str(split)
         self._tau = _check_tau(tau)
+        self._class_taus: list[float] | None = None
         self.counts = torch.zeros(self.num_classes, self.num_channels, dtype=torch.int64)
         self.n = torch.zeros(self.num_classes, dtype=torch.int64)
         self.info: dict[str, Any] = {}
@@ -186,6 +187,19 @@ class PathwayBank:
     @tau.setter
     def tau(self, value: float | None) -> None:
         self._tau = _check_tau(value)
+
+    @property
+    def class_taus(self) -> list[float] | None:
+        """A threshold per class (``M_c = f_c >= tau_c``, chosen on validation), or ``None``: every class at ``tau``."""
+        return self._class_taus
+
+    @class_taus.setter
+    def class_taus(self, value: Sequence[float] | None) -> None:
+        if value is not None:
+            value = [_check_tau(float(v), "class tau") for v in value]
+            if len(value) != self.num_classes:
+                raise ValueError(f"class_taus needs one tau per class ({self.num_classes}), got {len(value)}.")
+        self._class_taus = value
 
     def __repr__(self) -> str:
         return (
@@ -257,9 +271,12 @@ class PathwayBank:
                 f"cannot merge banks with tau {self.tau} and {other.tau}; set one bank's tau to the other's "
                 "(or both to None and choose tau again on validation)."
             )
+        if self.class_taus != other.class_taus and None not in (self.class_taus, other.class_taus):
+            raise ValueError("cannot merge banks with different class_taus; set both to None and choose again.")
         self.counts += other.counts
         self.n += other.n
         self.tau = self.tau if self.tau is not None else other.tau
+        self.class_taus = self.class_taus if self.class_taus is not None else other.class_taus
         if other.split != self.split:
             self.split = "+".join(sorted(set(self.split.split("+")) | set(other.split.split("+"))))
         return self
@@ -275,6 +292,8 @@ class PathwayBank:
         Args:
             tau: threshold in ``(0, 1]``; the stored ``tau`` when ``None``.
         """
+        if tau is None and self.class_taus is not None:
+            return self.frequencies() >= torch.tensor(self.class_taus, dtype=torch.float64)[:, None]
         tau = _check_tau(tau) if tau is not None else self.tau
         if tau is None:
             raise ValueError(
@@ -377,12 +396,15 @@ class PathwayBank:
     def summary(self, tau: float | None = None) -> dict[str, dict[str, Any]]:
         """Per class: ``n``, ``kept`` (fraction of the ``D`` channels in ``M_c``; ``None`` without tau),
         ``per_tap`` (kept fraction per tap) and ``mean_frequency`` (mean of ``f_c``)."""
+        per_class = tau is None and self.class_taus is not None
         tau = tau if tau is not None else self.tau
         freq = self.frequencies()
-        masks = self.class_pathways(tau).double() if tau is not None else None
+        masks = self.class_pathways(None if per_class else tau).double() if (tau is not None or per_class) else None
         out = {}
         for k, name in enumerate(self.class_names):
             row: dict[str, Any] = {"n": int(self.n[k]), "mean_frequency": float(freq[k].mean())}
+            if per_class:
+                row["tau"] = self.class_taus[k]
             if masks is not None:
                 row["kept"] = float(masks[k].mean())
                 row["per_tap"] = {
@@ -404,6 +426,7 @@ class PathwayBank:
             "tap_channels": self.tap_channels,
             "class_names": self.class_names,
             "tau": self.tau,
+            "class_taus": self.class_taus,
             "class_source": self.class_source,
             "split": self.split,
             "total": int(self.n.sum()),
@@ -463,6 +486,10 @@ class PathwayBank:
         if problems:
             raise ValueError(f"{damaged}: " + "; ".join(problems) + f"; {REEXPORT}.")
         bank.counts, bank.n = counts.clone(), n.clone()
+        try:
+            bank.class_taus = meta.get("class_taus")  # absent in files written before per-class taus
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{damaged}: its class_taus are invalid ({err}); {REEXPORT}.") from err
         bank.info = dict(meta.get("info") or {})
         bank.metadata = meta
         if target is not None:

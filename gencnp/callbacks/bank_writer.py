@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from gencnp.banks.bank import DEFAULT_BANK, DEFAULT_TAUS, PathwayBank, choose_tau
 from gencnp.io.files import check_writable, json_safe
 from gencnp.pathways.metrics import per_sample
-from gencnp.pathways.selection import W_KEPT, W_SWAP, W_ZERO
+from gencnp.pathways.selection import W_KEPT, W_SWAP, W_ZERO, choose_class_taus
 from gencnp.settings import check_settings
 from gencnp.targets.loading import FrozenTarget
 
@@ -31,6 +31,29 @@ __all__ = ["PathwayBankWriter"]
 # Per-tau sums over validation samples (NaN-aware: a control not run has its own count). Every sum is a count of
 # integers, exact in float64 whatever the order, so the tau search is identical under any number of processes.
 _SUMS = ("n", "agree", "masked_correct", "n_labelled", "swap_forced", "n_swap", "zero_forced", "kept")
+
+
+def _per_sample_sums(v: dict[str, torch.Tensor], pathway: torch.Tensor) -> torch.Tensor:
+    """``[B, 8]`` float64 per image, columns ``_SUMS``: 1, agree, masked correct, labelled, swap forced, swap run,
+    zero forced, kept channels (NaN, a control not run, counts 0 and is not counted)."""
+
+    def val(t: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(t.double(), nan=0.0)
+
+    def ran(t: torch.Tensor) -> torch.Tensor:
+        return (~torch.isnan(t.double())).double()
+
+    cols = [
+        torch.ones_like(v["agree"], dtype=torch.float64),
+        val(v["agree"]),
+        val(v["masked_correct"]),
+        ran(v["masked_correct"]),
+        val(v["swap_forced"]),
+        ran(v["swap_forced"]),
+        val(v["zero_forced"]),
+        pathway.double().sum(1),
+    ]
+    return torch.stack(cols, dim=1)
 
 
 class PathwayBankWriter(L.Callback):
@@ -53,6 +76,11 @@ class PathwayBankWriter(L.Callback):
             ``None``: no budget.
         val_batches: validation batches used for the search (all when ``None``).
         progress: show a progress bar for the search (rank 0 only).
+        per_class: also choose a threshold per class (``gencnp.pathways.selection.choose_class_taus``: greedy from
+            the sparsest class pathways until validation transfer agreement reaches ``min_agreement``, within
+            ``max_kept`` and ``max_swap``), stored as the bank's ``class_taus``; the global ``tau`` is still chosen
+            and stored.
+        max_swap: swap-forcing budget of the per-class choice (validation); ``None``: none.
     """
 
     def __init__(
@@ -66,6 +94,8 @@ class PathwayBankWriter(L.Callback):
         max_kept: float | None = None,
         val_batches: int | None = None,
         progress: bool = True,
+        per_class: bool = False,
+        max_swap: float | None = None,
     ):
         super().__init__()
         taus = list(DEFAULT_TAUS if taus is None else taus)
@@ -93,6 +123,10 @@ class PathwayBankWriter(L.Callback):
         self.w_swap, self.w_zero, self.w_kept = float(w_swap), float(w_zero), float(w_kept)
         self.val_batches = val_batches
         self.progress = progress
+        if max_swap is not None and not 0.0 <= max_swap <= 1.0:
+            raise ValueError(f"max_swap must lie in [0, 1] or be null, got {max_swap}.")
+        self.per_class, self.max_swap = bool(per_class), max_swap
+        self.class_sums: torch.Tensor | None = None
         self.bank: PathwayBank | None = None
 
     # ----- accumulation -----
@@ -172,6 +206,21 @@ class PathwayBankWriter(L.Callback):
         )
         table["score"] = scores
         bank.tau = tau
+        class_choice = None
+        if self.per_class:
+            taus, class_rule, totals = choose_class_taus(
+                self.taus,
+                self.class_sums,
+                bank.num_channels,
+                self.min_agreement,
+                self.w_swap,
+                self.w_zero,
+                self.max_kept,
+                self.max_swap,
+            )
+            bank.class_taus = taus
+            class_choice = {"rule": class_rule, "class_taus": taus, "validation": totals}
+            rule = f"{rule}; {class_rule} (used for the class pathways)"
         hp = getattr(pl_module, "hparams", {})
         bank.info = {
             "tau_rule": rule,
@@ -183,6 +232,7 @@ class PathwayBankWriter(L.Callback):
             "generator_checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "target_checkpoint": str(hp.get("target_checkpoint")) if hp.get("target_checkpoint") else None,
             "world_size": trainer.world_size,
+            "per_class": class_choice,
         }
         if trainer.is_global_zero:
             bank.save(self.path)
@@ -205,7 +255,7 @@ class PathwayBankWriter(L.Callback):
             group.append(distinct.setdefault(key, len(distinct)))
         first = {g: self.taus[group.index(g)] for g in set(group)}
         pathways = {g: bank.class_pathways(tau).to(device) for g, tau in first.items()}
-        sums = torch.zeros(len(first), len(_SUMS), dtype=torch.float64)
+        sums = torch.zeros(len(first), bank.num_classes, len(_SUMS), dtype=torch.float64)  # per predicted class
         bar = tqdm(
             total=total * len(first),
             desc=f"tau search on validation ({len(self.taus)} taus, {len(first)} distinct)",
@@ -233,24 +283,13 @@ class PathwayBankWriter(L.Callback):
                         masked = target(x, masks=masks, fill=fills, first_tap=firsts[: len(x)])
                     ctrl = pl_module.controls(x, {"pathway": p, "y_hat": y_hat}, inputs=inputs, firsts=firsts)
                     v = per_sample(logits, masked, y_hat, p, labels, **ctrl)
-                    sums[j] += torch.tensor(
-                        [
-                            len(x),
-                            _nansum(v["agree"]),
-                            _nansum(v["masked_correct"]),
-                            _count(v["masked_correct"]),
-                            _nansum(v["swap_forced"]),
-                            _count(v["swap_forced"]),
-                            _nansum(v["zero_forced"]),
-                            float(p.sum()),  # kept channels: an integer, so sums do not depend on sample order
-                        ],
-                        dtype=torch.float64,
-                    )
+                    sums[j].index_add_(0, y_hat.cpu(), _per_sample_sums(v, p).cpu())
                     bar.update(1)
         finally:
             bar.close()
-        sums = _sum_over_ranks(trainer, pl_module, sums)[group]  # back to one row per tau
-        s = dict(zip(_SUMS, sums.T))
+        per_class = _sum_over_ranks(trainer, pl_module, sums)[group]  # back to one row per tau: [T, K, 8]
+        self.class_sums = per_class
+        s = dict(zip(_SUMS, per_class.sum(1).T))
         if float(s["n"][0]) == 0:
             raise ValueError(
                 "the validation split is empty: PathwayBankWriter needs validation images to choose tau; "
@@ -284,7 +323,10 @@ class PathwayBankWriter(L.Callback):
             mark = "  <- chosen" if tau == bank.tau else ""
             vals = [table[k][i] for k in ("agreement", "swap_forcing", "zero_forcing", "kept", "score")]
             lines.append(f"{tau:>6.2f} " + " ".join(f"{v:>7.3f}" for v in vals) + mark)
-        lines += [f"tau = {bank.tau:g}: {rule}", f"bank written to {self.path}"]
+        lines.append(f"tau = {bank.tau:g}: {rule}")
+        if bank.class_taus is not None:
+            lines.append("class taus: " + ", ".join(f"{c} {t:g}" for c, t in zip(bank.class_names, bank.class_taus)))
+        lines.append(f"bank written to {self.path}")
         return "\n".join(lines)
 
 
@@ -293,11 +335,3 @@ def _sum_over_ranks(trainer: L.Trainer, pl_module: L.LightningModule, t: torch.T
     if trainer.world_size <= 1:
         return t
     return trainer.strategy.reduce(t.to(pl_module.device).clone(), reduce_op="sum").cpu()
-
-
-def _nansum(v: torch.Tensor) -> float:
-    return float(torch.nansum(v))
-
-
-def _count(v: torch.Tensor) -> float:
-    return float((~torch.isnan(v)).sum())

@@ -6,9 +6,12 @@ checkpoint monitor) and ``PathwayBankWriter``'s rule for ``tau`` (``choose_tau``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-__all__ = ["W_SWAP", "W_ZERO", "W_KEPT", "selection_score", "check_tau", "choose_tau"]
+import torch
+
+__all__ = ["W_SWAP", "W_ZERO", "W_KEPT", "selection_score", "check_tau", "choose_tau", "choose_class_taus"]
 
 W_SWAP = 1.0  # weight of swap forcing
 W_ZERO = 0.5  # weight of zero forcing
@@ -101,3 +104,89 @@ def choose_tau(
     else:
         rule = f"no tau reached validation transfer agreement >= {min_agreement:g}{budget}; highest {weights} overall"
     return float(taus[best]), rule, scores
+
+
+def choose_class_taus(
+    taus: Sequence[float],
+    sums: torch.Tensor,
+    num_channels: int,
+    min_agreement: float = 0.95,
+    w_swap: float = W_SWAP,
+    w_zero: float = W_ZERO,
+    max_kept: float | None = None,
+    max_swap: float | None = None,
+) -> tuple[list[float], str, dict[str, float]]:
+    """A threshold per class from transfer results measured per class on the validation split (never test).
+
+    Greedy, from the sparsest class pathways (every class at the largest tau): while validation transfer agreement is
+    below ``min_agreement``, lower the tau of the class whose next step buys the most of ``agreement - w_swap
+    swap_forcing - w_zero zero_forcing`` per channel it adds, among the steps that keep the kept fraction within
+    ``max_kept`` and swap forcing within ``max_swap``; stop when the goal is met or no step helps. Classes are
+    weighted by their validation images, so the totals are the whole split's.
+
+    Args:
+        taus: ``[T]`` ascending candidate thresholds.
+        sums: ``[T, K, 8]`` float64 sums per tau and predicted class, columns ``n, agree, masked_correct,
+            n_labelled, swap_forced, n_swap, zero_forced, kept channels`` (``PathwayBankWriter``'s tau search).
+        num_channels: ``D``.
+
+    Returns:
+        ``(class_taus [K], rule, totals)``: the thresholds, a sentence stating the outcome, and the validation
+        ``agreement``, ``kept``, ``swap_forcing`` and ``zero_forcing`` of the chosen class pathways.
+    """
+    t, k = sums.shape[0], sums.shape[1]
+    if t != len(taus) or sums.shape[2] != 8:
+        raise ValueError(f"sums must be [T={len(taus)}, K, 8], got {list(sums.shape)}.")
+    idx = torch.full((k,), t - 1, dtype=torch.long)  # start sparsest
+    cls = torch.arange(k)
+
+    def totals(ix: torch.Tensor) -> dict[str, float]:
+        s = sums[ix, cls].sum(0)  # [8]
+        n = float(s[0])
+        return {
+            "agreement": float(s[1]) / n if n else math.nan,
+            "kept": float(s[7]) / (n * num_channels) if n else math.nan,
+            "swap_forcing": float(s[4]) / float(s[5]) if float(s[5]) else 0.0,
+            "zero_forcing": float(s[6]) / n if n else 0.0,
+        }
+
+    def value(tt: dict[str, float]) -> float:
+        return tt["agreement"] - w_swap * tt["swap_forcing"] - w_zero * tt["zero_forcing"]
+
+    now = totals(idx)
+    while now["agreement"] < min_agreement:
+        best, best_eff = None, 0.0
+        for c in range(k):
+            if idx[c] == 0:
+                continue
+            trial = idx.clone()
+            trial[c] -= 1
+            tt = totals(trial)
+            if max_kept is not None and tt["kept"] > max_kept:
+                continue
+            if max_swap is not None and tt["swap_forcing"] > max_swap:
+                continue
+            gain, cost = value(tt) - value(now), tt["kept"] - now["kept"]
+            if gain <= 0:
+                continue
+            eff = gain / max(cost, 1e-12)
+            if eff > best_eff:
+                best, best_eff = c, eff
+        if best is None:
+            break
+        idx[best] -= 1
+        now = totals(idx)
+    limits = "".join(
+        f" and {name} <= {v:g}" for name, v in (("kept", max_kept), ("swap_forcing", max_swap)) if v is not None
+    )
+    if now["agreement"] >= min_agreement:
+        rule = (
+            f"per-class tau: validation transfer agreement {now['agreement']:.4f} >= {min_agreement:g}{limits} "
+            f"(kept {now['kept']:.4f}), greedy from the sparsest pathways"
+        )
+    else:
+        rule = (
+            f"per-class tau: validation transfer agreement {now['agreement']:.4f} stays below {min_agreement:g}"
+            f"{limits} (kept {now['kept']:.4f}); the best the greedy search found"
+        )
+    return [float(taus[i]) for i in idx.tolist()], rule, now

@@ -129,8 +129,10 @@ def add_results(res: dict[tuple[str, str], Results], sp: Split) -> None:
         res[m, "matched"] = Results(m, "GEN-CNP's per-sample and per-tap kept counts", images)
         res[m, "native"] = Results(m, METHODS[m].native, images)
     if sp.bank is not None:
+        ct = sp.bank.class_taus
+        rule = f"tau = {sp.bank.tau:g}" if ct is None else f"per-class tau_c in [{min(ct):g}, {max(ct):g}], validation"
         res["transfer", "matched"] = Results(
-            "transfer", f"class pathway M_c = f_c >= tau (tau = {sp.bank.tau:g}) of the predicted class", sp.all_images
+            "transfer", f"class pathway M_c = f_c >= tau ({rule}) of the predicted class", sp.all_images
         )
         res["class_lookup", "matched"] = Results(
             "class_lookup",

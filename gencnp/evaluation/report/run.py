@@ -352,7 +352,9 @@ def _result(
         "methods_native": {
             m: block(m, "native" if m != "gencnp" else "matched", on_subset=m in SUB_METHODS) for m in names
         },
-        "transfer": {**block("transfer", "matched", False), "tau": bank.tau} if bank is not None else None,
+        "transfer": {**block("transfer", "matched", False), "tau": bank.tau, "class_taus": bank.class_taus}
+        if bank is not None
+        else None,
         "subset": {
             "n": len(sp.subset_pos),
             "seed": o.subset_seed,
