@@ -532,3 +532,21 @@ def test_bank_writer_chooses_per_class_taus_on_validation(synthetic_runs, tmp_pa
     choice = bank.info["per_class"]
     assert choice["class_taus"] == bank.class_taus and "per-class tau" in choice["rule"]
     assert 0 <= choice["validation"]["kept"] <= 1 and 0 <= choice["validation"]["agreement"] <= 1
+
+
+def test_a_bank_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path, target):
+    """The first byte of a safetensors file is its header length's lowest byte: 0x80 is a pickle's first byte too."""
+    bank = filled_bank(target)
+    for pad in range(256):
+        bank.info = {"note": "x" * pad}
+        data = bank.to_bytes()
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    path = bank.save(tmp_path / "bank.safetensors")
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(PathwayBank.load(path, target=target).counts, bank.counts)
+    pickle_file = tmp_path / "pickle.safetensors"
+    torch.save({"counts": bank.counts}, pickle_file, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="is a torch checkpoint or pickle"):
+        PathwayBank.load(pickle_file)

@@ -56,12 +56,22 @@ def bank_bytes(meta: dict[str, Any], counts: torch.Tensor, n: torch.Tensor) -> b
     return st_save({"counts": counts, "n": n}, metadata={"gencnp": meta_json, "sha256": digest})
 
 
+def _looks_like_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON starting with ``{``.
+    (Its first byte is the length's lowest byte, so it can be 0x80, a pickle's first byte too.)"""
+    if len(data) < 9:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 8 + n <= len(data) and data[8:9] == b"{"
+
+
 def _parse(path: Path, damaged: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the ``__metadata__`` of the safetensors file at ``path``."""
     if not path.is_file():
         raise FileNotFoundError(f"pathway bank '{path}' does not exist; fix the path, or {REEXPORT}.")
     data = path.read_bytes()
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle, never a bank
+    if not _looks_like_safetensors(data) and (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
+        # a zip (torch.save) or a pickle, never a bank
         raise ValueError(
             f"'{path}' is a torch checkpoint or pickle (e.g. a .ckpt), not a pathway bank (one .safetensors file "
             "written by PathwayBankWriter); nothing was read from it. Pass the bank file (e.g. "
