@@ -155,23 +155,7 @@ def choose_class_taus(
 
     now = totals(idx)
     while now["agreement"] < min_agreement:
-        best, best_eff = None, 0.0
-        for c in range(k):
-            if idx[c] == 0:
-                continue
-            trial = idx.clone()
-            trial[c] -= 1
-            tt = totals(trial)
-            if max_kept is not None and tt["kept"] > max_kept:
-                continue
-            if max_swap is not None and tt["swap_forcing"] > max_swap:
-                continue
-            gain, cost = value(tt) - value(now), tt["kept"] - now["kept"]
-            if gain <= 0:
-                continue
-            eff = gain / max(cost, 1e-12)
-            if eff > best_eff:
-                best, best_eff = c, eff
+        best = _best_step(idx, now, totals, value, max_kept, max_swap)
         if best is None:
             break
         idx[best] -= 1
@@ -190,3 +174,20 @@ def choose_class_taus(
             f"{limits} (kept {now['kept']:.4f}); the best the greedy search found"
         )
     return [float(taus[i]) for i in idx.tolist()], rule, now
+
+
+def _best_step(idx, now, totals, value, max_kept, max_swap) -> int | None:
+    """The class whose next lower tau buys the most ``value`` per kept channel within the budgets, or ``None``."""
+    best, best_eff = None, 0.0
+    for c in range(len(idx)):
+        if idx[c] == 0:
+            continue
+        trial = idx.clone()
+        trial[c] -= 1
+        tt = totals(trial)
+        if (max_kept is not None and tt["kept"] > max_kept) or (max_swap is not None and tt["swap_forcing"] > max_swap):
+            continue
+        gain, cost = value(tt) - value(now), tt["kept"] - now["kept"]
+        if gain > 0 and gain / max(cost, 1e-12) > best_eff:
+            best, best_eff = c, gain / max(cost, 1e-12)
+    return best

@@ -287,63 +287,7 @@ class PixelDiffusion:
             n, g = data.shape[:2]
             channels = None
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            k_h, k_w = _pair(m.kernel_size)
-            s_h, s_w = _pair(m.stride)
-            p_h, p_w = _pair(m.padding)
-            d_h, d_w = _pair(m.dilation)
-            out_h, out_w = s.out_shape[-2:]
-            lo_h, hi_h = _spatial_range(win.top, win.top + h - 1, k_h, s_h, p_h, d_h)
-            lo_w, hi_w = _spatial_range(win.left, win.left + w - 1, k_w, s_w, p_w, d_w)
-            sz_h = min(int((hi_h - lo_h).max()) + 1, out_h)
-            sz_w = min(int((hi_w - lo_w).max()) + 1, out_w)
-            top = lo_h.clamp(min=0).clamp(max=out_h - sz_h)
-            left = lo_w.clamp(min=0).clamp(max=out_w - sz_w)
-            if isinstance(m, nn.Conv2d):
-                len_h, len_w = (sz_h - 1) * s_h + d_h * (k_h - 1) + 1, (sz_w - 1) * s_w + d_w * (k_w - 1) + 1
-                if channels is not None:
-                    # Fused restriction + convolution: one [C_out, k*k] x [k*k, positions] product per copy.
-                    gg = channels.shape[1]
-                    sel = data[:, 0].gather(1, channels[:, :, None, None].expand(n, gg, h, w))[:, :, None]
-                    region = _gather_region(sel, top * s_h - p_h - win.top, left * s_w - p_w - win.left, len_h, len_w)
-                    # Patches by strided slices (F.unfold loops over the batch on CPU and is far slower here).
-                    r2 = region.reshape(n * gg, len_h, len_w)
-                    cols = torch.stack(
-                        [
-                            r2[
-                                :,
-                                a * d_h : a * d_h + (sz_h - 1) * s_h + 1 : s_h,
-                                b * d_w : b * d_w + (sz_w - 1) * s_w + 1 : s_w,
-                            ]
-                            for a in range(k_h)
-                            for b in range(k_w)
-                        ],
-                        1,
-                    ).reshape(n * gg, k_h * k_w, sz_h * sz_w)
-                    wt = self._weights[i].permute(1, 0, 2, 3).reshape(m.in_channels, m.out_channels, k_h * k_w)
-                    out = torch.bmm(wt[channels.reshape(-1)], cols).reshape(n, gg, m.out_channels, sz_h, sz_w)
-                else:
-                    region = _gather_region(data, top * s_h - p_h - win.top, left * s_w - p_w - win.left, len_h, len_w)
-                    out = F.conv2d(
-                        region.reshape(n * g, c, len_h, len_w),
-                        self._weights[i],
-                        None,
-                        (s_h, s_w),
-                        0,
-                        (d_h, d_w),
-                        m.groups,
-                    )
-                    out = out.reshape(n, g, -1, sz_h, sz_w)
-                return Window(out, top, left, (out_h, out_w))
-            sw = _gather_state(pattern.masks[i], img, top, left, sz_h, sz_w)  # [N, C, sz_h, sz_w] switches
-            big_w = win.size[1]
-            rh = sw.clamp(min=0) // big_w - win.top[:, None, None, None]
-            rw = sw.clamp(min=0) % big_w - win.left[:, None, None, None]
-            valid = (rh >= 0) & (rh < h) & (rw >= 0) & (rw < w) & (sw >= 0)
-            rel = (
-                (rh.clamp(0, h - 1) * w + rw.clamp(0, w - 1)).reshape(n, 1, c, sz_h * sz_w).expand(n, g, c, sz_h * sz_w)
-            )
-            out = data.reshape(n, g, c, h * w).gather(3, rel).reshape(n, g, c, sz_h, sz_w)
-            return Window(out.mul_(valid[:, None]), top, left, (out_h, out_w))
+            return self._spatial(i, win, data, pattern, img, channels)
         if isinstance(m, nn.BatchNorm2d):
             scale = _bn_scale(m).to(data.dtype)[None, None, :, None, None]
             return Window(data.mul_(scale) if owned else data * scale, win.top, win.left, win.size)
@@ -353,6 +297,70 @@ class PixelDiffusion:
         if isinstance(m, (nn.Dropout, nn.Identity)):
             return win
         raise ValueError(f"step '{s.name}' ({type(m).__name__}) cannot run on a window.")  # pragma: no cover
+
+    def _spatial(
+        self, i: int, win: Window, data: torch.Tensor, pattern: FrozenPattern, img: torch.Tensor, channels
+    ) -> Window:
+        """Step ``i`` when it is a ``Conv2d`` or ``MaxPool2d``: the output window the input window reaches, then the
+        convolution (fused with a one-channel restriction when ``channels`` is set) or the recorded max switches."""
+        s = self.steps[i]
+        m = s.module
+        n, g, c, h, w = data.shape
+        k_h, k_w = _pair(m.kernel_size)
+        s_h, s_w = _pair(m.stride)
+        p_h, p_w = _pair(m.padding)
+        d_h, d_w = _pair(m.dilation)
+        out_h, out_w = s.out_shape[-2:]
+        lo_h, hi_h = _spatial_range(win.top, win.top + h - 1, k_h, s_h, p_h, d_h)
+        lo_w, hi_w = _spatial_range(win.left, win.left + w - 1, k_w, s_w, p_w, d_w)
+        sz_h = min(int((hi_h - lo_h).max()) + 1, out_h)
+        sz_w = min(int((hi_w - lo_w).max()) + 1, out_w)
+        top = lo_h.clamp(min=0).clamp(max=out_h - sz_h)
+        left = lo_w.clamp(min=0).clamp(max=out_w - sz_w)
+        if isinstance(m, nn.Conv2d):
+            len_h, len_w = (sz_h - 1) * s_h + d_h * (k_h - 1) + 1, (sz_w - 1) * s_w + d_w * (k_w - 1) + 1
+            if channels is not None:
+                # Fused restriction + convolution: one [C_out, k*k] x [k*k, positions] product per copy.
+                gg = channels.shape[1]
+                sel = data[:, 0].gather(1, channels[:, :, None, None].expand(n, gg, h, w))[:, :, None]
+                region = _gather_region(sel, top * s_h - p_h - win.top, left * s_w - p_w - win.left, len_h, len_w)
+                # Patches by strided slices (F.unfold loops over the batch on CPU and is far slower here).
+                r2 = region.reshape(n * gg, len_h, len_w)
+                cols = torch.stack(
+                    [
+                        r2[
+                            :,
+                            a * d_h : a * d_h + (sz_h - 1) * s_h + 1 : s_h,
+                            b * d_w : b * d_w + (sz_w - 1) * s_w + 1 : s_w,
+                        ]
+                        for a in range(k_h)
+                        for b in range(k_w)
+                    ],
+                    1,
+                ).reshape(n * gg, k_h * k_w, sz_h * sz_w)
+                wt = self._weights[i].permute(1, 0, 2, 3).reshape(m.in_channels, m.out_channels, k_h * k_w)
+                out = torch.bmm(wt[channels.reshape(-1)], cols).reshape(n, gg, m.out_channels, sz_h, sz_w)
+            else:
+                region = _gather_region(data, top * s_h - p_h - win.top, left * s_w - p_w - win.left, len_h, len_w)
+                out = F.conv2d(
+                    region.reshape(n * g, c, len_h, len_w),
+                    self._weights[i],
+                    None,
+                    (s_h, s_w),
+                    0,
+                    (d_h, d_w),
+                    m.groups,
+                )
+                out = out.reshape(n, g, -1, sz_h, sz_w)
+            return Window(out, top, left, (out_h, out_w))
+        sw = _gather_state(pattern.masks[i], img, top, left, sz_h, sz_w)  # [N, C, sz_h, sz_w] switches
+        big_w = win.size[1]
+        rh = sw.clamp(min=0) // big_w - win.top[:, None, None, None]
+        rw = sw.clamp(min=0) % big_w - win.left[:, None, None, None]
+        valid = (rh >= 0) & (rh < h) & (rw >= 0) & (rw < w) & (sw >= 0)
+        rel = (rh.clamp(0, h - 1) * w + rw.clamp(0, w - 1)).reshape(n, 1, c, sz_h * sz_w).expand(n, g, c, sz_h * sz_w)
+        out = data.reshape(n, g, c, h * w).gather(3, rel).reshape(n, g, c, sz_h, sz_w)
+        return Window(out.mul_(valid[:, None]), top, left, (out_h, out_w))
 
     def _head(self, full: torch.Tensor) -> torch.Tensor:
         """Linear part of the steps after the last tap on full maps ``[N, G, C, H, W]`` -> ``[N, G, K]``."""

@@ -57,6 +57,17 @@ def plot_null(path: Path, r: dict) -> str:
     return str(path)
 
 
+COLORS = {
+    "gencnp": "C0",
+    "random": "C7",
+    "neuron_mct": "C1",
+    "neuron_intgrad": "C2",
+    "dgr": "C3",
+    "transfer": "C4",
+    "class_lookup": "C5",
+}
+
+
 def plot_curves(path: Path, r: dict) -> str:
     """Left: agreement vs kept on the subset (curves and native points). Right: the forcing controls of every entry.
 
@@ -65,18 +76,20 @@ def plot_curves(path: Path, r: dict) -> str:
     """
     from matplotlib.figure import Figure  # matplotlib only when drawing
 
-    colors = {
-        "gencnp": "C0",
-        "random": "C7",
-        "neuron_mct": "C1",
-        "neuron_intgrad": "C2",
-        "dgr": "C3",
-        "transfer": "C4",
-        "class_lookup": "C5",
-    }
+    bars = _control_bars(r)
+    fig = Figure(figsize=(14, max(5.6, 0.42 * len(bars) + 1.6)), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
+    _agreement_panel(ax, r)
+    _controls_panel(ax2, bars, r["provenance"]["split"])
+    save_figure(fig, path, dpi=110)
+    return str(path)
+
+
+def _control_bars(r: dict) -> list[tuple[str, dict, str]]:
+    """``(label, entry, colour)`` of every entry with forcing controls: matched, native, the class pathways."""
     groups = [("matched", r["methods"]), ("native", r["methods_native"])]
     groups += [("class pathway", {"transfer": r["transfer"]})] if r["transfer"] else []
-    bars = []  # (label, entry, color)
+    bars = []
     for setting, entries in groups:
         for m, e in entries.items():
             if e is None or (setting == "native" and m == "gencnp") or e.get("swap_forcing") is None:
@@ -84,9 +97,12 @@ def plot_curves(path: Path, r: dict) -> str:
             name = (
                 "GEN-CNP" if m == "gencnp" else ("transfer (class pathways)" if m == "transfer" else f"{m} ({setting})")
             )
-            bars.append((f"{name}\nkept {e['kept_mean']:.2f}, n={e['n']}", e, colors[m]))
-    fig = Figure(figsize=(14, max(5.6, 0.42 * len(bars) + 1.6)), layout="constrained")
-    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
+            bars.append((f"{name}\nkept {e['kept_mean']:.2f}, n={e['n']}", e, COLORS[m]))
+    return bars
+
+
+def _agreement_panel(ax, r: dict) -> None:
+    """Agreement against kept fraction on the subset: each method's curve, DGR's native point, transfer's point."""
     pts = defaultdict(list)
     for p in r["curves"]["points"]:
         pts[p["method"]].append(p)
@@ -97,43 +113,16 @@ def plot_curves(path: Path, r: dict) -> str:
             label = f"GEN-CNP (score threshold {ts[-1]:g} ... {ts[0]:g}, left to right)"
         else:
             label = f"{m} (global kept percentile)"
-        ax.plot(
-            [q["kept_mean"] for q in ps],
-            [q["agreement"] for q in ps],
-            "o-",
-            color=colors[m],
-            label=label,
-            lw=2.2 if m == "gencnp" else 1.4,
-            zorder=3 if m == "gencnp" else 2,
-            clip_on=False,
-        )
+        main = m == "gencnp"
+        xs, ys = [q["kept_mean"] for q in ps], [q["agreement"] for q in ps]
+        ax.plot(xs, ys, "o-", color=COLORS[m], label=label, lw=2.2 if main else 1.4, zorder=3 if main else 2)
     sub = r["subset"]
     dgr = (sub.get("methods_native") or {}).get("dgr")
-    if dgr:
-        ax.plot(
-            dgr["kept_mean"],
-            dgr["agreement"],
-            "D",
-            color=colors["dgr"],
-            ms=9,
-            mec="k",
-            label="dgr native (gates > 0)",
-            zorder=5,
-            clip_on=False,
-        )
-    if sub.get("transfer"):
-        t = sub["transfer"]
-        ax.plot(
-            t["kept_mean"],
-            t["agreement"],
-            "*",
-            color=colors["transfer"],
-            ms=17,
-            mec="k",
-            label="transfer (class pathways)",
-            zorder=5,
-            clip_on=False,
-        )
+    points = [(dgr, "dgr", "D", 9, "dgr native (gates > 0)"), (sub.get("transfer"), "transfer", "*", 17, None)]
+    for e, m, marker, size, label in points:
+        if e:
+            label = label or "transfer (class pathways)"
+            ax.plot(e["kept_mean"], e["agreement"], marker, color=COLORS[m], ms=size, mec="k", label=label, zorder=5)
     ax.set_xlabel("kept fraction of the D tap channels")
     ax.set_ylabel("agreement (masked argmax = class source)")
     ax.set_title(f"Agreement vs kept ({sub['images']})", fontsize=10)
@@ -141,22 +130,20 @@ def plot_curves(path: Path, r: dict) -> str:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    for line in ax.get_lines():
+        line.set_clip_on(False)
 
+
+def _controls_panel(ax2, bars: list[tuple[str, dict, str]], split: str) -> None:
+    """Swap and zero forcing of every entry as paired horizontal bars."""
     y = np.arange(len(bars))
     h = 0.38
     swap = [b[1]["swap_forcing"] for b in bars]
     zero = [b[1].get("zero_forcing") for b in bars]
     cols = [b[2] for b in bars]
     ax2.barh(y - h / 2, swap, h, color=cols, label="swap forcing (another class's image)")
-    ax2.barh(
-        y + h / 2,
-        [z if z is not None else 0 for z in zero],
-        h,
-        color=cols,
-        alpha=0.45,
-        hatch="//",
-        label="zero forcing (all-zero image)",
-    )
+    zeros = [z if z is not None else 0 for z in zero]
+    ax2.barh(y + h / 2, zeros, h, color=cols, alpha=0.45, hatch="//", label="zero forcing (all-zero image)")
     for yi, s, z in zip(y, swap, zero):
         ax2.text(min(s, 0.9) + 0.01, yi - h / 2, f"{s:.2f}", va="center", fontsize=7)
         if z is not None:
@@ -165,11 +152,9 @@ def plot_curves(path: Path, r: dict) -> str:
     ax2.invert_yaxis()
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("share of images whose pathway still gives its class (lower = more input-dependent)")
-    ax2.set_title(f"Input-dependence controls ({r['provenance']['split']} split; n images per bar)", fontsize=10)
+    ax2.set_title(f"Input-dependence controls ({split} split; n images per bar)", fontsize=10)
     ax2.grid(alpha=0.3, axis="x")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    save_figure(fig, path, dpi=110)
-    return str(path)
 
 
 def plot_kept_hist(path: Path, res: dict, keep_fraction: float) -> str:
@@ -253,8 +238,6 @@ def plot_attribution(
 ) -> str:
     """Per predicted class ``per_class`` images: pathway gradient and Grad-CAM of the unmasked target, through
     GEN-CNP's pathway and through the class pathway (with a bank). Returns ``''`` when no image was picked."""
-    from matplotlib import cm  # matplotlib only when drawing
-    from matplotlib import colors as mcolors
     from matplotlib.figure import Figure
 
     picks = []
@@ -264,20 +247,12 @@ def plot_attribution(
         picks += torch.nonzero(y_hat == c)[:per_class, 0].tolist()
     if not picks:
         return ""
-    target = model.target
     x = torch.stack([dataset[i][0] for i in picks]).to(dev)
     yh = y_hat[picks].to(dev)
     variants = [("unmasked", None), ("GEN-CNP pathway", pathways[picks].to(dev))]
     if class_paths is not None:
         variants.append(("class pathway", class_paths[yh]))
-    grads, cams = [], []
-    for _, p in variants:
-        grads.append(pathway_gradient(target, x, p, yh, fill=fills if p is not None else None).cpu())
-        cams.append(grad_cam(target, x, p, yh, fill=fills if p is not None else None).cpu())
-    g = torch.stack(grads, 1)  # [N, V, H, W]
-    g = g / g.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None, None]
-    cmap_ = torch.stack(cams, 1)
-    cmap_ = cmap_ / cmap_.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+    g, cmap_ = _attribution_maps(model.target, x, yh, [p for _, p in variants], fills)
     nv = len(variants)
     block = 1 + 2 * nv  # input, gradients, Grad-CAMs of one sample
     classes = sorted({int(c) for c in yh.tolist()})
@@ -287,7 +262,38 @@ def plot_attribution(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_frame_on(False)
-    img = x.cpu()
+    _fill_grid(axes, x.cpu(), yh, labels, picks, classes, class_names, g, cmap_, block, nv)
+    short = {"unmasked": "unmasked", "GEN-CNP pathway": "GEN-CNP", "class pathway": "class path"}
+    for s in range(per_class):
+        axes[0, s * block].set_title("input", fontsize=8)
+        for v, (name, _) in enumerate(variants):
+            axes[0, s * block + 1 + v].set_title(f"grad\n{short[name]}", fontsize=8)
+            axes[0, s * block + 1 + nv + v].set_title(f"Grad-CAM\n{short[name]}", fontsize=8)
+    _colour_bars(fig, axes)
+    fig.suptitle(
+        f"Attribution through pathways: {per_class} test image(s) per predicted class (row); unmasked target vs "
+        "GEN-CNP pathway vs class pathway" + (f"\nclasses shown: {note}" if note else ""),
+        fontsize=10,
+    )
+    save_figure(fig, path, dpi=100)
+    return str(path)
+
+
+def _attribution_maps(target, x: torch.Tensor, yh: torch.Tensor, pathways: list, fills) -> tuple:
+    """Pathway gradients and Grad-CAMs ``[N, V, H, W]`` per variant (``None``: the unmasked target), each sample's
+    maps scaled to a shared maximum of 1."""
+    grads, cams = [], []
+    for p in pathways:
+        grads.append(pathway_gradient(target, x, p, yh, fill=fills if p is not None else None).cpu())
+        cams.append(grad_cam(target, x, p, yh, fill=fills if p is not None else None).cpu())
+    g = torch.stack(grads, 1)
+    g = g / g.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None, None]
+    c = torch.stack(cams, 1)
+    return g, c / c.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+
+
+def _fill_grid(axes, img, yh, labels, picks, classes, class_names, g, cmap_, block: int, nv: int) -> None:
+    """Each picked sample's input, gradients and Grad-CAMs in its predicted class's row."""
     slot = dict.fromkeys(classes, 0)
     for i in range(len(picks)):
         row, c0 = classes.index(int(yh[i])), block * slot[int(yh[i])]
@@ -304,12 +310,13 @@ def plot_attribution(
         axes[row, c0].set_xlabel(f"label: {class_names[int(labels[picks[i]])]}", fontsize=7, labelpad=2)
         if c0 == 0:
             axes[row, 0].set_ylabel(f"pred: {class_names[int(yh[i])]}", fontsize=8)
-    short = {"unmasked": "unmasked", "GEN-CNP pathway": "GEN-CNP", "class pathway": "class path"}
-    for s in range(per_class):
-        axes[0, s * block].set_title("input", fontsize=8)
-        for v, (name, _) in enumerate(variants):
-            axes[0, s * block + 1 + v].set_title(f"grad\n{short[name]}", fontsize=8)
-            axes[0, s * block + 1 + nv + v].set_title(f"Grad-CAM\n{short[name]}", fontsize=8)
+
+
+def _colour_bars(fig, axes) -> None:
+    """The two colour bars under the grid."""
+    from matplotlib import cm  # matplotlib only when drawing
+    from matplotlib import colors as mcolors
+
     # The colour bar added last sits nearest the grid: gradients (the left columns) there, Grad-CAM below.
     fig.colorbar(
         cm.ScalarMappable(mcolors.Normalize(0, 1), "inferno"),
@@ -327,10 +334,3 @@ def plot_attribution(
         aspect=40,
         label="pathway gradient dS(y)/dx, signed (each sample's maps share one scale)",
     )
-    fig.suptitle(
-        f"Attribution through pathways: {per_class} test image(s) per predicted class (row); unmasked target vs "
-        "GEN-CNP pathway vs class pathway" + (f"\nclasses shown: {note}" if note else ""),
-        fontsize=10,
-    )
-    save_figure(fig, path, dpi=100)
-    return str(path)

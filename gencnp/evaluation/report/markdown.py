@@ -5,22 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gencnp.pathways.metrics import KEYS
+
 __all__ = ["TABLE_KEYS", "fmt", "markdown", "null_keys", "screen"]
 
-TABLE_KEYS = [
-    "agreement",
-    "masked_accuracy",
-    "mDC",
-    "mIC",
-    "kept_mean",
-    "kept_std",
-    "kept_class_std",
-    "acIOU",
-    "between_class_iou",
-    "necessity",
-    "swap_forcing",
-    "zero_forcing",
-]
+TABLE_KEYS = [k for k in KEYS if k != "target_accuracy"]  # every per-method metric key (section 8)
 
 
 def fmt(v: Any, digits: int = 3) -> str:
