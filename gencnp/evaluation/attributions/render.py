@@ -3,6 +3,7 @@ by image grid, the sanity curves, the deletion and insertion curves)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -184,8 +185,10 @@ def _styles(names):
         "pathway_gradient_gencnp": ("C3", "-", 2.4),
         "pathway_gradient_class": ("C1", "-", 1.6),
         "pathway_gradient_mct": ("C4", "-", 1.6),
+        "pathway_integrated_gradients": ("C5", "-", 1.6),
+        "pathway_grad_cam": ("C6", "-", 1.6),
     }
-    other = iter([("C0", "--"), ("C2", "--"), ("C7", ":"), ("C8", "-."), ("C9", ":")])
+    other = itertools.cycle([("C0", "--"), ("C2", "--"), ("C7", ":"), ("C8", "-."), ("C9", ":")])
     out = {}
     for m in names:
         if m in ours:
