@@ -119,7 +119,7 @@ def choose_class_taus(
     """A threshold per class from transfer results measured per class on the validation split (never test).
 
     Greedy, from the sparsest class pathways (every class at the largest tau): while validation transfer agreement is
-    below ``min_agreement``, lower the tau of the class whose next step buys the most of ``agreement - w_swap
+    below ``min_agreement``, lower the tau of the class whose step (to any lower tau) buys the most of ``agreement - w_swap
     swap_forcing - w_zero zero_forcing`` per channel it adds, among the steps that keep the kept fraction within
     ``max_kept`` and swap forcing within ``max_swap``; stop when the goal is met or no step helps. Classes are
     weighted by their validation images, so the totals are the whole split's.
@@ -158,7 +158,7 @@ def choose_class_taus(
         best = _best_step(idx, now, totals, value, max_kept, max_swap)
         if best is None:
             break
-        idx[best] -= 1
+        idx[best[0]] = best[1]
         now = totals(idx)
     limits = "".join(
         f" and {name} <= {v:g}" for name, v in (("kept", max_kept), ("swap_forcing", max_swap)) if v is not None
@@ -176,18 +176,19 @@ def choose_class_taus(
     return [float(taus[i]) for i in idx.tolist()], rule, now
 
 
-def _best_step(idx, now, totals, value, max_kept, max_swap) -> int | None:
-    """The class whose next lower tau buys the most ``value`` per kept channel within the budgets, or ``None``."""
+def _best_step(idx, now, totals, value, max_kept, max_swap) -> tuple[int, int] | None:
+    """``(class, tau index)``: the lower tau of one class that buys the most ``value`` per kept channel within the
+    budgets (any lower tau, not only the next one, so a plateau of equal pathways does not stop the search)."""
     best, best_eff = None, 0.0
     for c in range(len(idx)):
-        if idx[c] == 0:
-            continue
-        trial = idx.clone()
-        trial[c] -= 1
-        tt = totals(trial)
-        if (max_kept is not None and tt["kept"] > max_kept) or (max_swap is not None and tt["swap_forcing"] > max_swap):
-            continue
-        gain, cost = value(tt) - value(now), tt["kept"] - now["kept"]
-        if gain > 0 and gain / max(cost, 1e-12) > best_eff:
-            best, best_eff = c, gain / max(cost, 1e-12)
+        for j in range(int(idx[c])):
+            trial = idx.clone()
+            trial[c] = j
+            tt = totals(trial)
+            over = (max_kept is not None and tt["kept"] > max_kept) or (
+                max_swap is not None and tt["swap_forcing"] > max_swap
+            )
+            gain, cost = value(tt) - value(now), tt["kept"] - now["kept"]
+            if not over and gain > 0 and gain / max(cost, 1e-12) > best_eff:
+                best, best_eff = (c, j), gain / max(cost, 1e-12)
     return best
