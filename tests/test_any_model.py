@@ -57,7 +57,12 @@ def _gencnp_config(path, target_checkpoint, out, **init_args):
         },
         "model": {
             "class_path": "gencnp.GenCNP",
-            "init_args": {"target_checkpoint": str(target_checkpoint), "d": 8, "swap_probes_per_class": 2, **init_args},
+            "init_args": {
+                "target_checkpoint": str(target_checkpoint),
+                "generator": {"d": 8},
+                "controls": {"swap_probes_per_class": 2},
+                **init_args,
+            },
         },
         "data": {
             "class_path": "gencnp.SyntheticDataModule",

@@ -71,6 +71,9 @@ def bank_args(runs: dict, bank: Path) -> list[str]:
         str(runs["target"]),
         "--trainer.callbacks.init_args.path",
         str(bank),
+        # per-class taus too: a bank file clearly bigger than the run's config.yaml, so a limit fits between them
+        "--trainer.callbacks.init_args.per_class",
+        "true",
         "--trainer.default_root_dir",
         str(bank.parent / "bank_logs"),
     ]

@@ -121,7 +121,7 @@ def test_csv_logger_gets_pictures_and_tables_in_fit_and_validate(tmp_path):
         "val/score",
     ):
         assert key in header, key
-    assert "lambda_sp" in yaml.safe_load((version / "hparams.yaml").read_text())
+    assert "lambda_sp" in yaml.safe_load((version / "hparams.yaml").read_text())["sparsity"]
 
     val = _validate(tmp_path / "val")
     pics = Path(val.trainer.logger.log_dir) / "pathway_images"
@@ -242,7 +242,8 @@ def test_wandb_offline_run_gets_pictures_metrics_and_config_in_fit_and_validate(
     assert len(frequency) == 1 and (run / "files" / frequency[0]).is_file()
     assert history["pathway_per_class/_type"] == ["table-file"]
     # Hyper-parameters (Lightning) and the resolved config (ConfigSaver) are the run's config.
-    assert config["lambda_sp"] == yaml.safe_load(Path(GENCNP).read_text())["model"]["init_args"]["lambda_sp"] == 10.0
+    grouped = yaml.safe_load(Path(GENCNP).read_text())["model"]["init_args"]["sparsity"]["lambda_sp"]
+    assert config["sparsity"]["lambda_sp"] == grouped == 10.0
     resolved = config["config"]
     assert resolved["model"]["class_path"] == "gencnp.GenCNP" and resolved["trainer"]["logger"]["init_args"]["offline"]
     assert yaml.safe_load((run / "files/resolved_config.yaml").read_text()) == resolved

@@ -145,10 +145,11 @@ def _report(o: SimpleNamespace) -> dict[str, Any]:
         res, gp, hits, curves, same_class = _passes(o, ev, sp, curves)
     result = _result(o, ev, sp, gp, res, curves, same_class, hits)
     result["precision"] = o.precision
-    result["per_class"] = _per_class(out, res, sp.class_names)
     ev.lap("summaries_bootstrap")
     result["figures"] = _figures(out, result, ev, sp, gp, res, o.samples_per_class)
     ev.lap("figures")
+    # every table after the figures: a run stopped while drawing replaces none of the previous run's files
+    result["per_class"] = _per_class(out, res, sp.class_names)
     result["seconds_total"] = time.perf_counter() - t_start
     result["seconds_by_phase"] = ev.phases
     result["cost"] = cost(ev, sp.n_all, len(sp.subset_pos))
