@@ -482,7 +482,7 @@ def summary_text(s: dict[str, Any], path: str | Path | None = None) -> str:
         f"key numbers ({s['n']} {s['split']} images{f', from {path}' if path else ''}):",
         f"  target accuracy      {f(s['target_accuracy'])}",
         row("GEN-CNP", s["gencnp"]),
-        row(f"transfer (tau {f(s['transfer']['tau'], 2)})" if s["transfer"] else "transfer", s["transfer"]),
+        row(_transfer_label(s["transfer"], f), s["transfer"]),
     ]
     if s.get("matched"):
         lines.append("  baselines at GEN-CNP's kept counts (agreement / swap forcing):")
@@ -558,3 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _transfer_label(t: dict | None, f) -> str:
+    """``transfer (tau 0.60)``, or ``transfer (per-class tau)`` for a bank with a threshold per class."""
+    if not t:
+        return "transfer"
+    return "transfer (per-class tau)" if t.get("class_taus") else f"transfer (tau {f(t['tau'], 2)})"
