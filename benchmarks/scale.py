@@ -15,9 +15,14 @@ Columns (times are medians over ``--steps`` timed rounds after one warm-up, batc
   step must make (the recording forward, then the masked forward over ``[x, swap, zero, null]`` parts as the config
   asks, and its backward to the masks; parts built by ``gencnp.training.masked_parts``).
 - ``bank / fwd``: bank export per image (``explain`` + ``PathwayBank.update``) in target-forward equivalents.
-- ``report / fwd``: ``evaluate.py report`` per test image in target-forward equivalents, with DGR excluded (the
-  seconds of the setup and figures phases are fixed costs and excluded too); ``DGR / fwd``: DGR's per-image cost
-  (``dgr_steps`` optimisation steps) on its own line.
+- ``report / fwd``: ``evaluate.py report`` (``baselines_on: subset``, the seeded subset ``--subset_share`` of the
+  test images) per test image in target-forward equivalents, with DGR excluded (the seconds of the setup and figures
+  phases are fixed costs and excluded too); ``report whole / fwd``: its whole-split part per test image (GEN-CNP,
+  transfer and the class lookup, each with its controls); ``report subset / fwd``: the subset's part (random,
+  NeuronMCT, integrated gradients, the lookup frontier, the curves, same-class transfer) per subset image;
+  ``report passes``: the report's own pass count per test image without DGR (``cost`` in ``report.json``; a pass
+  that starts or stops at the first tap counts whole); ``DGR / fwd``: DGR's per-image cost (``dgr_steps``
+  optimisation steps) on its own line.
 - ``RSS <stage> GB``: peak resident memory of that stage's process (``target``: target training steps; ``gencnp``:
   GEN-CNP forward, explain and training steps; ``bank``; ``report``).
 
@@ -64,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--in_chans", type=int, default=3)
     p.add_argument("--report_images", type=int, default=64, help="test images of the report stage")
+    p.add_argument(
+        "--subset_share",
+        type=float,
+        default=0.125,
+        help="share of the report's test images in its seeded subset (configs/imagenet_shape: 64 of 512)",
+    )
     p.add_argument("--dgr_steps", type=int, default=30)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
@@ -326,7 +337,8 @@ def stage_report(a, k: int) -> dict:
             bank=str(bank_path),
             data=dm,
             out_dir=str(Path(tmp) / "eval"),
-            subset_n=n,
+            subset_n=max(1, round(n * a.subset_share)),
+            baselines_on="subset",
             batch_size=a.batch,
             grad_batch_size=max(1, a.batch // 2),
             bootstrap_samples=200,
@@ -336,12 +348,17 @@ def stage_report(a, k: int) -> dict:
             limit=n,
             progress=False,
             precision=a.precision,
+            channels_last=a.channels_last,
         )
-    phases = r["seconds_by_phase"]
-    per_image = sum(v for p, v in phases.items() if p not in ("setup", "figures"))
-    dgr = r["methods"]["dgr"]["seconds_per_image"] * r["subset"]["n"]
+    phases, n_sub = r["seconds_by_phase"], r["subset"]["n"]
+    dgr = r["methods"]["dgr"]["seconds_per_image"] * n_sub
+    whole = phases["gencnp"] + phases["whole_split"]
+    sub = phases["subset"] + phases["same_class_transfer"] - dgr
     return {
-        "report_over_fwd": (per_image - dgr) / n / t_fwd,
+        "report_all_over_fwd": whole / n / t_fwd,
+        "report_sub_over_fwd": sub / n_sub / t_fwd,
+        "report_over_fwd": (whole + sub) / n / t_fwd,
+        "report_passes": r["cost"]["passes_per_image_mean_without_dgr"],
         "dgr_over_fwd": r["methods"]["dgr"]["seconds_per_image"] / t_fwd,
     }
 
@@ -359,7 +376,8 @@ def worker(a: argparse.Namespace) -> None:
 # ----- driver -----
 def run_stage(a: argparse.Namespace, arch: str, k: int, stage: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", stage, "--arch", arch, "--k", str(k)]
-    for opt in ("batch", "steps", "image_size", "in_chans", "report_images", "dgr_steps", "device", "precision"):
+    opts = ("batch", "steps", "image_size", "in_chans", "report_images", "subset_share", "dgr_steps", "device")
+    for opt in (*opts, "precision"):
         cmd += [f"--{opt}", str(getattr(a, opt))]
     cmd += ["--channels_last"] if a.channels_last else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -379,7 +397,10 @@ COLUMNS = [
     ("explain_over_fwd", "explain/fwd", "{:.2f}"),
     ("step_over_floor", "step/floor", "{:.2f}"),
     ("bank_over_fwd", "bank/fwd", "{:.2f}"),
+    ("report_all_over_fwd", "report whole/fwd", "{:.1f}"),
+    ("report_sub_over_fwd", "report subset/fwd", "{:.1f}"),
     ("report_over_fwd", "report/fwd", "{:.1f}"),
+    ("report_passes", "report passes", "{:.1f}"),
     ("dgr_over_fwd", "DGR/fwd", "{:.1f}"),
     ("t_fwd", "fwd s/img", "{:.4f}"),
     *[(f"rss_{s}_gb", f"RSS {s} GB", "{:.2f}") for s in STAGES],

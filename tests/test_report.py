@@ -145,8 +145,8 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
     assert set(r["seconds_by_phase"]) == {
         "setup",
         "gencnp",
-        "random_neuron_mct_transfer",
-        "neuron_intgrad_dgr_curves",
+        "whole_split",
+        "subset",
         "same_class_transfer",
         "summaries_bootstrap",
         "figures",
@@ -256,3 +256,35 @@ def test_report_end_to_end_on_the_synthetic_config(sparse_run, capsys):
         *FIGURES,
     ):
         assert text in md, text
+
+
+@pytest.mark.slow
+def test_baselines_on_subset_moves_the_cheap_baselines_off_the_whole_split(sparse_run):
+    """``baselines_on: subset``: random and NeuronMCT (and the lookup frontier) run on the seeded subset only, so the
+    whole split costs GEN-CNP, transfer and the class lookup; GEN-CNP's own numbers do not move."""
+    common = dict(
+        generator=str(sparse_run["generator"]),
+        bank=str(sparse_run["bank"]),
+        data=SyntheticDataModule(num_classes=4, image_size=16, n_train=1200, n_test=400, val_size=200),
+        limit=96,
+        subset_n=24,
+        bootstrap_samples=20,
+        dgr_steps=2,
+        intgrad_steps=2,
+        progress=False,
+    )
+    full = report(out_dir=str(sparse_run["dir"] / "all"), **common)
+    lean = report(out_dir=str(sparse_run["dir"] / "lean"), baselines_on="subset", **common)
+    timed = ("seconds_per_image",)
+    for a, b in [
+        (lean["methods"]["gencnp"], full["methods"]["gencnp"]),
+        (lean["methods"]["class_lookup"], full["methods"]["class_lookup"]),
+        (lean["transfer"], full["transfer"]),
+    ]:
+        assert {k: v for k, v in a.items() if k not in timed} == {k: v for k, v in b.items() if k not in timed}
+    assert lean["methods"]["random"]["n"] == 24 and full["methods"]["random"]["n"] == 96
+    assert lean["lookup_frontier"][0]["n"] == 24 and full["lookup_frontier"][0]["n"] == 96
+    assert lean["cost"]["passes_per_image_all"] < full["cost"]["passes_per_image_all"] - 20
+    assert "neuron_mct scores" in lean["cost"]["phases"]["subset"]["parts_per_image"]
+    with pytest.raises(ValueError, match="baselines_on"):
+        report(out_dir=str(sparse_run["dir"] / "bad"), baselines_on="half", **common)

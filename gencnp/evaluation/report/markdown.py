@@ -269,10 +269,9 @@ def _lookup_section(r: dict) -> list[str]:
             "|---|---|---|---|---|",
         ]
         for label, e in sc.items():
-            L.append(
-                f"| {label} | {e['n']} | {fmt(e['agreement'])} | {fmt(e['same_class_transfer'])} | "
-                f"{fmt(e['agreement'] - e['same_class_transfer'])} |"
-            )
+            own, other = e["agreement"], e["same_class_transfer"]
+            diff = None if own is None or other is None else own - other  # None: no same-class pair in the subset
+            L.append(f"| {label} | {e['n']} | {fmt(own)} | {fmt(other)} | {fmt(diff)} |")
     return L
 
 
@@ -345,7 +344,8 @@ def cost_lines(cost: dict | None) -> list[str]:
     out = [
         f"cost: {cost['passes_per_image_all']:.1f} target passes per image on the whole split, "
         f"{cost['passes_per_image_subset']:.1f} more per subset image ({cost['passes_per_image_mean']:.1f} per image "
-        "on average; backward passes not counted)"
+        f"on average; {cost['dgr_passes_per_subset_image']:.1f} of them DGR's per subset image, "
+        f"{cost['passes_per_image_mean_without_dgr']:.1f} per image on average without DGR; backward passes not counted)"
     ]
     for name, p in cost["phases"].items():
         out.append(f"  {name:<28}{p['seconds']:>8.1f} s  {p['passes_per_image']:>7.1f} passes/image ({p['images']})")

@@ -1,8 +1,10 @@
 """The report's three passes over the split.
 
 1. ``gencnp_pass``: GEN-CNP on the whole split; its pathways, scores and kept counts set the others' sparsity.
-2. ``full_pass``: ``random``, ``neuron_mct``, transfer, the class lookup and the lookup frontier on the whole split.
-3. ``subset_pass``: ``neuron_intgrad`` and ``dgr`` on the seeded subset, and the agreement-vs-kept curves there.
+2. ``full_pass``: transfer and the class lookup on the whole split, and there too (``baselines_on: all``, the
+   default) ``random``, ``neuron_mct`` and the lookup frontier.
+3. ``subset_pass``: ``neuron_intgrad`` and ``dgr`` on the seeded subset (with ``baselines_on: subset`` also
+   ``random``, ``neuron_mct`` and the lookup frontier), and the agreement-vs-kept curves there.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class Split:
     bank: PathwayBank | None
     class_paths: torch.Tensor | None
     class_freq: torch.Tensor | None
+    baselines_on: str = "all"
+
+    def cheap_methods(self, where: str) -> list[str]:
+        """The cheap baselines (and the lookup frontier) run ``where`` (``'all'`` or ``'subset'``)."""
+        return FULL_METHODS if self.baselines_on == where else []
 
 
 @dataclass
@@ -125,7 +132,7 @@ def gencnp_pass(ev: Evaluator, sp: Split, res: dict[tuple[str, str], Results], b
 def add_results(res: dict[tuple[str, str], Results], sp: Split) -> None:
     """Empty results of every baseline (matched and native) and, with a bank, of transfer and the class lookup."""
     for m in BASELINES:
-        images = sp.all_images if m in FULL_METHODS else sp.sub_images
+        images = sp.all_images if m in sp.cheap_methods("all") else sp.sub_images
         res[m, "matched"] = Results(m, "GEN-CNP's per-sample and per-tap kept counts", images)
         res[m, "native"] = Results(m, METHODS[m].native, images)
     if sp.bank is not None:
@@ -144,30 +151,57 @@ def add_results(res: dict[tuple[str, str], Results], sp: Split) -> None:
 def full_pass(
     ev: Evaluator, sp: Split, gp: GenPass, res: dict[tuple[str, str], Results], fractions: list[float], batch_size: int
 ) -> tuple[torch.Tensor, dict[float, list[torch.Tensor]]]:
-    """Pass 2: the cheap baselines, transfer, the class lookup and the lookup frontier on every image.
+    """Pass 2: transfer and the class lookup on every image, and with ``baselines_on: all`` the cheap baselines and
+    the lookup frontier.
 
-    Returns NeuronMCT's scores ``[N, D]`` and the frontier's hits: per share of GEN-CNP's counts, per image
-    (GEN-CNP's top-by-score pathway keeps the class, the lookup's does, GEN-CNP's kept fraction)."""
+    Returns NeuronMCT's scores ``[N, D]`` (zeros where it did not run) and the frontier's hits: per share of GEN-CNP's
+    counts, per image (GEN-CNP's top-by-score pathway keeps the class, the lookup's does, GEN-CNP's kept fraction)."""
     hits: dict[float, list[torch.Tensor]] = {f: [] for f in fractions}
     mct_scores = torch.zeros(sp.n_all, sum(ev.chans))
-    for pos, x, labels in ev.batches(sp.dataset, batch_size, "random, neuron_mct, transfer"):
+    methods = sp.cheap_methods("all")
+    if not methods and sp.bank is None:
+        return mct_scores, hits
+    desc = ", ".join(methods + (["transfer"] if sp.bank is not None else []))
+    for pos, x, labels in ev.batches(sp.dataset, batch_size, desc):
         b = ev.batch(pos, x, labels, gp.logits[pos].to(ev.dev), gp.y_hat[pos].to(ev.dev))
         counts = gp.counts[pos].to(ev.dev)
-        for m in FULL_METHODS:
-            scores = ev.run_baseline(m, res, b, counts, gp.keep_fraction, {})
-            if m == "neuron_mct":
-                mct_scores[pos] = scores.float().cpu()
+        cheap_baselines(ev, res, b, counts, gp, methods, mct_scores, pos)
         if sp.bank is not None:
             _class_pathways(ev, sp, res, b, counts)
-            for f in fractions:  # both rankings at a share of GEN-CNP's own per-sample, per-tap counts
-                c = torch.round(counts.double() * f).long()
-                own = topk_per_tap(gp.scores[pos].to(ev.dev), c, ev.chans)
-                look = topk_per_tap(sp.class_freq[b.y_hat], c, ev.chans)
-                with ev.part("lookup frontier"):
-                    own_keeps = ev.keeps_class(x, own, b.y_hat, b.first(0)).double().cpu()
-                    look_keeps = ev.keeps_class(x, look, b.y_hat, b.first(0)).double().cpu()
-                hits[f].append(torch.stack([own_keeps, look_keeps, own.double().mean(1).cpu()], dim=1))
+            if methods:
+                frontier_hits(ev, sp, b, counts, gp.scores[pos].to(ev.dev), hits)
     return mct_scores, hits
+
+
+def cheap_baselines(
+    ev: Evaluator,
+    res: dict[tuple[str, str], Results],
+    b: Batch,
+    counts: torch.Tensor,
+    gp: GenPass,
+    methods: list[str],
+    mct_scores: torch.Tensor,
+    pos: torch.Tensor,
+) -> None:
+    """``methods`` (cheap baselines) on ``b``; NeuronMCT's scores stored at the split positions ``pos``."""
+    for m in methods:
+        scores = ev.run_baseline(m, res, b, counts, gp.keep_fraction, {})
+        if m == "neuron_mct":
+            mct_scores[pos] = scores.float().cpu()
+
+
+def frontier_hits(
+    ev: Evaluator, sp: Split, b: Batch, counts: torch.Tensor, scores: torch.Tensor, hits: dict[float, list]
+) -> None:
+    """Both rankings at each share of GEN-CNP's own per-sample, per-tap counts: does the pathway keep the class."""
+    for f in hits:
+        c = torch.round(counts.double() * f).long()
+        own = topk_per_tap(scores, c, ev.chans)
+        look = topk_per_tap(sp.class_freq[b.y_hat], c, ev.chans)
+        with ev.part("lookup frontier"):
+            own_keeps = ev.keeps_class(b.x, own, b.y_hat, b.first(0)).double().cpu()
+            look_keeps = ev.keeps_class(b.x, look, b.y_hat, b.first(0)).double().cpu()
+        hits[f].append(torch.stack([own_keeps, look_keeps, own.double().mean(1).cpu()], dim=1))
 
 
 def _class_pathways(
@@ -191,19 +225,25 @@ def subset_pass(
     opts: dict[str, dict],
     curves: Curves,
     batch_size: int,
+    hits: dict[float, list[torch.Tensor]],
 ) -> torch.Tensor:
-    """Pass 3: the expensive baselines (options ``opts[method]``) on the subset, and the ``curves`` there.
+    """Pass 3: the expensive baselines (options ``opts[method]``) on the subset, with ``baselines_on: subset`` the
+    cheap ones and the lookup frontier (into ``hits``) too, and the ``curves`` there.
 
     Returns the subset's images ``[n_sub, C, H, W]`` (on the CPU)."""
+    cheap = sp.cheap_methods("subset")
     n_sub = len(sp.subset_pos)
     extra_scores = {m: torch.zeros(n_sub, sum(ev.chans)) for m in SUB_METHODS}
     x_sub: list[torch.Tensor] = []
     subset = Subset(sp.dataset, sp.subset_pos.tolist())
-    for rows, x, labels in ev.batches(subset, batch_size, "neuron_intgrad, dgr, curves"):
+    for rows, x, labels in ev.batches(subset, batch_size, ", ".join(cheap + SUB_METHODS + ["curves"])):
         pos = sp.subset_pos[rows]
         x_sub.append(x.cpu())
         b = ev.batch(pos, x, labels, gp.logits[pos].to(ev.dev), gp.y_hat[pos].to(ev.dev))
         counts = gp.counts[pos].to(ev.dev)
+        cheap_baselines(ev, res, b, counts, gp, cheap, mct_scores, pos)
+        if cheap and sp.bank is not None:
+            frontier_hits(ev, sp, b, counts, gp.scores[pos].to(ev.dev), hits)
         for m in SUB_METHODS:
             scores = ev.run_baseline(m, res, b, counts, gp.keep_fraction, opts[m])
             extra_scores[m][rows] = scores.float().cpu()
