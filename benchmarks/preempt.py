@@ -9,9 +9,9 @@ as soon as it reports finishing the drawn step (a probe callback prints every fi
 the last step the fit reported finishing (the step it had reached when it stopped); the resumed fit exits 0 and
 its ``last.ckpt`` and ``best.ckpt`` equal the reference's bitwise (weights and buffers, optimiser state, scheduler
 state, loop counters, data position). Without ``--max_steps`` the fit runs as configured (the whole default GEN-CNP
-fit: 2 epochs). Every fit runs with ``OMP_NUM_THREADS=1`` (float results do not depend on how threads split work).
-Prints one line per trial and a JSON summary (also written to ``<out>/preempt.json``); exit status 1 when a trial
-fails.
+fit: 2 epochs). Every fit runs with ``OMP_NUM_THREADS=1``: CPU float results depend on the thread count (how sums
+are split), so the reference and every trial use the same one. Prints one line per trial and a JSON summary (also
+written to ``<out>/preempt.json``); exit status 1 when a trial fails.
 """
 
 from __future__ import annotations

@@ -215,8 +215,17 @@ def test_train_py_exits_75_and_resumes_from_the_signalled_step(synthetic_runs, t
     assert "step 7 (epoch 0) saved to" in err and "--ckpt_path last" in err and "exit status 75" in err
     position = read_checkpoint(tmp_path / "cut/last.ckpt")["SyntheticDataModule"]["train_position"]
     assert position == {"epoch": 0, "batches": 7}
-    cli(*_fit_args(tmp_path / "cut", target), "--ckpt_path", "last")
-    assert "resuming from step 7 (epoch 0)" in capsys.readouterr().err
+    # Resumed where torch has another thread count (another shell, node or pipeline rerun): the fit continues with
+    # the count recorded in last.ckpt (CPU float results depend on it) and gives this process its own back.
+    torch.set_num_threads(2)
+    try:
+        cli(*_fit_args(tmp_path / "cut", target), "--ckpt_path", "last")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    err = capsys.readouterr().err
+    assert "resuming from step 7 (epoch 0)" in err
+    assert "resuming with 1 torch thread(s) as the run that saved the checkpoint (this process had 2)" in err
     for name in ("last", "best"):
         a, b = (read_checkpoint(tmp_path / run / f"{name}.ckpt") for run in ("cut", "whole"))
         assert_same_run(a, b)
@@ -292,8 +301,14 @@ def test_sigterm_to_the_pipeline_during_gencnp_leaves_no_stamp_and_a_rerun_resum
     from gencnp.pipeline import run as P
 
     # Every stage process of the three pipelines (interrupted, rerun, uninterrupted) with the same thread count:
-    # float sums depend on it, and bitwise equality is only promised for the same settings.
-    for key, value in (("OMP_NUM_THREADS", "1"), ("HF_HUB_OFFLINE", "1"), ("WANDB_MODE", "offline")):
+    # float sums depend on it, and a shell without OMP_NUM_THREADS would give the reference another one
+    # (the resumed stage takes the count recorded in last.ckpt: test_train_py_exits_75_...).
+    for key, value in (
+        ("OMP_NUM_THREADS", "1"),
+        ("MKL_NUM_THREADS", "1"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("WANDB_MODE", "offline"),
+    ):
         monkeypatch.setenv(key, value)
     pipe, work = _pipeline_spec(tmp_path), tmp_path / "work"
     env = dict(os.environ)

@@ -15,10 +15,13 @@ What a scheduler, a terminal or a shell script sends before it takes the machine
   Lightning's auto-requeue, SIGUSR1 stays Lightning's (it saves an ``hpc_ckpt`` and requeues the job).
 
 ``python train.py fit ... --ckpt_path last`` then continues from the saved step and ends as the uninterrupted run
-would (bitwise on CPU; ``tests/test_preemption.py``). Any other exception saves nothing: its state may be torn
-mid-step, and ``last.ckpt`` keeps the last complete one. Not an ``OnExceptionCheckpoint`` subclass: a Trainer with
-one resumes every ``fit`` without ``--ckpt_path`` from ``last`` on its own, so a fresh run (``--force``) would
-silently continue an old one.
+would (bitwise on CPU; ``tests/test_preemption.py``). CPU float results depend on torch's thread count (it decides how
+sums are split), and a rerun may start where ``OMP_NUM_THREADS`` differs (a pipeline rerun from another shell, a
+requeued job on another node): every checkpoint records the count (``torch_threads`` in this callback's state), and
+a resumed fit continues with it, saying so when it differs from the process's own (restored when the fit ends). Any
+other exception saves nothing: its state may be torn mid-step, and ``last.ckpt`` keeps the last complete one. Not an
+``OnExceptionCheckpoint`` subclass: a Trainer with one resumes every ``fit`` without ``--ckpt_path`` from ``last`` on
+its own, so a fresh run (``--force``) would silently continue an old one.
 
 ``every_minutes`` also writes ``last.ckpt`` every N minutes of training, at the end of a step, for epochs longer
 than what a preemption may cost. ``gencnp.cli`` adds this callback (without ``every_minutes``) to every run whose
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -114,6 +118,7 @@ class PreemptionCheckpoint(Checkpoint):
         self._start_step = 0
         self._validated_at: int | None = None
         self._interrupting = False
+        self._threads: tuple[int, int] | None = None  # (this process's count, the resumed run's) while changed
 
     FILE_EXTENSION = ".ckpt"
 
@@ -157,6 +162,27 @@ class PreemptionCheckpoint(Checkpoint):
         if hasattr(signal, "SIGUSR1") and not requeue and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGUSR1, self._graceful(trainer, "SIGUSR1", force_on_repeat=False))
 
+    # ----- state: the thread count of the run -----
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch_threads": torch.get_num_threads()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resuming: continue with the torch thread count of the run that saved the checkpoint (CPU float results
+        depend on it); older checkpoints without the count, and validate/test/predict, leave it alone."""
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        saved, own = state_dict.get("torch_threads"), torch.get_num_threads()
+        if fitting and isinstance(saved, int) and saved > 0 and saved != own:
+            torch.set_num_threads(saved)
+            self._threads = (own, saved)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_threads()
+
+    def _restore_threads(self) -> None:
+        if self._threads is not None:
+            torch.set_num_threads(self._threads[0])
+            self._threads = None
+
     # ----- hooks -----
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer, self._last_save, self._start_step = trainer, time.monotonic(), trainer.global_step
@@ -164,6 +190,14 @@ class PreemptionCheckpoint(Checkpoint):
         if trainer.ckpt_path and trainer.is_global_zero:
             print(
                 f"resuming from step {trainer.global_step} (epoch {trainer.current_epoch}) of {trainer.ckpt_path}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self._threads is not None and trainer.is_global_zero:
+            own, saved = self._threads
+            print(
+                f"resuming with {saved} torch thread(s) as the run that saved the checkpoint (this process had {own}): "
+                f"CPU results depend on the count; set OMP_NUM_THREADS={saved} to start with it",
                 file=sys.stderr,
                 flush=True,
             )
@@ -215,6 +249,12 @@ class PreemptionCheckpoint(Checkpoint):
             state["_batches_that_stepped"] -= 1
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:
+            self._stopped(trainer, exception)
+        finally:
+            self._restore_threads()  # Lightning calls no teardown hook after an exception
+
+    def _stopped(self, trainer: L.Trainer, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return  # a crash (or a second Ctrl+C) may leave a torn step: last.ckpt keeps the last complete one
         if trainer.state.fn != TrainerFn.FITTING:
