@@ -57,6 +57,7 @@ RECIPE = dict(  # configs/imagenet_shape/*/gencnp.yaml
     generator={"d": 64},
     losses={"temperature": 1.0, "lambda_swap": 4.0, "lambda_zero": 1.0, "lambda_cls": 1.0, "lambda_con": 0.1},
     sparsity={"lambda_sp": 10.0, "sparsity_per": "channel", "kappa": 0.7, "dependence_gate": 0.2},
+    controls={"control_fraction": 0.5},
 )
 
 
@@ -319,6 +320,7 @@ def stage_report(a, k: int) -> dict:
         trainer.fit(model, dm)
         ckpt = Path(tmp) / "gencnp.ckpt"
         trainer.save_checkpoint(ckpt)
+        model.to(a.device)  # the Trainer returns the model to the CPU at the end of fit
         x, _ = batch(dm, "train", a.batch, a.device)
         bank = PathwayBank.for_target(model.target, dm.class_names)
         with torch.no_grad():
@@ -340,7 +342,7 @@ def stage_report(a, k: int) -> dict:
             subset_n=max(1, round(n * a.subset_share)),
             baselines_on="subset",
             batch_size=a.batch,
-            grad_batch_size=max(1, a.batch // 2),
+            grad_batch_size=max(1, a.batch // 4),  # x intgrad_steps (11) images with gradients at once
             bootstrap_samples=200,
             device=a.device,
             dgr_steps=a.dgr_steps,

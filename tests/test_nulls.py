@@ -10,6 +10,7 @@ from gencnp.banks.bank import choose_tau
 from gencnp.evaluation.report import same_class_partners
 from gencnp.pathways import losses as LS
 from gencnp.pathways import nulls as NL
+from gencnp.pathways.baselines import tap_counts
 from gencnp.pathways.metrics import PathwayMetrics, per_sample
 
 
@@ -151,6 +152,21 @@ def test_lookup_frontier_on_the_synthetic_generator(synthetic_runs, tmp_path):
     assert full["kept_mean"] == pytest.approx(float(ex["kept"].double().mean()))
     assert r["rows"][1]["kept_mean"] <= full["kept_mean"]
     assert full["gain"] == pytest.approx(full["gencnp_agreement"] - full["lookup_agreement"])
+    assert full["ci95"][0] <= full["gain"] <= full["ci95"][1]
+    # fixed kept budgets: GEN-CNP's row is explain(x, kept=b) through the target
+    rb = lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, budgets=[0.25, 0.1], limit=120, bootstrap_samples=50)
+    assert [row["budget"] for row in rb["rows"]] == [0.1, 0.25] and all(row["kind"] == "budget" for row in rb["rows"])
+    exb = model.explain(x, kept=0.25)
+    counts = torch.tensor([max(1, round(0.25 * c)) for c in model.target.tap_channels])
+    assert (tap_counts(exb["pathway"], model.target.tap_channels) == counts).all()
+    assert rb["rows"][1]["gencnp_agreement"] == pytest.approx(
+        float((exb["prediction"] == exb["y_hat"]).double().mean())
+    )
+    assert rb["rows"][1]["kept_mean"] == pytest.approx(float(exb["kept"].double().mean()))
+    with pytest.raises(ValueError, match="kept must lie"):
+        model.explain(x, kept=0.0)
+    with pytest.raises(ValueError, match="budgets"):
+        lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, budgets=[0.0])
     with pytest.raises(ValueError, match="fractions"):
         lookup_frontier(str(synthetic_runs["gencnp"]), data=dm, fractions=[1.5])
     with pytest.raises(ValueError, match="split"):

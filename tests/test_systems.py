@@ -6,6 +6,7 @@ import torch
 from conftest import QUIET, ROOT, cli
 
 from gencnp import GenCNP
+from gencnp.pathways.baselines import topk_per_tap
 from gencnp.targets.loading import channel_toy_batch, load_target, tensor_hash
 
 # A GEN-CNP built without data: zero ablation, no null inputs, no class prior (they need the data's statistics).
@@ -225,12 +226,14 @@ def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
         "1",
         "--model.init_args.losses.lambda_nested",
         "1",
+        "--model.init_args.losses.lambda_budget",
+        "1",
         "--model.init_args.controls.null_families",
         "[gaussian, smooth]",
     )
     rows = list(csv.DictReader(open(sorted(tmp_path.glob("logs/version_*/metrics.csv"))[-1])))
     header = set(rows[0])
-    assert {"train/loss_null", "train/loss_lookup", "train/loss_nested"} <= header
+    assert {"train/loss_null", "train/loss_lookup", "train/loss_nested", "train/loss_budget"} <= header
     for fam in ("gaussian", "smooth"):
         assert {f"val/null_forcing/{fam}", f"val/null_chance/{fam}"} <= header
     assert "val/null_forcing/shuffle" not in header  # only the families asked for
@@ -243,6 +246,30 @@ def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
     model = GenCNP.load_from_checkpoint(tmp_path / "best.ckpt")
     assert bool(model.input_ready) and bool(model.freq_seen.all())
     assert 0 <= float(model.class_freq.min()) and float(model.class_freq.max()) <= 1
+
+
+def test_budget_masks_keep_the_top_channels_and_pass_gradient_to_every_score():
+    from types import SimpleNamespace
+
+    from gencnp.systems.training import budget_masks
+
+    torch.manual_seed(0)
+    chans = [6, 10]
+    scores = torch.rand(5, 16).requires_grad_()
+    h = SimpleNamespace(budget_min=0.3, budget_max=0.3, budget_temperature=1.0)
+    m = budget_masks(scores, chans, h)
+    assert torch.equal(m.detach(), topk_per_tap(scores.detach(), torch.tensor([[2, 3]] * 5), chans).float())
+    (m * torch.arange(1.0, 17.0)).sum().backward()  # a loss that wants every channel kept, high indices most
+    assert (scores.grad != 0).all()  # dropped channels get gradient too: the ranking is trained
+    assert (scores.grad > 0).all()
+    with pytest.raises(ValueError, match="budget_min"):
+        GenCNP(
+            target="tiny_cnn",
+            target_checkpoint=None,
+            num_classes=4,
+            image_size=16,
+            losses={"budget_min": 0.5, "budget_max": 0.2},
+        )
 
 
 def test_null_settings_are_checked():

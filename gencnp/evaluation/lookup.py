@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from gencnp.banks.bank import PathwayBank
 from gencnp.data.modules import FashionMNISTDataModule, ImageDataModule
+from gencnp.evaluation.report.summaries import paired_bootstrap
 from gencnp.io.files import write_json
 from gencnp.pathways.baselines import split_pathway, tap_counts, topk_per_tap
 from gencnp.systems.gencnp import GenCNP
+from gencnp.systems.training import budget_counts
 
 __all__ = ["lookup_frontier"]
 
@@ -37,27 +39,41 @@ def lookup_frontier(
     batch_size: int = 500,
     limit: int | None = None,
     out: str | None = None,
+    budgets: list[float] | None = None,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Agreement of GEN-CNP's score ranking and of the class lookup at shares of GEN-CNP's own counts.
+    """Agreement, swap and null forcing of GEN-CNP's score ranking and of the class lookup at equal per-tap counts.
+
+    The counts are shares of GEN-CNP's own per-sample, per-tap counts (``fractions``), or fixed kept budgets
+    (``budgets``: every tap keeps ``round(b * C_l)`` channels, GEN-CNP's as ``GenCNP.explain(x, kept=b)``).
 
     Args:
         generator: GEN-CNP checkpoint.
         data: data module (Fashion-MNIST when unset).
         split: ``'val'`` (default: selection happens here) or ``'test'``.
-        fractions: shares of GEN-CNP's per-sample, per-tap counts (default ``1.0, 0.8, 0.6, 0.4``).
+        fractions: shares of GEN-CNP's per-sample, per-tap counts (default ``1.0, 0.8, 0.6, 0.4`` when no
+            ``budgets`` are given).
         bank: a pathway bank whose ``f_c`` ranks the lookup (default: the generator's ``class_freq``).
         batch_size: images per batch.
         limit: only the first ``limit`` images of the split.
         out: also write the result as JSON to this file.
+        budgets: kept budgets in ``(0, 1]`` (fractions of each tap's channels), e.g. ``0.1, 0.15, 0.25, 0.35``.
+        bootstrap_samples, seed: paired bootstrap of GEN-CNP minus lookup agreement (95% interval).
 
     Returns:
-        ``{"split", "n", "ranking", "rows": [{fraction, kept_mean, gencnp_agreement, lookup_agreement, gain}]}``.
+        ``{"split", "n", "ranking", "rows": [{kind, fraction or budget, kept_mean, gencnp_agreement,
+        lookup_agreement, gain, ci95, swap and null forcing of both}]}``.
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got '{split}'.")
-    fr = sorted({float(f) for f in (fractions or (1.0, 0.8, 0.6, 0.4))}, reverse=True)
-    if any(not 0 < f <= 1 for f in fr):
-        raise ValueError(f"fractions must lie in (0, 1] (shares of GEN-CNP's counts), got {fr}.")
+    bd = sorted({float(b) for b in (budgets or ())})
+    fr = sorted({float(f) for f in (fractions or (() if bd else (1.0, 0.8, 0.6, 0.4)))}, reverse=True)
+    if any(not 0 < f <= 1 for f in fr + bd):
+        raise ValueError(
+            f"fractions (shares of GEN-CNP's counts) and budgets (kept fractions of each tap) must lie in (0, 1], got "
+            f"{fr} and {bd}."
+        )
     if not Path(generator).is_file():
         raise FileNotFoundError(
             f"generator checkpoint '{generator}' does not exist; train one with python train.py fit "
@@ -77,61 +93,68 @@ def lookup_frontier(
     ds = data.split(split)
     if limit is not None:
         ds = Subset(ds, list(range(min(limit, len(ds)))))
-    sums, nulls = _frontier_sums(model, ds, freq, fr, batch_size)
+    points = [("fraction", f) for f in fr] + [("budget", b) for b in bd]
+    per_sample = _per_sample(model, ds, freq, points, batch_size)
     rows = [
-        {
-            "fraction": f,
-            "kept_mean": float(s[3] / s[0]),
-            "gencnp_agreement": float(s[1] / s[0]),
-            "lookup_agreement": float(s[2] / s[0]),
-            "gain": float((s[1] - s[2]) / s[0]),
-            "gencnp_swap_forcing": float(s[4] / s[0]),
-            "lookup_swap_forcing": float(s[5] / s[0]),
-            **{f"gencnp_null_forcing/{fam}": float(v[i, 0] / s[0]) for fam, v in nulls.items()},
-            **{f"lookup_null_forcing/{fam}": float(v[i, 1] / s[0]) for fam, v in nulls.items()},
-        }
-        for i, (f, s) in enumerate(zip(fr, sums))
+        _row(kind, v, h, list(model.null_eval), bootstrap_samples, seed) for (kind, v), h in zip(points, per_sample)
     ]
     result = {"generator": str(generator), "split": split, "n": len(ds), "ranking": ranking, "rows": rows}
-    _print_rows(result, list(nulls))
+    _print_rows(result, list(model.null_eval))
     if out is not None:
         write_json(out, result)
     return result
 
 
-def _frontier_sums(
-    model: GenCNP, ds: Dataset, freq: torch.Tensor, fr: list[float], batch_size: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per share of GEN-CNP's counts: ``[n, own agree, lookup agree, kept, own swap, lookup swap]`` summed over
-    ``ds``, and per null family ``[own, lookup]`` null-forced images."""
+def _row(kind: str, value: float, h: torch.Tensor, fams: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """One point's row from its per-sample table ``h`` (columns as in ``_per_sample``)."""
+    mean, lo, hi = paired_bootstrap((h[:, 0] - h[:, 1])[:, None], n_boot, seed)
+    m = h.mean(0)
+    return {
+        "kind": kind,
+        kind: value,
+        "kept_mean": float(m[2]),
+        "gencnp_agreement": float(m[0]),
+        "lookup_agreement": float(m[1]),
+        "gain": float(mean[0]),
+        "ci95": [float(lo[0]), float(hi[0])],
+        "gencnp_swap_forcing": float(m[3]),
+        "lookup_swap_forcing": float(m[4]),
+        **{f"gencnp_null_forcing/{fam}": float(m[5 + 2 * j]) for j, fam in enumerate(fams)},
+        **{f"lookup_null_forcing/{fam}": float(m[6 + 2 * j]) for j, fam in enumerate(fams)},
+    }
+
+
+def _per_sample(
+    model: GenCNP, ds: Dataset, freq: torch.Tensor, points: list[tuple[str, float]], batch_size: int
+) -> list[torch.Tensor]:
+    """Per point a per-image table ``[n, 5 + 2F]``: GEN-CNP keeps the class, the lookup does, GEN-CNP's kept fraction,
+    swap forced by GEN-CNP's and by the lookup's pathway, then per null family (GEN-CNP, lookup) null forced."""
     chans = model.target.tap_channels
-    sums = torch.zeros(len(fr), 6, dtype=torch.float64)
-    nulls = {f: torch.zeros(len(fr), 2, dtype=torch.float64) for f in model.null_eval}
+    parts: list[list[torch.Tensor]] = [[] for _ in points]
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = batch[0]
         ex = model.explain(x)
+        y = ex["y_hat"]
         counts = tap_counts(ex["pathway"], chans)
-        inputs = model.control_inputs(x, ex["y_hat"])
-        for i, f in enumerate(fr):
-            c = torch.round(counts.double() * f).long()
+        inputs = model.control_inputs(x, y)
+        for i, (kind, v) in enumerate(points):
+            if kind == "fraction":
+                c = torch.round(counts.double() * v).long()
+            else:
+                c = budget_counts(torch.full((len(x),), v), chans)
             own = topk_per_tap(ex["scores"], c, chans)
-            look = topk_per_tap(freq[ex["y_hat"]], c, chans)
-            hits = [
-                (model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == ex["y_hat"])
-                .double()
-                .sum()
+            look = topk_per_tap(freq[y], c, chans)
+            cols = [
+                model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == y
                 for p in (own, look)
             ]
-            ctrl = [model.controls(x, {"pathway": p, "y_hat": ex["y_hat"]}, inputs=inputs) for p in (own, look)]
-            swaps = [
-                float(((c["swap_logits"].argmax(1) == ex["y_hat"]) & c["swap_valid"]).double().sum()) for c in ctrl
-            ]
-            sums[i] += torch.tensor([len(x), float(hits[0]), float(hits[1]), float(own.double().mean(1).sum()), *swaps])
+            cols.append(own.double().mean(1))
+            ctrl = [model.controls(x, {"pathway": p, "y_hat": y}, inputs=inputs) for p in (own, look)]
+            cols += [(c_["swap_logits"].argmax(1) == y) & c_["swap_valid"] for c_ in ctrl]
             for fam in model.null_eval:
-                nulls[fam][i] += torch.tensor(
-                    [float((c["null_logits"][fam].argmax(1) == ex["y_hat"]).double().sum()) for c in ctrl]
-                )
-    return sums, nulls
+                cols += [c_["null_logits"][fam].argmax(1) == y for c_ in ctrl]
+            parts[i].append(torch.stack([t.double() for t in cols], dim=1))
+    return [torch.cat(p) for p in parts]
 
 
 def _print_rows(result: dict[str, Any], fams: list[str]) -> None:
@@ -139,12 +162,14 @@ def _print_rows(result: dict[str, Any], fams: list[str]) -> None:
         f"GEN-CNP score ranking vs class lookup ({result['split']}, {result['n']} images; lookup: {result['ranking']})"
     )
     print(
-        f"{'share':>6} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain':>8}   swap forcing GEN-CNP/lookup   "
+        f"{'point':>14} {'kept':>7} {'GEN-CNP':>8} {'lookup':>8} {'gain [95% CI]':>26}   swap forcing GEN-CNP/lookup   "
         + "   ".join(f"{f} GEN-CNP/lookup" for f in fams)
     )
     for r in result["rows"]:
+        point = f"{r['kind']} {r[r['kind']]:.2f}"
+        ci = f"{r['gain']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
         print(
-            f"{r['fraction']:>6.2f} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
-            f"{r['gain']:>+8.4f}   {r['gencnp_swap_forcing']:.3f}/{r['lookup_swap_forcing']:.3f}   "
+            f"{point:>14} {r['kept_mean']:>7.3f} {r['gencnp_agreement']:>8.4f} {r['lookup_agreement']:>8.4f} "
+            f"{ci:>26}   {r['gencnp_swap_forcing']:.3f}/{r['lookup_swap_forcing']:.3f}   "
             + "   ".join(f"{r[f'gencnp_null_forcing/{f}']:.3f}/{r[f'lookup_null_forcing/{f}']:.3f}" for f in fams)
         )

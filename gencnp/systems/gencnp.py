@@ -358,13 +358,17 @@ class GenCNP(ControlPasses, GeneratorCheckpoints, VerifiedLoading, L.LightningMo
         return logits.argmax(1)
 
     def explain(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, masked: bool = True
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, masked: bool = True, kept: float | None = None
     ) -> dict[str, torch.Tensor | list]:
         """One-pass pathways for ``x [B, C, H, W]``.
 
         Args:
             masked: also run the masked forward (``masked_logits``, ``prediction``); ``False`` skips it for callers
                 that need the pathways only (bank export).
+            kept: a kept budget in ``(0, 1]``: every tap keeps its ``round(kept * C_l)`` highest-scoring channels
+                (at least one) instead of the channels scored above 0.5 (the per-input sparsity the generator
+                chose). A generator trained with ``losses.lambda_budget`` ranks its channels for the budgets
+                ``[budget_min, budget_max]``.
 
         Returns:
             ``masks`` (``{tap name: bool [B, C_l]}``, tap order), ``pathway`` (bool ``[B, D]``), ``kept`` (``[B]`` fraction),
@@ -373,7 +377,14 @@ class GenCNP(ControlPasses, GeneratorCheckpoints, VerifiedLoading, L.LightningMo
         with torch.no_grad():
             logits, feats = self.target(x, record=True)
             out = self.generator(feats, self.prior(self.class_of(logits, labels)))
-            pathway = out["masks"] > 0.5
+            if kept is None:
+                pathway = out["masks"] > 0.5
+            else:
+                if not 0 < kept <= 1:
+                    raise ValueError(f"kept must lie in (0, 1] (a fraction of each tap's channels), got {kept}.")
+                chans = self.target.tap_channels
+                budget = torch.full((len(x),), float(kept), device=x.device)
+                pathway = topk_per_tap(out["scores"], ST.budget_counts(budget, chans), chans)
             masks = self.generator.split(pathway)
             masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0]) if masked else None
         return {
@@ -427,6 +438,7 @@ class GenCNP(ControlPasses, GeneratorCheckpoints, VerifiedLoading, L.LightningMo
             "null": h.lambda_null,
             "lookup": h.lambda_lookup,
             "nested": h.lambda_nested,
+            "budget": h.lambda_budget,
         }
         result = LS.total_loss(terms, weights)
         ST.check_finite_losses(result, self.global_step, batch_idx)

@@ -12,7 +12,7 @@ import torch
 from gencnp.pathways import losses as LS
 from gencnp.pathways.baselines import tap_counts, topk_per_tap
 
-__all__ = ["masked_parts", "loss_terms", "check_finite_losses"]
+__all__ = ["budget_counts", "budget_masks", "masked_parts", "loss_terms", "check_finite_losses"]
 
 
 def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_hat: torch.Tensor, out: dict):
@@ -63,6 +63,15 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
         xs.append(x)
         ms.append(m * sub.to(m.dtype))
         firsts.append(feats[0])
+    if h.lambda_budget > 0:  # x through a drawn budget's top channels, and (lambda_swap > 0) its swap partner
+        bm = budget_masks(out["scores"], model.target.tap_channels, h)
+        xs.append(x)
+        ms.append(bm)
+        firsts.append(feats[0])
+        if h.lambda_swap > 0:
+            xs.append(x[idx])
+            ms.append(bm[:nc])
+            firsts.append(feats[0][idx])
     if h.lambda_lookup > 0 and bool(model.freq_seen.all()):
         with torch.no_grad():
             lookup = model.class_lookup(m.detach() > 0.5, y_hat).float()
@@ -70,6 +79,31 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
         ms.append(lookup)
         firsts.append(feats[0])
     return xs, ms, firsts, nc, valid
+
+
+def budget_counts(b: torch.Tensor, tap_channels: list[int]) -> torch.Tensor:
+    """Channels kept per sample and tap at kept budgets ``b [B]`` (fractions of each tap): ``[B, L]``, at least 1."""
+    chans = torch.tensor(tap_channels, device=b.device, dtype=torch.float64)
+    return torch.round(b.double()[:, None] * chans[None, :]).long().clamp_min(1)
+
+
+def budget_masks(scores: torch.Tensor, tap_channels: list[int], h) -> torch.Tensor:
+    """Straight-through top-k masks ``[B, D]`` at a kept budget drawn per sample from ``[budget_min, budget_max]``:
+    forward exactly the top channels of every tap by score, gradient through a sigmoid around the cut."""
+    b = scores.shape[0]
+    with torch.no_grad():
+        budget = h.budget_min + (h.budget_max - h.budget_min) * torch.rand(b, device=scores.device)
+        hard = topk_per_tap(scores.detach(), budget_counts(budget, tap_channels), tap_channels)
+        logit = torch.logit(scores.detach().double().clamp(1e-6, 1 - 1e-6))
+        parts, kept = torch.split(logit, tap_channels, dim=1), torch.split(hard, tap_channels, dim=1)
+        # the cut: midway between the lowest kept and the highest dropped score logit of each tap
+        low_kept = torch.stack([p.masked_fill(~k, float("inf")).amin(1) for p, k in zip(parts, kept)], 1)
+        high_drop = torch.stack([p.masked_fill(k, float("-inf")).amax(1) for p, k in zip(parts, kept)], 1)
+        cut = torch.where(torch.isfinite(high_drop), (low_kept + high_drop) / 2, low_kept - 1)
+        cut = torch.repeat_interleave(cut, torch.tensor(tap_channels, device=scores.device), dim=1)
+    z = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
+    soft = torch.sigmoid((z - cut.to(z.dtype)) / h.budget_temperature)
+    return hard.to(soft.dtype) + (soft - soft.detach())
 
 
 def loss_terms(
@@ -94,6 +128,10 @@ def loss_terms(
                 gate = gate * torch.cat([LS.dependence_gate(forced, y_hat[:nc], h.dependence_gate, ok), rest])
     if h.lambda_nested > 0:
         terms["nested"] = LS.kd(logits, chunks.pop(0), y_hat, h.temperature)
+    if h.lambda_budget > 0:  # faithful at the budget, and (as the main pathway) not forcing a partner's image
+        terms["budget"] = LS.kd(logits, chunks.pop(0), y_hat, h.temperature)
+        if h.lambda_swap > 0:
+            terms["budget"] = terms["budget"] + h.lambda_swap * LS.swap(chunks.pop(0), y_hat[:nc], valid)
     if h.lambda_lookup > 0:
         terms["lookup"] = (
             LS.lookup(logits, masked_logits, chunks.pop(0).detach(), h.lookup_margin)

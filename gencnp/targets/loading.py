@@ -271,7 +271,9 @@ def check_input_size(model: nn.Module, input_shape: Sequence[int], arch: str | M
         else f"no square side up to {sizes[-1]} works either; check in_chans and the model's own size arguments "
         "(e.g. timm img_size in model_kwargs)"
     )
-    raise ValueError(f"target '{name}' cannot run on inputs of shape {shape} (C, H, W): {first.rstrip('.')}. {fix}.") from err
+    raise ValueError(
+        f"target '{name}' cannot run on inputs of shape {shape} (C, H, W): {first.rstrip('.')}. {fix}."
+    ) from err
 
 
 def _probe(model: nn.Module, shape: tuple[int, ...]) -> Exception | None:
