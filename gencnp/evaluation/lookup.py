@@ -24,7 +24,7 @@ from gencnp.evaluation.report.summaries import paired_bootstrap
 from gencnp.io.files import write_json
 from gencnp.pathways.baselines import split_pathway, tap_counts, topk_per_tap
 from gencnp.systems.gencnp import GenCNP
-from gencnp.systems.training import budget_counts
+from gencnp.systems.training import budget_pathways
 
 __all__ = ["lookup_frontier"]
 
@@ -45,8 +45,9 @@ def lookup_frontier(
 ) -> dict[str, Any]:
     """Agreement, swap and null forcing of GEN-CNP's score ranking and of the class lookup at equal per-tap counts.
 
-    The counts are shares of GEN-CNP's own per-sample, per-tap counts (``fractions``), or fixed kept budgets
-    (``budgets``: every tap keeps ``round(b * C_l)`` channels, GEN-CNP's as ``GenCNP.explain(x, kept=b)``).
+    GEN-CNP keeps its highest generator scores at shares of its own per-sample, per-tap counts (``fractions``), or
+    at fixed kept budgets (``budgets``: its top ``round(b D)`` scores over all taps, ``GenCNP.explain(x, kept=b)``);
+    the lookup keeps the same per-sample, per-tap counts, ranked by its class's ``f_c``.
 
     Args:
         generator: GEN-CNP checkpoint.
@@ -58,7 +59,7 @@ def lookup_frontier(
         batch_size: images per batch.
         limit: only the first ``limit`` images of the split.
         out: also write the result as JSON to this file.
-        budgets: kept budgets in ``(0, 1]`` (fractions of each tap's channels), e.g. ``0.1, 0.15, 0.25, 0.35``.
+        budgets: kept budgets in ``(0, 1]`` (fractions of all tapped channels), e.g. ``0.1, 0.15, 0.25, 0.35``.
         bootstrap_samples, seed: paired bootstrap of GEN-CNP minus lookup agreement (95% interval).
 
     Returns:
@@ -71,7 +72,7 @@ def lookup_frontier(
     fr = sorted({float(f) for f in (fractions or (() if bd else (1.0, 0.8, 0.6, 0.4)))}, reverse=True)
     if any(not 0 < f <= 1 for f in fr + bd):
         raise ValueError(
-            f"fractions (shares of GEN-CNP's counts) and budgets (kept fractions of each tap) must lie in (0, 1], got "
+            f"fractions (shares of GEN-CNP's counts) and budgets (kept fractions) must lie in (0, 1], got "
             f"{fr} and {bd}."
         )
     if not Path(generator).is_file():
@@ -139,11 +140,10 @@ def _per_sample(
         inputs = model.control_inputs(x, y)
         for i, (kind, v) in enumerate(points):
             if kind == "fraction":
-                c = torch.round(counts.double() * v).long()
+                own = topk_per_tap(ex["scores"], torch.round(counts.double() * v).long(), chans)
             else:
-                c = budget_counts(torch.full((len(x),), v), chans)
-            own = topk_per_tap(ex["scores"], c, chans)
-            look = topk_per_tap(freq[y], c, chans)
+                own = budget_pathways(ex["scores"], v)  # explain(x, kept=v)
+            look = topk_per_tap(freq[y], tap_counts(own, chans), chans)
             cols = [
                 model.target(x, masks=split_pathway(p.float(), chans), fill=model.fills()).argmax(1) == y
                 for p in (own, look)

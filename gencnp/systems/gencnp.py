@@ -365,10 +365,10 @@ class GenCNP(ControlPasses, GeneratorCheckpoints, VerifiedLoading, L.LightningMo
         Args:
             masked: also run the masked forward (``masked_logits``, ``prediction``); ``False`` skips it for callers
                 that need the pathways only (bank export).
-            kept: a kept budget in ``(0, 1]``: every tap keeps its ``round(kept * C_l)`` highest-scoring channels
-                (at least one) instead of the channels scored above 0.5 (the per-input sparsity the generator
-                chose). A generator trained with ``losses.lambda_budget`` ranks its channels for the budgets
-                ``[budget_min, budget_max]``.
+            kept: a kept budget in ``(0, 1]``: the ``round(kept * D)`` highest-scoring channels over all taps (at
+                least one) instead of the channels scored above 0.5 (the per-input sparsity the generator chose);
+                the scores still decide how many channels each tap keeps. A generator trained with
+                ``losses.lambda_budget`` ranks its channels for the budgets ``[budget_min, budget_max]``.
 
         Returns:
             ``masks`` (``{tap name: bool [B, C_l]}``, tap order), ``pathway`` (bool ``[B, D]``), ``kept`` (``[B]`` fraction),
@@ -382,9 +382,7 @@ class GenCNP(ControlPasses, GeneratorCheckpoints, VerifiedLoading, L.LightningMo
             else:
                 if not 0 < kept <= 1:
                     raise ValueError(f"kept must lie in (0, 1] (a fraction of each tap's channels), got {kept}.")
-                chans = self.target.tap_channels
-                budget = torch.full((len(x),), float(kept), device=x.device)
-                pathway = topk_per_tap(out["scores"], ST.budget_counts(budget, chans), chans)
+                pathway = ST.budget_pathways(out["scores"], float(kept))
             masks = self.generator.split(pathway)
             masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0]) if masked else None
         return {

@@ -89,11 +89,11 @@ class Losses:
         lambda_nested: ``kd`` on the top ``rho`` share of each pathway (``rho ~ U(nested_min, 1)``), so the score
             ranking is useful below the operating point.
         nested_min: smallest share of a pathway kept by the ``nested`` loss.
-        lambda_budget: ``kd`` through each sample's top-``b`` channels of every tap by score, ``b ~ U(budget_min,
-            budget_max)`` a kept budget drawn per sample and step (a straight-through top-k: the forward keeps exactly
-            those channels, the gradient reaches every score through ``sigmoid((logit a - t) / budget_temperature)``
-            with ``t`` between the last kept and the first dropped score), so ``explain(x, kept=b)`` serves any
-            budget in that range. With ``lambda_swap > 0`` the term adds ``lambda_swap`` times the ``swap`` loss of
+        lambda_budget: ``kd`` through each sample's top ``round(b D)`` channels by score over all taps, ``b ~
+            U(budget_min, budget_max)`` a kept budget drawn per sample and step (a straight-through top-k: the
+            forward keeps exactly those channels, the gradient reaches every score through ``sigmoid((logit a - t) /
+            budget_temperature)`` with ``t`` between the last kept and the first dropped score), so
+            ``explain(x, kept=b)`` serves any budget in that range. With ``lambda_swap > 0`` the term adds ``lambda_swap`` times the ``swap`` loss of
             the budget's pathway on the swap partner (a small pathway must not force another class's image).
         budget_min, budget_max: the range of kept budgets (fractions of each tap's channels) of the ``budget`` loss.
         budget_temperature: width of the soft top-k of the ``budget`` loss, in score logits.
@@ -324,8 +324,8 @@ def check(owner: Any, given: Mapping[str, Any], default_nulls: Sequence[str]) ->
         )
     if not 0 < s.budget_min <= s.budget_max <= 1 or s.budget_temperature <= 0:
         raise ValueError(
-            "losses.budget_min and losses.budget_max must satisfy 0 < budget_min <= budget_max <= 1 (kept fractions "
-            f"of each tap) and budget_temperature > 0; got {s.budget_min}, {s.budget_max}, {s.budget_temperature}."
+            "losses.budget_min and losses.budget_max must satisfy 0 < budget_min <= budget_max <= 1 (kept fractions), "
+            f"and budget_temperature > 0; got {s.budget_min}, {s.budget_max}, {s.budget_temperature}."
         )
     if not 0 <= s.freq_momentum < 1:
         raise ValueError(f"generator.freq_momentum must lie in [0, 1), got {s.freq_momentum}.")

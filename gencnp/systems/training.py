@@ -10,9 +10,9 @@ import math
 import torch
 
 from gencnp.pathways import losses as LS
-from gencnp.pathways.baselines import tap_counts, topk_per_tap
+from gencnp.pathways.baselines import global_percentile, tap_counts, topk_per_tap
 
-__all__ = ["budget_counts", "budget_masks", "masked_parts", "loss_terms", "check_finite_losses"]
+__all__ = ["budget_masks", "budget_pathways", "masked_parts", "loss_terms", "check_finite_losses"]
 
 
 def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_hat: torch.Tensor, out: dict):
@@ -64,7 +64,7 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
         ms.append(m * sub.to(m.dtype))
         firsts.append(feats[0])
     if h.lambda_budget > 0:  # x through a drawn budget's top channels, and (lambda_swap > 0) its swap partner
-        bm = budget_masks(out["scores"], model.target.tap_channels, h)
+        bm = budget_masks(out["scores"], h)
         xs.append(x)
         ms.append(bm)
         firsts.append(feats[0])
@@ -81,26 +81,26 @@ def masked_parts(model, x: torch.Tensor, logits: torch.Tensor, feats: list, y_ha
     return xs, ms, firsts, nc, valid
 
 
-def budget_counts(b: torch.Tensor, tap_channels: list[int]) -> torch.Tensor:
-    """Channels kept per sample and tap at kept budgets ``b [B]`` (fractions of each tap): ``[B, L]``, at least 1."""
-    chans = torch.tensor(tap_channels, device=b.device, dtype=torch.float64)
-    return torch.round(b.double()[:, None] * chans[None, :]).long().clamp_min(1)
+def budget_pathways(scores: torch.Tensor, budget: float | torch.Tensor) -> torch.Tensor:
+    """Each sample's top ``max(1, round(b D))`` channels by score over all taps, at kept budgets ``b`` (a float or
+    ``[B]``): bool ``[B, D]``. One ranking over the taps, so the generator's scores decide how many channels each
+    tap keeps (the threshold 0.5 moved per sample until the budget is met)."""
+    b = torch.as_tensor(budget, dtype=torch.float64, device=scores.device).expand(scores.shape[0])
+    return global_percentile(scores, torch.maximum(b, torch.full_like(b, 1.0 / scores.shape[1])))
 
 
-def budget_masks(scores: torch.Tensor, tap_channels: list[int], h) -> torch.Tensor:
+def budget_masks(scores: torch.Tensor, h) -> torch.Tensor:
     """Straight-through top-k masks ``[B, D]`` at a kept budget drawn per sample from ``[budget_min, budget_max]``:
-    forward exactly the top channels of every tap by score, gradient through a sigmoid around the cut."""
+    forward exactly ``budget_pathways``, gradient through a sigmoid around each sample's cut."""
     b = scores.shape[0]
     with torch.no_grad():
         budget = h.budget_min + (h.budget_max - h.budget_min) * torch.rand(b, device=scores.device)
-        hard = topk_per_tap(scores.detach(), budget_counts(budget, tap_channels), tap_channels)
+        hard = budget_pathways(scores.detach(), budget)
         logit = torch.logit(scores.detach().double().clamp(1e-6, 1 - 1e-6))
-        parts, kept = torch.split(logit, tap_channels, dim=1), torch.split(hard, tap_channels, dim=1)
-        # the cut: midway between the lowest kept and the highest dropped score logit of each tap
-        low_kept = torch.stack([p.masked_fill(~k, float("inf")).amin(1) for p, k in zip(parts, kept)], 1)
-        high_drop = torch.stack([p.masked_fill(k, float("-inf")).amax(1) for p, k in zip(parts, kept)], 1)
+        # the cut: midway between the lowest kept and the highest dropped score logit of the sample
+        low_kept = logit.masked_fill(~hard, float("inf")).amin(1, keepdim=True)
+        high_drop = logit.masked_fill(hard, float("-inf")).amax(1, keepdim=True)
         cut = torch.where(torch.isfinite(high_drop), (low_kept + high_drop) / 2, low_kept - 1)
-        cut = torch.repeat_interleave(cut, torch.tensor(tap_channels, device=scores.device), dim=1)
     z = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
     soft = torch.sigmoid((z - cut.to(z.dtype)) / h.budget_temperature)
     return hard.to(soft.dtype) + (soft - soft.detach())
