@@ -381,7 +381,7 @@ class GenCNP(ControlPasses, GeneratorCheckpoints, VerifiedLoading, L.LightningMo
                 pathway = out["masks"] > 0.5
             else:
                 if not 0 < kept <= 1:
-                    raise ValueError(f"kept must lie in (0, 1] (a fraction of each tap's channels), got {kept}.")
+                    raise ValueError(f"kept must lie in (0, 1] (a fraction of all tapped channels), got {kept}.")
                 pathway = ST.budget_pathways(out["scores"], float(kept))
             masks = self.generator.split(pathway)
             masked_logits = self.target(x, masks=masks, fill=self.fills(), first_tap=feats[0]) if masked else None
