@@ -136,6 +136,9 @@ def check_command(argv: list[str]) -> list[str]:
         if not m:
             return [f"pip install -e {argv[3]}: expected . or .[extra,...]"]
         return [f"extra '{e}' is not in pyproject.toml" for e in (m[1] or "").split(",") if e and e not in extras]
+    if argv[:3] == ["pip", "install", "--no-deps"] and len(argv) == 4:  # the pinned package CI installs apart
+        ci = (ROOT / ".ci/run").read_text()
+        return [] if f"--no-deps {argv[3]}" in ci else [f"{argv[3]}: not the pin .ci/run installs without dependencies"]
     if argv[:3] == ["python", "-m", "pytest"]:
         args = argv[3:]
         for flag, value in zip(args, args[1:]):
@@ -201,6 +204,8 @@ def test_the_block_checks_can_fail():
     assert check_command(shlex.split("python train.py fit --config configs/nowhere/gencnp.yaml"))
     assert check_command(shlex.split("python evaluate.py reprt --config configs/fashion_mnist/evaluate.yaml"))
     assert check_command(shlex.split('pip install -e ".[nosuchextra]"'))
+    assert check_command(shlex.split("pip install --no-deps torchattacks==0.0.1"))
+    assert not check_command(shlex.split("pip install --no-deps torchattacks==3.5.1"))
     assert check_command(shlex.split('python -m pytest -q -m "not quick" tests'))
     assert check_command(shlex.split("rm -rf runs"))
     assert check_command(shlex.split("python evaluate.py report --config configs/fashion_mnist/evaluate.yaml")) == []
