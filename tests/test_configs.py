@@ -27,6 +27,7 @@ CONFIGS = ROOT / "configs"
 READERS = {
     "target.yaml": ("train.py", "fit"),
     "gencnp.yaml": ("train.py", "fit"),
+    "gencnp_budgets.yaml": ("train.py", "fit"),
     "bank.yaml": ("train.py", "predict"),
     "evaluate.yaml": ("evaluate.py", "report"),
     "attribution.yaml": ("evaluate.py", "attribution"),
