@@ -247,6 +247,11 @@ def test_null_lookup_and_nested_losses_train_and_log(synthetic_runs, tmp_path):
     assert 0 <= float(model.class_freq.min()) and float(model.class_freq.max()) <= 1
 
 
+def tiny_gencnp(**groups) -> GenCNP:
+    """An untrained GenCNP on the tiny CNN (4 classes, 16 px), with the given setting groups."""
+    return GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, **groups)
+
+
 def test_budget_masks_keep_the_top_channels_and_pass_gradient_to_every_score():
     from types import SimpleNamespace
 
@@ -262,35 +267,16 @@ def test_budget_masks_keep_the_top_channels_and_pass_gradient_to_every_score():
     (m * torch.arange(1.0, 17.0)).sum().backward()  # a loss that wants every channel kept, high indices most
     assert (scores.grad > 0).all()  # dropped channels get gradient too: the ranking is trained
     with pytest.raises(ValueError, match="budget_min"):
-        GenCNP(
-            target="tiny_cnn",
-            target_checkpoint=None,
-            num_classes=4,
-            image_size=16,
-            losses={"budget_min": 0.5, "budget_max": 0.2},
-        )
+        tiny_gencnp(losses={"budget_min": 0.5, "budget_max": 0.2})
 
 
 def test_null_settings_are_checked():
     with pytest.raises(ValueError, match="null_train is empty"):
-        GenCNP(
-            target="tiny_cnn",
-            target_checkpoint=None,
-            num_classes=4,
-            image_size=16,
-            losses={"lambda_null": 1.0},
-            controls={"null_train": []},
-        )
+        tiny_gencnp(losses={"lambda_null": 1.0}, controls={"null_train": []})
     with pytest.raises(ValueError, match="unknown null families"):
-        GenCNP(
-            target="tiny_cnn",
-            target_checkpoint=None,
-            num_classes=4,
-            image_size=16,
-            controls={"null_families": ["pink"]},
-        )
+        tiny_gencnp(controls={"null_families": ["pink"]})
     with pytest.raises(ValueError, match="nested_min"):
-        GenCNP(target="tiny_cnn", target_checkpoint=None, num_classes=4, image_size=16, losses={"nested_min": 0.0})
+        tiny_gencnp(losses={"nested_min": 0.0})
 
 
 def test_class_prior_shifts_score_logits_by_the_class_frequencies():
